@@ -1,0 +1,3 @@
+from ebpfmon.cli import main
+
+main()

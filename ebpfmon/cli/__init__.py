@@ -1,0 +1,47 @@
+"""The ebpfmon command line: thin commands over the library, combined here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ebpfmon import __version__
+from ebpfmon.cli import doctor, exec_cmd, run, trace
+from ebpfmon.cli.common import report_error
+from ebpfmon.errors import EbpfmonError
+
+app = typer.Typer(
+    name="ebpfmon",
+    help="Watch autonomous AI agents from the kernel: what they run, where they connect, "
+         "which GPUs they open.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("trace", epilog=trace.EPILOG)(trace.trace)
+app.command("exec", epilog=exec_cmd.EPILOG)(exec_cmd.exec_command)
+app.command("doctor", epilog=doctor.EPILOG)(doctor.doctor)
+app.command("run", epilog=run.EPILOG)(run.run)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ebpfmon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Watch autonomous AI agents from the kernel."""
+
+
+def main() -> None:
+    try:
+        app()
+    except EbpfmonError as e:
+        report_error(e)
+        sys.exit(2)

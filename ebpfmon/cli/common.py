@@ -1,0 +1,53 @@
+"""What several commands share: options, error reports, logging, stop signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import textwrap
+from typing import Annotated, Optional
+
+import typer
+
+from ebpfmon.config import DEFAULT_AGENT_ROOT, DEFAULT_GPU_PREFIXES, Config
+from ebpfmon.errors import EbpfmonError
+
+AgentRootOption = Annotated[str, typer.Option(
+    "--agent-root", envvar="EBPFMON_AGENT_ROOT", show_envvar=True,
+    help="cgroup under which agents run, relative to the cgroup2 mount.")]
+
+GpuPrefixOption = Annotated[Optional[list[str]], typer.Option(
+    "--gpu-prefix", metavar="PATH",
+    help="Device path prefix counted as a GPU (repeat it; replaces the defaults: "
+         + ", ".join(f"{p}*" for p in DEFAULT_GPU_PREFIXES) + ").")]
+
+
+def make_config(agent_root: str = DEFAULT_AGENT_ROOT, gpu_prefixes: list[str] | None = None) -> Config:
+    return Config(agent_root=agent_root,
+                  gpu_prefixes=tuple(gpu_prefixes) if gpu_prefixes else DEFAULT_GPU_PREFIXES)
+
+
+def report_error(error: EbpfmonError) -> None:
+    """One paragraph to stderr: what is wrong, then how to fix it."""
+    paragraph = textwrap.fill(f"ebpfmon: error: {error}", width=100, subsequent_indent="  ",
+                              break_on_hyphens=False, break_long_words=False)
+    print(paragraph, file=sys.stderr)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="ebpfmon: %(levelname)s: %(message)s")
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by Ctrl-C or SIGTERM, so loops end cleanly with a summary."""
+    stop = threading.Event()
+
+    def handler(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop

@@ -1,0 +1,43 @@
+"""ebpfmon exec: run a command inside an agent cgroup."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from ebpfmon.cgroups import Hierarchy
+from ebpfmon.cli.common import AgentRootOption
+from ebpfmon.config import DEFAULT_AGENT_ROOT
+from ebpfmon.kernel.probeset import require_root
+
+EPILOG = """\
+Examples:\n\n
+  ebpfmon exec -- /bin/echo hello\n\n
+  ebpfmon exec --cgroup agent-7 -- python3 train.py\n\n
+The cgroup is created when missing. The command replaces ebpfmon (same pid),
+so its exit status, signals and terminal are its own.
+"""
+
+
+def exec_command(
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")],
+    cgroup: Annotated[str, typer.Option("--cgroup", "-c", metavar="NAME",
+                                        help="Agent cgroup, below the agent root.")] = "adhoc",
+    agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
+) -> None:
+    """Run a command inside an agent cgroup, so the monitor watches it."""
+    require_root()
+    hierarchy = Hierarchy()
+    name = hierarchy.child(agent_root, cgroup)
+    hierarchy.ensure(name)
+    hierarchy.join(name)
+    print(f"ebpfmon: running {command[0]} in cgroup {name}", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        print(f"ebpfmon: error: cannot run {command[0]!r}: {e.strerror}.", file=sys.stderr)
+        raise typer.Exit(127 if isinstance(e, FileNotFoundError) else 126)

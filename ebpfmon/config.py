@@ -1,0 +1,32 @@
+"""Built-in defaults: what ebpfmon does when nobody configured anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
+# "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.
+DEFAULT_GPU_PREFIXES = (
+    "/dev/nvidia",
+    "/dev/dri/renderD",
+    "/dev/dri/card",
+    "/dev/kfd",
+    "/dev/accel/",
+)
+
+# cgroup (relative to the cgroup2 mount) under which every agent runs, one
+# child cgroup per agent. Not a .slice: systemd owns those names.
+DEFAULT_AGENT_ROOT = "/ebpfmon-agents"
+
+
+@dataclass(frozen=True)
+class Config:
+    agent_root: str = DEFAULT_AGENT_ROOT
+    gpu_prefixes: tuple[str, ...] = field(default=DEFAULT_GPU_PREFIXES)
+    # 4 MiB: a Python reader keeps up with ~500k events/s; a 900k/s producer
+    # was seen to overflow a ring of this size (DESIGN.md)
+    ringbuf_pages: int = 1024
+    # longest a no-wakeup event waits in the ring before the reader drains it
+    drain_interval_ms: int = 50
+    # ancestors (parent, grandparent...) attached to every event
+    ancestry_depth: int = 8

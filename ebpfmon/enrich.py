@@ -1,0 +1,61 @@
+"""Enrich: decoded events -> events with cgroup path, ppid, ancestry, device.
+
+Also the one place that applies fork/exit/exec and cgroup changes to the
+process tree and the cgroup names, in ring-buffer order.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ebpfmon import events as ev
+from ebpfmon.cgroups import CgroupNames
+from ebpfmon.decode import CgroupChange
+from ebpfmon.devices import DeviceResolver
+from ebpfmon.proctree import ProcessTree
+
+
+class Enricher:
+    def __init__(self, cgroups: CgroupNames, tree: ProcessTree, devices: DeviceResolver,
+                 ancestry_depth: int = 8):
+        self.cgroups = cgroups
+        self.tree = tree
+        self.devices = devices
+        self.ancestry_depth = ancestry_depth
+
+    def apply(self, item: ev.Event | CgroupChange) -> ev.Event | None:
+        """Updates state from the item; returns the enriched event (None for cgroup changes)."""
+        if isinstance(item, CgroupChange):
+            if item.created:
+                self.cgroups.added(item.cgroup_id, item.path)
+            else:
+                self.cgroups.removed(item.cgroup_id)
+            return None
+        proc = item.proc
+        if isinstance(item, ev.ForkEvent):
+            self.tree.forked(proc.pid, item.child_pid, proc.comm)
+        elif isinstance(item, ev.ExecEvent) and item.retval == 0:
+            self.tree.executed(proc.pid, proc.comm, self._exe(proc.pid, item.filename), item.argv)
+        item.cgroup = self.cgroups.path(item.cgroup_id)
+        node = self.tree.get(proc.pid)
+        if node is not None:
+            proc.ppid = node.ppid
+            proc.exe = node.exe
+        item.ancestry = self.tree.ancestry(proc.pid, self.ancestry_depth)
+        if isinstance(item, ev.GpuOpenEvent):
+            device = self.devices.resolve(item.path, proc.pid)
+            if device is not None:
+                item.device, item.vendor = device.number, device.vendor
+        if isinstance(item, ev.ExitEvent):
+            self.tree.exited(proc.tid)
+        return item
+
+    @staticmethod
+    def _exe(pid: int, filename: str) -> str:
+        """The absolute program path: the filename when absolute, else /proc/PID/exe."""
+        if filename.startswith("/"):
+            return filename
+        try:
+            return ev.text(os.readlink(f"/proc/{pid}/exe".encode()))
+        except OSError:
+            return filename

@@ -1,0 +1,161 @@
+"""Typed events and their one JSON form.
+
+This is the contract between the kernel reader, the rules, recorded traces,
+replay and every sink. Strings that come from agents (argv, paths, comm) are
+bytes in the kernel; they are decoded as UTF-8 with surrogateescape, so bytes
+that are not UTF-8 survive as lone surrogates. json.dumps writes those as
+\\udcXX escapes and json.loads reads them back: a recorded trace keeps every
+byte. Use raw_bytes() to get the original bytes back.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+
+def text(raw: bytes) -> str:
+    """Kernel bytes as str, losslessly."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def raw_bytes(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+def error_name(retval: int) -> str | None:
+    """'ENOENT' for -2; None for success (retval >= 0)."""
+    if retval >= 0:
+        return None
+    return errno.errorcode.get(-retval, f"E{-retval}")
+
+
+@dataclass
+class Process:
+    pid: int
+    tid: int
+    ppid: int
+    uid: int
+    gid: int
+    comm: str
+    exe: str | None = None
+
+
+@dataclass
+class Ancestor:
+    pid: int
+    comm: str | None = None
+    exe: str | None = None
+    argv: list[str] | None = None
+
+
+@dataclass
+class Event:
+    """Fields every event has. Subclasses add what their kind carries."""
+
+    kind: ClassVar[str] = ""
+    time_ns: int  # wall clock, ns since the epoch
+    cgroup_id: int
+    cgroup: str | None  # path relative to the cgroup2 mount; None if unknown
+    proc: Process
+    ancestry: list[Ancestor] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @property
+    def error(self) -> str | None:
+        return error_name(getattr(self, "retval", 0))
+
+
+@dataclass
+class ExecEvent(Event):
+    kind: ClassVar[str] = "exec"
+    filename: str = ""
+    argv: list[str] = field(default_factory=list)
+    retval: int = 0
+    argv_truncated: bool = False  # an argument was cut, or arguments were dropped
+    syscall: str = "execve"
+
+
+@dataclass
+class ConnectEvent(Event):
+    kind: ClassVar[str] = "connect"
+    family: str = "inet"  # inet or inet6
+    address: str = ""  # IPv4-mapped IPv6 addresses are shown as IPv4
+    port: int = 0
+    sock_type: str | None = None  # stream, dgram, raw...; None when unknown
+    protocol: str | None = None  # tcp, udp... when it can be known
+    retval: int = 0
+    fd: int = -1
+
+
+@dataclass
+class UdpSendEvent(ConnectEvent):
+    """A datagram sent to an address (sendto/sendmsg/sendmmsg)."""
+
+    kind: ClassVar[str] = "udp_send"
+    length: int = 0  # bytes asked to send; retval is bytes (or messages) sent
+    dns_query: str | None = None  # the name asked, for datagrams to port 53
+
+
+@dataclass
+class GpuOpenEvent(Event):
+    kind: ClassVar[str] = "gpu_open"
+    path: str = ""
+    flags: int = 0
+    access: str = ""  # r, w or rw
+    retval: int = 0
+    device: str | None = None  # "major:minor" when the path resolves to a device
+    vendor: str | None = None  # nvidia, amd, intel... when known
+    path_truncated: bool = False
+    syscall: str = "openat"
+
+
+@dataclass
+class ForkEvent(Event):
+    kind: ClassVar[str] = "fork"
+    child_pid: int = 0
+
+
+@dataclass
+class ExitEvent(Event):
+    kind: ClassVar[str] = "exit"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (ExecEvent, ConnectEvent, UdpSendEvent, GpuOpenEvent, ForkEvent, ExitEvent)
+}
+
+# what a user asks `trace` for -> event kinds shown
+KIND_GROUPS = {
+    "exec": ("exec",),
+    "connect": ("connect", "udp_send"),
+    "gpu": ("gpu_open",),
+}
+KIND_GROUPS["all"] = tuple(k for group in KIND_GROUPS.values() for k in group)
+
+
+def from_dict(data: dict[str, Any]) -> Event:
+    """An event from its JSON form; KeyError/TypeError/ValueError on bad input."""
+    data = dict(data)
+    kind = data.pop("kind")
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}; known: {sorted(EVENT_TYPES)}")
+    names = {f.name for f in fields(cls)}
+    extra = set(data) - names
+    if extra:
+        raise ValueError(f"unknown field(s) {sorted(extra)} for a {kind} event")
+    data["proc"] = Process(**data["proc"])
+    data["ancestry"] = [Ancestor(**a) for a in data.get("ancestry", [])]
+    return cls(**data)
+
+
+def from_json(line: str) -> Event:
+    return from_dict(json.loads(line))

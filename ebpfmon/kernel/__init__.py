@@ -1,0 +1,1 @@
+"""The kernel layer: the only part of ebpfmon that imports bcc (in probeset)."""

@@ -1,0 +1,179 @@
+"""ctypes mirror of probes/events.h: the one place Python knows the kernel's layout.
+
+tests/kernel/test_abi.py checks every size, offset and constant here against
+the C header, compiled by the same compiler as the probes.
+"""
+
+import ctypes
+from enum import IntEnum
+
+COMM_LEN = 16
+PATH_MAX_CAPTURE = 256
+EXEC_MAX_ARGS = 64
+EXEC_ARG_MAX = 256
+EXEC_ARGS_SIZE = 8192
+PAYLOAD_MAX = 256
+GPU_PREFIX_MAX = 64
+GPU_PREFIXES_MAX = 16
+SCOPE_MAX_DEPTH = 16
+
+
+class EventKind(IntEnum):
+    EXEC = 1
+    CONNECT = 2
+    UDP_SEND = 3
+    GPU_OPEN = 4
+    FORK = 5
+    EXIT = 6
+    CGROUP_MKDIR = 7
+    CGROUP_RMDIR = 8
+
+
+EVENT_KIND_MAX = 9
+
+
+class Counter(IntEnum):
+    LOST = 0
+    TRUNCATED = 1
+
+
+COUNTER_MAX = 2
+
+EVENT_F_ARGV_TRUNCATED = 1 << 0
+EVENT_F_ARG_TRUNCATED = 1 << 1
+EVENT_F_PATH_TRUNCATED = 1 << 2
+EVENT_F_ARGV_UNREADABLE = 1 << 3
+EVENT_F_PAYLOAD_TRUNCATED = 1 << 4
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+s32 = ctypes.c_int32
+
+
+class EventHeader(ctypes.Structure):
+    _fields_ = [
+        ("kind", u16),
+        ("flags", u16),
+        ("size", u32),
+        ("time_ns", u64),
+        ("cgroup_id", u64),
+        ("pid", u32),
+        ("tid", u32),
+        ("uid", u32),
+        ("gid", u32),
+        ("comm", ctypes.c_char * COMM_LEN),
+    ]
+
+
+class ExecEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("retval", s32),
+        ("argc", u32),
+        ("args_size", u32),
+        ("syscall", u32),
+        ("dfd", s32),
+        ("at_flags", u32),
+        ("filename", ctypes.c_char * PATH_MAX_CAPTURE),
+        ("args", ctypes.c_char * EXEC_ARGS_SIZE),
+    ]
+
+
+class SockaddrEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("retval", s32),
+        ("fd", s32),
+        ("family", u16),
+        ("dport", u16),
+        ("sock_type", u16),
+        ("protocol", u16),
+        ("addr", u8 * 16),
+        ("length", u32),
+        ("payload_len", u32),
+        ("payload", u8 * PAYLOAD_MAX),
+    ]
+
+
+class GpuOpenEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("retval", s32),
+        ("dfd", s32),
+        ("flags", u32),
+        ("syscall", u32),
+        ("path", ctypes.c_char * PATH_MAX_CAPTURE),
+    ]
+
+
+class ForkEvent(ctypes.Structure):
+    _fields_ = [("hdr", EventHeader), ("child_pid", u32), ("parent_pid", u32)]
+
+
+class ExitEvent(ctypes.Structure):
+    _fields_ = [("hdr", EventHeader)]
+
+
+class CgroupEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("id", u64),
+        ("level", s32),
+        ("_pad", u32),
+        ("path", ctypes.c_char * PATH_MAX_CAPTURE),
+    ]
+
+
+class ProbeConfig(ctypes.Structure):
+    _fields_ = [("all_cgroups", u32), ("ignore_tgid", u32)]
+
+
+class GpuPrefix(ctypes.Structure):
+    _fields_ = [("len", u32), ("prefix", ctypes.c_char * GPU_PREFIX_MAX)]
+
+
+# C struct name -> mirror, for the layout check
+STRUCTS = {
+    "event_header": EventHeader,
+    "exec_event": ExecEvent,
+    "sockaddr_event": SockaddrEvent,
+    "gpu_open_event": GpuOpenEvent,
+    "fork_event": ForkEvent,
+    "exit_event": ExitEvent,
+    "cgroup_event": CgroupEvent,
+    "probe_config": ProbeConfig,
+    "gpu_prefix": GpuPrefix,
+}
+
+# record kind -> struct; records may be shorter than the struct (variable tail)
+RECORDS = {
+    EventKind.EXEC: ExecEvent,
+    EventKind.CONNECT: SockaddrEvent,
+    EventKind.UDP_SEND: SockaddrEvent,
+    EventKind.GPU_OPEN: GpuOpenEvent,
+    EventKind.FORK: ForkEvent,
+    EventKind.EXIT: ExitEvent,
+    EventKind.CGROUP_MKDIR: CgroupEvent,
+    EventKind.CGROUP_RMDIR: CgroupEvent,
+}
+
+# C constant name -> value, for the constants check
+CONSTANTS = {
+    "COMM_LEN": COMM_LEN,
+    "PATH_MAX_CAPTURE": PATH_MAX_CAPTURE,
+    "EXEC_MAX_ARGS": EXEC_MAX_ARGS,
+    "EXEC_ARG_MAX": EXEC_ARG_MAX,
+    "EXEC_ARGS_SIZE": EXEC_ARGS_SIZE,
+    "PAYLOAD_MAX": PAYLOAD_MAX,
+    "GPU_PREFIX_MAX": GPU_PREFIX_MAX,
+    "GPU_PREFIXES_MAX": GPU_PREFIXES_MAX,
+    "SCOPE_MAX_DEPTH": SCOPE_MAX_DEPTH,
+    "EVENT_KIND_MAX": EVENT_KIND_MAX,
+    "COUNTER_MAX": COUNTER_MAX,
+    "EVENT_F_ARGV_TRUNCATED": EVENT_F_ARGV_TRUNCATED,
+    "EVENT_F_ARG_TRUNCATED": EVENT_F_ARG_TRUNCATED,
+    "EVENT_F_PATH_TRUNCATED": EVENT_F_PATH_TRUNCATED,
+    "EVENT_F_ARGV_UNREADABLE": EVENT_F_ARGV_UNREADABLE,
+    "EVENT_F_PAYLOAD_TRUNCATED": EVENT_F_PAYLOAD_TRUNCATED,
+    **{f"EVENT_{kind.name}": kind.value for kind in EventKind},
+    **{f"COUNTER_{c.name}": c.value for c in Counter},
+}

@@ -1,0 +1,197 @@
+"""A probe set: probes that compile, attach, scope and detach together.
+
+The daemon, `ebpfmon trace`, the doctor and the tests all start probes through
+this class (the way Tetragon's sensors are loaded as one unit). It is the only
+module that imports bcc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ebpfmon.errors import (BccMissingError, NotRootError, ProbeCompileError,
+                            ProbeLoadError, TracefsError)
+from ebpfmon.kernel import abi
+
+PROBES_DIR = Path(__file__).resolve().parent.parent.parent / "probes"
+
+# probe name -> source; "proc" (fork, exit, cgroups) keeps user-space state
+# current and is loaded with every set
+PROBES = {
+    "exec": "exec.bpf.c",
+    "connect": "connect.bpf.c",
+    "gpu": "gpu.bpf.c",
+    "proc": "proc.bpf.c",
+}
+
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def import_bcc():
+    """The bcc module, or a BccMissingError that says how to get it."""
+    try:
+        import bcc
+    except ImportError as e:
+        raise BccMissingError(
+            f"the bcc Python module cannot be imported ({e}).",
+            "Install Debian's python3-bpfcc (apt-get install python3-bpfcc) and run ebpfmon "
+            "with /usr/bin/python3 or a venv made with --system-site-packages. The PyPI "
+            "package named 'bcc' is an unrelated project: do not install it.",
+        ) from e
+    return bcc
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRootError(
+            "ebpfmon must run as root: loading BPF programs needs CAP_BPF, CAP_PERFMON and "
+            "CAP_SYS_ADMIN, and watching agents means moving processes between cgroups.",
+            "Run it with sudo, or as a service with those capabilities.",
+        )
+
+
+def tracefs_dir() -> str:
+    for d in TRACEFS_DIRS:
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    raise TracefsError(
+        "tracefs is not mounted, so the kernel's tracepoints cannot be found.",
+        "Mount it: 'mount -t tracefs tracefs /sys/kernel/tracing'.",
+    )
+
+
+def probe_source(probes: Iterable[str], probes_dir: Path = PROBES_DIR) -> str:
+    """The C text bcc compiles: common.h, then each probe, inlined.
+
+    Inlined rather than #included because bcc rewrites map calls
+    (events.ringbuf_output...) and finds TRACEPOINT_PROBEs only in the main file.
+    """
+    names = ["proc"] + sorted(set(probes) - {"proc"})
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise ValueError(f"unknown probe(s) {unknown}; known: {sorted(PROBES)}")
+    parts = [(probes_dir / "common.h").read_text()]
+    parts += [f"/* ---- {PROBES[n]} ---- */\n" + (probes_dir / PROBES[n]).read_text() for n in names]
+    return "\n".join(parts)
+
+
+class ProbeSet:
+    """Compiles and attaches probes; owns their maps and the ring buffer."""
+
+    def __init__(self, probes: Iterable[str] = tuple(PROBES), ringbuf_pages: int = 1024,
+                 probes_dir: Path = PROBES_DIR):
+        self.probes = sorted(set(probes) | {"proc"})
+        self.ringbuf_pages = ringbuf_pages
+        self.probes_dir = probes_dir
+        self._bpf = None
+
+    def source(self) -> str:
+        return probe_source(self.probes, self.probes_dir)
+
+    def cflags(self) -> list[str]:
+        if self.ringbuf_pages <= 0 or self.ringbuf_pages & (self.ringbuf_pages - 1):
+            raise ValueError(f"ring buffer pages must be a power of two, not {self.ringbuf_pages}")
+        return [f"-I{self.probes_dir}", f"-DRINGBUF_PAGES={self.ringbuf_pages}"]
+
+    def load(self) -> "ProbeSet":
+        """Compiles, loads and attaches every tracepoint; scope starts empty."""
+        require_root()
+        bcc = import_bcc()
+        tracefs_dir()
+        try:
+            self._bpf = bcc.BPF(text=self.source(), cflags=self.cflags())
+        except Exception as e:  # bcc raises bare Exception
+            text = str(e)
+            if "compile" in text.lower():
+                raise ProbeCompileError(
+                    f"bcc could not compile the probes {self.probes} (the compiler's messages are above).",
+                    "Kernel headers are the usual cause: check /lib/modules/$(uname -r)/build and run "
+                    "'ebpfmon doctor'.") from e
+            raise ProbeLoadError(f"the kernel refused the probes {self.probes}: {text}.",
+                                 "Run 'ebpfmon doctor' to see which kernel feature is missing.") from e
+        self._write_config(all_cgroups=False)
+        return self
+
+    @property
+    def bpf(self):
+        if self._bpf is None:
+            raise RuntimeError("probe set is not loaded")
+        return self._bpf
+
+    def _write_config(self, all_cgroups: bool) -> None:
+        table = self.bpf["config"]
+        table[ctypes.c_int(0)] = abi.ProbeConfig(all_cgroups=int(all_cgroups), ignore_tgid=os.getpid())
+
+    def set_all_cgroups(self, enabled: bool) -> None:
+        """Trace every cgroup (ad-hoc tracing), except this process itself."""
+        self._write_config(all_cgroups=enabled)
+
+    def add_scope(self, cgroup_id: int) -> None:
+        """Watches a cgroup and everything created below it."""
+        self.bpf["scope_cgroups"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
+
+    def remove_scope(self, cgroup_id: int) -> None:
+        try:
+            del self.bpf["scope_cgroups"][ctypes.c_uint64(cgroup_id)]
+        except KeyError:
+            pass
+
+    def scope(self) -> list[int]:
+        return [k.value for k in self.bpf["scope_cgroups"].keys()]
+
+    def set_gpu_prefixes(self, prefixes: Iterable[str]) -> None:
+        prefixes = list(prefixes)
+        if len(prefixes) > abi.GPU_PREFIXES_MAX:
+            raise ValueError(f"at most {abi.GPU_PREFIXES_MAX} GPU path prefixes, got {len(prefixes)}")
+        if "gpu" not in self.probes:
+            return
+        table = self.bpf["gpu_prefixes"]
+        for i in range(abi.GPU_PREFIXES_MAX):
+            entry = abi.GpuPrefix()
+            if i < len(prefixes):
+                raw = os.fsencode(prefixes[i])
+                if not raw or len(raw) >= abi.GPU_PREFIX_MAX:
+                    raise ValueError(f"GPU path prefix {prefixes[i]!r} must be 1 to "
+                                     f"{abi.GPU_PREFIX_MAX - 1} bytes")
+                entry.len, entry.prefix = len(raw), raw
+            table[ctypes.c_int(i)] = entry
+
+    def open_ring_buffer(self, callback: Callable[[bytes], None]) -> None:
+        """Calls callback with each record's bytes, from poll()."""
+
+        def on_record(_ctx, data, size):
+            callback(ctypes.string_at(data, size))
+
+        self._callback = on_record  # bcc keeps no reference of its own
+        self.bpf["events"].open_ring_buffer(on_record)
+
+    def poll(self, timeout_ms: int) -> None:
+        """Waits up to timeout_ms for a wakeup, then drains everything, woken or not."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+
+    def counters(self) -> dict[abi.EventKind, dict[abi.Counter, int]]:
+        """Per-kind kernel counters (lost, truncated), summed over CPUs."""
+        table = self.bpf["counters"]
+        result = {}
+        for kind in abi.EventKind:
+            result[kind] = {}
+            for counter in abi.Counter:
+                values = table[ctypes.c_int(kind * abi.COUNTER_MAX + counter)]
+                result[kind][counter] = sum(values)
+        return result
+
+    def close(self) -> None:
+        """Detaches every probe and frees the maps."""
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> "ProbeSet":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

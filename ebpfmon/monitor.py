@@ -1,0 +1,147 @@
+"""The event stream: probes -> decode -> enrich -> a handler, with its statistics.
+
+`ebpfmon trace`, `ebpfmon run` and the tests start the kernel side through
+this one class, so they see the same events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ebpfmon import events as ev
+from ebpfmon.cgroups import CgroupNames, Hierarchy
+from ebpfmon.config import Config
+from ebpfmon.decode import Decoder
+from ebpfmon.devices import DeviceResolver
+from ebpfmon.enrich import Enricher
+from ebpfmon.errors import CgroupError, DecodeError
+from ebpfmon.kernel import abi
+from ebpfmon.kernel.probeset import ProbeSet
+from ebpfmon.proctree import ProcessTree
+
+log = logging.getLogger(__name__)
+
+# event kinds -> the probe that produces them
+PROBE_OF_KIND = {"exec": "exec", "connect": "connect", "udp_send": "connect", "gpu_open": "gpu"}
+
+
+@dataclass
+class Stats:
+    events: Counter = field(default_factory=Counter)  # delivered, by kind
+    lost: Counter = field(default_factory=Counter)  # counted in the kernel, by kind
+    truncated: Counter = field(default_factory=Counter)
+    malformed: int = 0  # records that did not decode
+    handler_errors: int = 0
+
+    def summary(self) -> str:
+        def fmt(counter: Counter) -> str:
+            return " ".join(f"{k}={v}" for k, v in sorted(counter.items()) if v) or "0"
+
+        return (f"events: {fmt(self.events)}; lost: {fmt(self.lost)}; truncated: {fmt(self.truncated)}"
+                + (f"; malformed: {self.malformed}" if self.malformed else "")
+                + (f"; handler errors: {self.handler_errors}" if self.handler_errors else ""))
+
+
+class EventStream:
+    """Loads probes for the wanted kinds, scopes them, and delivers enriched events."""
+
+    def __init__(self, config: Config, kinds: Iterable[str] = ev.KIND_GROUPS["all"],
+                 cgroups: Iterable[str] = (), all_cgroups: bool = False,
+                 hierarchy: Hierarchy | None = None):
+        self.config = config
+        self.kinds = frozenset(kinds)
+        self.hierarchy = hierarchy or Hierarchy()
+        self.scope_names = list(cgroups) or [config.agent_root]
+        self.all_cgroups = all_cgroups
+        self.probes = ProbeSet({PROBE_OF_KIND[k] for k in self.kinds}, config.ringbuf_pages)
+        self.decoder = Decoder()
+        self.tree = ProcessTree()
+        self.enricher = Enricher(CgroupNames(self.hierarchy), self.tree, DeviceResolver(),
+                                 config.ancestry_depth)
+        self.stats = Stats()
+        self._handler: Callable[[ev.Event], None] = lambda e: None
+        self._lock = threading.Lock()
+
+    def scope_ids(self) -> list[int]:
+        """Ids of the cgroups to watch. The agent root is ours: created when missing."""
+        if self.scope_names == [self.config.agent_root]:
+            self.hierarchy.ensure(self.config.agent_root)
+        ids = []
+        for name in self.scope_names:
+            try:
+                ids.append(self.hierarchy.cgroup_id(name))
+            except CgroupError as e:
+                raise CgroupError(e.message, "Name an existing cgroup with --cgroup, create it "
+                                  "(ebpfmon exec creates agent cgroups), or use --all-cgroups.") from e
+        return ids
+
+    def start(self, handler: Callable[[ev.Event], None]) -> "EventStream":
+        """Loads and attaches the probes; events go to handler from poll()."""
+        ids = self.scope_ids() if not self.all_cgroups else []
+        self._handler = handler
+        self.tree.bootstrap()
+        self.probes.load()
+        self.probes.set_gpu_prefixes(self.config.gpu_prefixes)
+        for cgroup_id in ids:
+            self.probes.add_scope(cgroup_id)
+        self.probes.set_all_cgroups(self.all_cgroups)
+        self.probes.open_ring_buffer(self._on_record)
+        return self
+
+    def _on_record(self, record: bytes) -> None:
+        # called from bcc through ctypes, which would print and swallow an
+        # exception: every error is counted and logged here instead
+        with self._lock:
+            try:
+                item = self.decoder.decode(record)
+            except DecodeError as e:
+                self.stats.malformed += 1
+                log.warning("malformed record: %s", e)
+                return
+            event = self.enricher.apply(item)
+            if event is None or event.kind not in self.kinds:
+                return
+            self.stats.events[event.kind] += 1
+            try:
+                self._handler(event)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("event handler failed on a %s event", event.kind)
+
+    def poll(self) -> None:
+        """Delivers what is in the ring buffer, waiting at most one drain interval."""
+        self.probes.poll(self.config.drain_interval_ms)
+
+    def refresh_counters(self) -> None:
+        """Copies the kernel's lost/truncated counters into stats."""
+        for kind, counters in self.probes.counters().items():
+            name = kind.name.lower()
+            self.stats.lost[name] = counters[abi.Counter.LOST]
+            self.stats.truncated[name] = counters[abi.Counter.TRUNCATED]
+
+    def run(self, stop: threading.Event, duration: float | None = None,
+            every: Callable[[], None] | None = None) -> None:
+        """Polls until stop is set or duration seconds passed; calls every() once a second."""
+        deadline = time.monotonic() + duration if duration else None
+        next_tick = time.monotonic() + 1.0
+        while not stop.is_set():
+            self.poll()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + 1.0
+                self.decoder.resync_clock()
+                self.refresh_counters()
+                if every:
+                    every()
+            if deadline and now >= deadline:
+                break
+        self.poll()  # what arrived while we stopped
+        self.refresh_counters()
+
+    def close(self) -> None:
+        self.probes.close()

@@ -1,0 +1,84 @@
+"""Output: events as table lines or JSON lines.
+
+Agent-controlled text (argv, paths, comm) is escaped in the table so an agent
+cannot move the cursor, clear the screen or forge extra lines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+
+from ebpfmon import events as ev
+
+COLUMNS = ("TIME", "CGROUP", "PID", "PPID", "COMM", "WHAT")
+WIDTHS = (12, 24, 7, 7, 16)
+
+
+def safe(value: str) -> str:
+    """Printable form of agent text: control characters and undecodable bytes as \\xNN."""
+    out = []
+    for ch in value:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def quote_argv(argv: list[str]) -> str:
+    return " ".join(shlex.quote(safe(a)) for a in argv)
+
+
+def result(event: ev.Event) -> str:
+    return event.error or "ok"
+
+
+def endpoint(event: ev.ConnectEvent) -> str:
+    host = f"[{event.address}]" if ":" in event.address else event.address
+    return f"{host}:{event.port}"
+
+
+def describe(event: ev.Event) -> str:
+    """The WHAT column: what the process did, and how it went."""
+    if isinstance(event, ev.ExecEvent):
+        what = f"{event.syscall} {safe(event.filename)}  {quote_argv(event.argv)}"
+        if event.argv_truncated:
+            what += " [argv truncated]"
+        return f"{what}  = {result(event)}"
+    if isinstance(event, ev.UdpSendEvent):
+        what = f"send {event.protocol or event.sock_type or '?'} {endpoint(event)} {event.length}B"
+        if event.dns_query:
+            what += f" dns={safe(event.dns_query)}"
+        return f"{what}  = {result(event)}"
+    if isinstance(event, ev.ConnectEvent):
+        return f"connect {event.protocol or event.sock_type or '?'} {endpoint(event)}  = {result(event)}"
+    if isinstance(event, ev.GpuOpenEvent):
+        device = f" ({event.device} {event.vendor or 'unknown vendor'})" if event.device else ""
+        return f"open {safe(event.path)}{device} {event.access}  = {result(event)}"
+    if isinstance(event, ev.ForkEvent):
+        return f"fork -> {event.child_pid}"
+    return event.kind
+
+
+def _clip(value: str, width: int) -> str:
+    # keep the end of long cgroup paths: the agent's own name is last
+    return value if len(value) <= width else "…" + value[-(width - 1):]
+
+
+def header() -> str:
+    return " ".join(c.ljust(w) for c, w in zip(COLUMNS, WIDTHS)) + " " + COLUMNS[-1]
+
+
+def table_line(event: ev.Event) -> str:
+    when = dt.datetime.fromtimestamp(event.time_ns / 1e9).strftime("%H:%M:%S.%f")[:-3]
+    cells = (when, _clip(event.cgroup or f"id:{event.cgroup_id}", WIDTHS[1]), str(event.proc.pid),
+             str(event.proc.ppid or "?"), safe(event.proc.comm))
+    return " ".join(c.ljust(w) for c, w in zip(cells, WIDTHS)) + " " + describe(event)
+
+
+def json_line(event: ev.Event) -> str:
+    return event.to_json()

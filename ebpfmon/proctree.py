@@ -1,0 +1,131 @@
+"""The process tree, kept from fork/exec/exit events and bootstrapped from /proc.
+
+The probes never walk kernel structs, so parentage comes from
+sched_process_fork (parent tgid -> child) and what programs run from exec
+events. Processes that were already running, or that entered an agent cgroup
+from outside (their fork was not in scope), are read from /proc once, when
+first needed. Memory is bounded: exited processes are kept a while (their
+children's events may still name them as ancestors), then forgotten oldest
+first; live entries are capped too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ebpfmon.events import Ancestor, text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Node:
+    pid: int
+    ppid: int
+    comm: str | None = None
+    exe: str | None = None
+    argv: list[str] | None = None
+
+
+def read_proc(pid: int, proc: str = "/proc") -> Node | None:
+    """A process as /proc shows it now, or None when it is gone."""
+    base = f"{proc}/{pid}"
+    try:
+        with open(f"{base}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # comm is in parentheses and may itself contain ') '
+    close = stat.rfind(b")")
+    comm = stat[stat.find(b"(") + 1:close]
+    ppid = int(stat[close + 2:].split()[1])
+    try:
+        exe = text(os.readlink(f"{base}/exe".encode()))
+    except OSError:
+        exe = None  # kernel thread, or no permission
+    try:
+        with open(f"{base}/cmdline", "rb") as f:
+            argv = [text(a) for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        argv = None
+    return Node(pid=pid, ppid=ppid, comm=text(comm), exe=exe, argv=argv)
+
+
+class ProcessTree:
+    def __init__(self, max_live: int = 65536, max_exited: int = 8192, proc: str = "/proc"):
+        self.max_live = max_live
+        self.max_exited = max_exited
+        self.proc = proc
+        self._live: OrderedDict[int, Node] = OrderedDict()
+        self._exited: OrderedDict[int, Node] = OrderedDict()
+        self.evicted = 0
+
+    def bootstrap(self) -> int:
+        """Reads every running process from /proc; returns how many."""
+        for name in os.listdir(self.proc):
+            if name.isdigit():
+                node = read_proc(int(name), self.proc)
+                if node:
+                    self._put(node)
+        return len(self._live)
+
+    def _put(self, node: Node) -> None:
+        self._exited.pop(node.pid, None)
+        self._live[node.pid] = node
+        self._live.move_to_end(node.pid)
+        if len(self._live) > self.max_live:
+            self._live.popitem(last=False)
+            self.evicted += 1
+
+    def get(self, pid: int) -> Node | None:
+        """The process, from events, /proc, or recent exits; None when unknown."""
+        node = self._live.get(pid) or self._exited.get(pid)
+        if node is None and pid > 0:
+            node = read_proc(pid, self.proc)
+            if node:
+                self._put(node)
+        return node
+
+    def forked(self, parent: int, child: int, comm: str) -> None:
+        # the child runs the parent's program until it execs
+        parent_node = self.get(parent)
+        self._put(Node(pid=child, ppid=parent, comm=comm,
+                       exe=parent_node.exe if parent_node else None,
+                       argv=parent_node.argv if parent_node else None))
+
+    def executed(self, pid: int, comm: str, exe: str, argv: list[str]) -> None:
+        node = self.get(pid)
+        if node is None:
+            node = Node(pid=pid, ppid=0)
+        node.comm, node.exe, node.argv = comm, exe, argv
+        self._put(node)
+
+    def exited(self, pid: int) -> None:
+        node = self._live.pop(pid, None)
+        if node is None:
+            return
+        self._exited[pid] = node
+        if len(self._exited) > self.max_exited:
+            self._exited.popitem(last=False)
+
+    def ppid(self, pid: int) -> int:
+        node = self.get(pid)
+        return node.ppid if node else 0
+
+    def ancestry(self, pid: int, depth: int) -> list[Ancestor]:
+        """Parent first, up to depth generations or pid 1."""
+        chain: list[Ancestor] = []
+        seen = {pid}
+        node = self.get(pid)
+        while node and node.ppid > 0 and len(chain) < depth and node.ppid not in seen:
+            seen.add(node.ppid)
+            parent = self.get(node.ppid)
+            if parent is None:
+                chain.append(Ancestor(pid=node.ppid))
+                break
+            chain.append(Ancestor(pid=parent.pid, comm=parent.comm, exe=parent.exe, argv=parent.argv))
+            node = parent
+        return chain

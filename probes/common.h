@@ -1,0 +1,110 @@
+/* Maps and helpers every probe uses. Included once, before the probe sources,
+ * by the loader (ebpfmon/kernel/probeset.py), which defines RINGBUF_PAGES.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include "events.h"
+
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 1024
+#endif
+
+/* Wakeup policy. Waking the reader costs more than most probes, so events
+ * that only keep user-space state current (fork, exit, cgroups) never wake it;
+ * the reader drains on a timer. Events that can lead to containment use the
+ * ring buffer's adaptive wakeup: the reader is woken only when it has caught
+ * up, so a storm costs few wakeups. A record that follows an unconsumed
+ * no-wakeup record does not wake the reader either (the kernel wakes only when
+ * the consumer position equals the new record's), which bounds its latency by
+ * the drain interval, not by the next event.
+ */
+#define WAKE_BULK BPF_RB_NO_WAKEUP
+#define WAKE_ALERT 0
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_ARRAY(config, struct probe_config, 1);
+BPF_HASH(scope_cgroups, u64, u8, 4096);
+BPF_PERCPU_ARRAY(counters, u64, EVENT_KIND_MAX * COUNTER_MAX);
+
+static __always_inline void count(u32 kind, u32 counter)
+{
+	u32 idx = kind * COUNTER_MAX + counter;
+	u64 *value = counters.lookup(&idx);
+	if (value)
+		(*value)++;
+}
+
+/* True when the current task is one we watch: its cgroup or one of its
+ * ancestors is in scope_cgroups. Ancestors, not only the cgroup itself, so a
+ * cgroup created under an agent root is covered from its first instruction,
+ * before user space has heard of it.
+ */
+static __always_inline int in_scope(void)
+{
+	u32 zero = 0;
+	struct probe_config *cfg = config.lookup(&zero);
+	if (!cfg)
+		return 0;
+	if ((bpf_get_current_pid_tgid() >> 32) == cfg->ignore_tgid)
+		return 0;
+	if (cfg->all_cgroups)
+		return 1;
+	u64 id = bpf_get_current_cgroup_id();
+	if (scope_cgroups.lookup(&id))
+		return 1;
+	for (int level = 1; level < SCOPE_MAX_DEPTH; level++) {
+		u64 ancestor = bpf_get_current_ancestor_cgroup_id(level);
+		/* 0 past the task's own level; the task's own id at its level */
+		if (ancestor == 0 || ancestor == id)
+			return 0;
+		if (scope_cgroups.lookup(&ancestor))
+			return 1;
+	}
+	return 0;
+}
+
+/* Fills all of the header but flags, which the probe sets as it goes. */
+static __always_inline void fill_header(struct event_header *hdr, u16 kind, u32 size)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u64 uid_gid = bpf_get_current_uid_gid();
+	hdr->kind = kind;
+	hdr->size = size;
+	hdr->time_ns = bpf_ktime_get_boot_ns();
+	hdr->cgroup_id = bpf_get_current_cgroup_id();
+	hdr->pid = pid_tgid >> 32;
+	hdr->tid = (u32)pid_tgid;
+	hdr->uid = (u32)uid_gid;
+	hdr->gid = uid_gid >> 32;
+	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
+}
+
+#define TRUNCATION_FLAGS (EVENT_F_ARGV_TRUNCATED | EVENT_F_ARG_TRUNCATED | \
+			  EVENT_F_PATH_TRUNCATED | EVENT_F_PAYLOAD_TRUNCATED)
+
+/* Copies a finished event of at most max_size bytes into the ring buffer;
+ * counts it when it cannot. The bound is checked here, next to the helper
+ * call, because the verifier loses it when the size passes through the stack.
+ */
+static __always_inline void submit(struct event_header *hdr, u64 size, u64 max_size, u64 wake)
+{
+	u16 kind = hdr->kind;
+	if (hdr->flags & TRUNCATION_FLAGS)
+		count(kind, COUNTER_TRUNCATED);
+	if (size > max_size)
+		size = max_size;
+	if (events.ringbuf_output(hdr, size, wake) < 0)
+		count(kind, COUNTER_LOST);
+}
+
+/* bpf_probe_read_user_str returns the bytes copied with the NUL, so a return
+ * equal to the buffer may be a string that fits exactly: look at the next byte.
+ */
+static __always_inline int user_str_truncated(long copied, u32 bufsize, const char *src)
+{
+	char next = 0;
+	if (copied < (long)bufsize)
+		return 0;
+	bpf_probe_read_user(&next, 1, src + bufsize - 1);
+	return next != 0;
+}

@@ -1,0 +1,285 @@
+/* connect: connect() to IPv4/IPv6 destinations, and datagrams sent with a
+ * destination (sendto/sendmsg/sendmmsg), each with the return value.
+ *
+ * The socket type cannot be read from connect's arguments without walking
+ * kernel structs, so socket() results are remembered per (tgid, fd) for tasks
+ * in scope. A socket created before the monitor started, or passed in from
+ * outside, has type 0 (unknown).
+ *
+ * glibc's resolver connects its UDP socket to port 53 and then sends without
+ * an address, so sends on a socket connected to port 53 are reported too,
+ * with the head of the query (user space decodes the name).
+ */
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define SOCK_TYPE_MASK 0xf
+#define DNS_PORT 53
+#define EINPROGRESS_ 115
+
+struct socket_key {
+	u32 tgid;
+	s32 fd;
+};
+
+struct socket_info {
+	u16 family;
+	u16 type;
+	u16 protocol;
+	u16 dport;   /* set once connected */
+	u8 addr[16];
+};
+
+struct socket_args {
+	u16 family;
+	u16 type;
+	u16 protocol;
+};
+
+BPF_TABLE("lru_hash", struct socket_key, struct socket_info, sockets, 16384);
+BPF_TABLE("lru_hash", u32, struct socket_args, socket_pending, 1024);
+BPF_PERCPU_ARRAY(sockaddr_scratch, struct sockaddr_event, 1);
+BPF_TABLE("lru_hash", u32, struct sockaddr_event, sockaddr_pending, 1024);
+
+/* user-space ABI of struct msghdr / struct iovec (not kernel structs) */
+struct user_msghdr_head {
+	void *name;
+	int namelen;
+	void *iov;
+	u64 iovlen;
+};
+
+struct user_iovec {
+	void *base;
+	u64 len;
+};
+
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+	if (!in_scope())
+		return 0;
+	if (args->family != AF_INET_ && args->family != AF_INET6_)
+		return 0;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct socket_args sa = {
+		.family = args->family,
+		.type = args->type & SOCK_TYPE_MASK,
+		.protocol = args->protocol,
+	};
+	socket_pending.update(&tid, &sa);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_socket)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct socket_args *sa = socket_pending.lookup(&tid);
+	if (!sa)
+		return 0;
+	if (args->ret >= 0) {
+		struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = args->ret};
+		struct socket_info info = {.family = sa->family, .type = sa->type, .protocol = sa->protocol};
+		sockets.update(&key, &info);
+	}
+	socket_pending.delete(&tid);
+	return 0;
+}
+
+/* A closed fd number may come back as another socket: forget what we knew. */
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+	if (!in_scope())
+		return 0;
+	struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = args->fd};
+	sockets.delete(&key);
+	return 0;
+}
+
+/* Starts an event in sockaddr_pending for this thread. */
+static __always_inline struct sockaddr_event *sockaddr_begin(int fd)
+{
+	u32 zero = 0;
+	struct sockaddr_event *blank = sockaddr_scratch.lookup(&zero);
+	if (!blank)
+		return NULL;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	if (sockaddr_pending.update(&tid, blank) < 0)
+		return NULL;
+	struct sockaddr_event *e = sockaddr_pending.lookup(&tid);
+	if (!e)
+		return NULL;
+	e->hdr.flags = 0;
+	e->fd = fd;
+	e->length = 0;
+	e->payload_len = 0;
+	__builtin_memset(e->addr, 0, sizeof(e->addr));
+	struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd};
+	struct socket_info *info = sockets.lookup(&key);
+	e->sock_type = info ? info->type : 0;
+	e->protocol = info ? info->protocol : 0;
+	return e;
+}
+
+static __always_inline void sockaddr_abandon(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	sockaddr_pending.delete(&tid);
+}
+
+/* Reads an AF_INET/AF_INET6 address from user memory; -1 for other families. */
+static __always_inline int read_sockaddr(struct sockaddr_event *e, const void *uaddr, int addrlen)
+{
+	u16 family = 0;
+	if (!uaddr || addrlen < 2 || bpf_probe_read_user(&family, sizeof(family), uaddr) < 0)
+		return -1;
+	if (family == AF_INET_ && addrlen >= 8) {
+		u8 raw[8];
+		if (bpf_probe_read_user(raw, sizeof(raw), uaddr) < 0)
+			return -1;
+		e->dport = (raw[2] << 8) | raw[3];
+		__builtin_memcpy(e->addr, &raw[4], 4);
+	} else if (family == AF_INET6_ && addrlen >= 24) {
+		u8 raw[24];
+		if (bpf_probe_read_user(raw, sizeof(raw), uaddr) < 0)
+			return -1;
+		e->dport = (raw[2] << 8) | raw[3];
+		__builtin_memcpy(e->addr, &raw[8], 16);
+	} else {
+		return -1;
+	}
+	e->family = family;
+	return 0;
+}
+
+/* Takes the destination of a socket connected to port 53, for addressless sends. */
+static __always_inline int use_connected_dns(struct sockaddr_event *e, int fd)
+{
+	struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd};
+	struct socket_info *info = sockets.lookup(&key);
+	if (!info || info->dport != DNS_PORT)
+		return -1;
+	e->family = info->family;
+	e->dport = info->dport;
+	__builtin_memcpy(e->addr, info->addr, sizeof(e->addr));
+	return 0;
+}
+
+static __always_inline void read_dns_payload(struct sockaddr_event *e, const void *buf, u64 len)
+{
+	if (e->dport != DNS_PORT || !buf)
+		return;
+	u32 n = len;
+	if (len > PAYLOAD_MAX) {
+		n = PAYLOAD_MAX;
+		e->hdr.flags |= EVENT_F_PAYLOAD_TRUNCATED;
+	}
+	if (n == 0 || bpf_probe_read_user(e->payload, n & (2 * PAYLOAD_MAX - 1), buf) < 0)
+		return;
+	e->payload_len = n;
+}
+
+static __always_inline int sockaddr_exit(u16 kind, long ret)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct sockaddr_event *e = sockaddr_pending.lookup(&tid);
+	if (!e) {
+		return 0;
+	}
+	u64 size = offsetof(struct sockaddr_event, payload) + e->payload_len;
+	fill_header(&e->hdr, kind, size);
+	e->retval = ret;
+	if (kind == EVENT_CONNECT && (ret == 0 || ret == -EINPROGRESS_)) {
+		struct socket_key key = {.tgid = e->hdr.pid, .fd = e->fd};
+		struct socket_info *info = sockets.lookup(&key);
+		if (info) {
+			info->dport = e->dport;
+			__builtin_memcpy(info->addr, e->addr, sizeof(info->addr));
+		}
+	}
+	submit(&e->hdr, size, sizeof(*e), WAKE_ALERT);
+	sockaddr_pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+	if (!in_scope())
+		return 0;
+	struct sockaddr_event *e = sockaddr_begin(args->fd);
+	if (!e)
+		return 0;
+	if (read_sockaddr(e, args->uservaddr, args->addrlen) < 0)
+		sockaddr_abandon();
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+	return sockaddr_exit(EVENT_CONNECT, args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+	if (!in_scope())
+		return 0;
+	struct sockaddr_event *e = sockaddr_begin(args->fd);
+	if (!e)
+		return 0;
+	int found = args->addr ? read_sockaddr(e, args->addr, args->addr_len)
+			       : use_connected_dns(e, args->fd);
+	if (found < 0) {
+		sockaddr_abandon();
+		return 0;
+	}
+	e->length = args->len;
+	read_dns_payload(e, args->buff, args->len);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+{
+	return sockaddr_exit(EVENT_UDP_SEND, args->ret);
+}
+
+/* sendmsg, and the first message of sendmmsg (whose mmsghdr starts with a msghdr). */
+static __always_inline int sendmsg_enter(int fd, const void *umsg)
+{
+	if (!in_scope())
+		return 0;
+	struct user_msghdr_head msg = {};
+	if (!umsg || bpf_probe_read_user(&msg, sizeof(msg), umsg) < 0)
+		return 0;
+	struct sockaddr_event *e = sockaddr_begin(fd);
+	if (!e)
+		return 0;
+	int found = msg.name ? read_sockaddr(e, msg.name, msg.namelen) : use_connected_dns(e, fd);
+	if (found < 0) {
+		sockaddr_abandon();
+		return 0;
+	}
+	struct user_iovec iov = {};
+	if (msg.iov && msg.iovlen > 0 && bpf_probe_read_user(&iov, sizeof(iov), msg.iov) == 0) {
+		e->length = iov.len;
+		read_dns_payload(e, iov.base, iov.len);
+	}
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
+{
+	return sendmsg_enter(args->fd, args->msg);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
+{
+	return sockaddr_exit(EVENT_UDP_SEND, args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg)
+{
+	return sendmsg_enter(args->fd, args->mmsg);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg)
+{
+	return sockaddr_exit(EVENT_UDP_SEND, args->ret);
+}

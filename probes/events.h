@@ -1,0 +1,127 @@
+/* Structs and limits shared between the probes and user space.
+ *
+ * ebpfmon/kernel/abi.py mirrors this file with ctypes; tests/kernel/test_abi.py
+ * compiles static asserts generated from that mirror against this header, so a
+ * change here that is not made there fails the tests.
+ */
+#ifndef EBPFMON_EVENTS_H
+#define EBPFMON_EVENTS_H
+
+/* Event kinds. Numbers are part of the recorded-trace contract: append only. */
+enum event_kind {
+	EVENT_EXEC = 1,        /* execve/execveat completed (or failed) */
+	EVENT_CONNECT = 2,     /* connect() to an IPv4/IPv6 address */
+	EVENT_UDP_SEND = 3,    /* sendto/sendmsg carrying a destination address */
+	EVENT_GPU_OPEN = 4,    /* open/openat/openat2 of a path under a GPU prefix */
+	EVENT_FORK = 5,        /* new task (sched_process_fork) */
+	EVENT_EXIT = 6,        /* task exit (sched_process_exit) */
+	EVENT_CGROUP_MKDIR = 7,/* cgroup created (v2 hierarchy) */
+	EVENT_CGROUP_RMDIR = 8,/* cgroup removed (v2 hierarchy) */
+	EVENT_KIND_MAX = 9,
+};
+
+/* Per-kind counters, indexed kind * COUNTER_MAX + counter. */
+enum counter {
+	COUNTER_LOST = 0,      /* ring buffer full, or entry state evicted */
+	COUNTER_TRUNCATED = 1, /* event sent with a truncated field */
+	COUNTER_MAX = 2,
+};
+
+/* header.flags */
+#define EVENT_F_ARGV_TRUNCATED     (1 << 0) /* more arguments than EXEC_MAX_ARGS or buffer full */
+#define EVENT_F_ARG_TRUNCATED      (1 << 1) /* an argument longer than EXEC_ARG_MAX */
+#define EVENT_F_PATH_TRUNCATED     (1 << 2) /* filename/path longer than PATH_MAX_CAPTURE - 1 */
+#define EVENT_F_ARGV_UNREADABLE    (1 << 3) /* user memory of argv could not be read */
+#define EVENT_F_PAYLOAD_TRUNCATED  (1 << 4) /* datagram longer than PAYLOAD_MAX */
+
+#define COMM_LEN 16
+#define PATH_MAX_CAPTURE 256        /* filename/path bytes kept, NUL included */
+#define EXEC_MAX_ARGS 64            /* argv entries read at most */
+#define EXEC_ARG_MAX 256            /* bytes of one argument kept, NUL excluded */
+#define EXEC_ARGS_SIZE 8192         /* packed argv buffer: >= 31 full-length args */
+#define PAYLOAD_MAX 256             /* head of a DNS datagram kept (port 53 only) */
+#define GPU_PREFIX_MAX 64           /* bytes of one GPU path prefix, NUL included */
+#define GPU_PREFIXES_MAX 16         /* GPU path prefixes configurable */
+#define SCOPE_MAX_DEPTH 16          /* cgroup ancestors checked for scope */
+
+/* Every event starts with this header. */
+struct event_header {
+	__u16 kind;                 /* enum event_kind */
+	__u16 flags;                /* EVENT_F_* */
+	__u32 size;                 /* bytes in the whole record */
+	__u64 time_ns;              /* CLOCK_BOOTTIME */
+	__u64 cgroup_id;            /* v2 cgroup of the task */
+	__u32 pid;                  /* tgid */
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	char comm[COMM_LEN];
+};
+
+/* Sent with only the used part of args[]: size = offsetof(args) + args_size. */
+struct exec_event {
+	struct event_header hdr;
+	__s32 retval;               /* 0 or -errno */
+	__u32 argc;                 /* arguments captured */
+	__u32 args_size;            /* bytes used in args[] */
+	__u32 syscall;              /* 0 execve, 1 execveat */
+	__s32 dfd;                  /* execveat only */
+	__u32 at_flags;             /* execveat only */
+	char filename[PATH_MAX_CAPTURE];
+	char args[EXEC_ARGS_SIZE];  /* NUL-terminated arguments, back to back */
+};
+
+/* connect() and addressed datagrams: both carry a socket address. */
+struct sockaddr_event {
+	struct event_header hdr;
+	__s32 retval;               /* connect: 0/-errno; send: bytes sent or -errno */
+	__s32 fd;
+	__u16 family;               /* AF_INET, AF_INET6 */
+	__u16 dport;                /* host byte order */
+	__u16 sock_type;            /* SOCK_STREAM/SOCK_DGRAM...; 0 when unknown */
+	__u16 protocol;             /* as given to socket(); 0 when default/unknown */
+	__u8 addr[16];              /* IPv4 in the first 4 bytes */
+	__u32 length;               /* send: bytes asked to send */
+	__u32 payload_len;          /* bytes in payload[] */
+	__u8 payload[PAYLOAD_MAX];  /* head of a datagram to port 53 */
+};
+
+struct gpu_open_event {
+	struct event_header hdr;
+	__s32 retval;               /* fd or -errno */
+	__s32 dfd;
+	__u32 flags;                /* open flags (O_*) */
+	__u32 syscall;              /* 0 open, 1 openat, 2 openat2 */
+	char path[PATH_MAX_CAPTURE];
+};
+
+struct fork_event {
+	struct event_header hdr;    /* hdr.pid: parent tgid */
+	__u32 child_pid;            /* tid of the new task */
+	__u32 parent_pid;           /* as reported by the tracepoint (parent tid) */
+};
+
+struct exit_event {
+	struct event_header hdr;    /* hdr.pid/tid: the exiting task */
+};
+
+struct cgroup_event {
+	struct event_header hdr;
+	__u64 id;
+	__s32 level;
+	__u32 _pad;
+	char path[PATH_MAX_CAPTURE];
+};
+
+/* Written by the loader, read by every probe. */
+struct probe_config {
+	__u32 all_cgroups;          /* 1: ignore scope, trace everything */
+	__u32 ignore_tgid;          /* the monitor itself, never traced */
+};
+
+struct gpu_prefix {
+	__u32 len;                  /* bytes to compare, NUL excluded; 0 ends the list */
+	char prefix[GPU_PREFIX_MAX];
+};
+
+#endif

@@ -1,0 +1,113 @@
+/* exec: execve and execveat with filename, argv and return value.
+ * The entry probe parks the event in exec_pending (keyed by thread id); the
+ * exit probe adds the return value and submits, so failed execs are events too.
+ */
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
+/* Each entry is ~8.5 KiB, preallocated; in flight are at most a few per CPU. */
+BPF_TABLE("lru_hash", u32, struct exec_event, exec_pending, 512);
+
+static __always_inline void read_argv(struct exec_event *e, const char *const *argv)
+{
+	u32 off = 0;
+	int i;
+	for (i = 0; i < EXEC_MAX_ARGS; i++) {
+		const char *arg = NULL;
+		if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0) {
+			e->hdr.flags |= EVENT_F_ARGV_UNREADABLE;
+			goto done;
+		}
+		if (!arg)
+			goto done;
+		if (off > EXEC_ARGS_SIZE - (EXEC_ARG_MAX + 1)) {
+			e->hdr.flags |= EVENT_F_ARGV_TRUNCATED;
+			goto done;
+		}
+		long n = bpf_probe_read_user_str(&e->args[off], EXEC_ARG_MAX + 1, arg);
+		if (n < 0) {
+			e->hdr.flags |= EVENT_F_ARGV_UNREADABLE;
+			goto done;
+		}
+		if (user_str_truncated(n, EXEC_ARG_MAX + 1, arg))
+			e->hdr.flags |= EVENT_F_ARG_TRUNCATED;
+		off += n;
+		e->argc++;
+	}
+	/* EXEC_MAX_ARGS read: is there one more? */
+	{
+		const char *more = NULL;
+		bpf_probe_read_user(&more, sizeof(more), &argv[EXEC_MAX_ARGS]);
+		if (more)
+			e->hdr.flags |= EVENT_F_ARGV_TRUNCATED;
+	}
+done:
+	e->args_size = off;
+}
+
+static __always_inline int exec_enter(u32 syscall, int dfd, const char *filename,
+				      const char *const *argv, u32 at_flags)
+{
+	if (!in_scope())
+		return 0;
+	u32 zero = 0;
+	struct exec_event *blank = exec_scratch.lookup(&zero);
+	if (!blank)
+		return 0;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	if (exec_pending.update(&tid, blank) < 0)
+		return 0;
+	struct exec_event *e = exec_pending.lookup(&tid);
+	if (!e)
+		return 0;
+	e->hdr.flags = 0;
+	e->argc = 0;
+	e->syscall = syscall;
+	e->dfd = dfd;
+	e->at_flags = at_flags;
+	long n = bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
+	if (n < 0)
+		e->filename[0] = 0;
+	else if (user_str_truncated(n, sizeof(e->filename), filename))
+		e->hdr.flags |= EVENT_F_PATH_TRUNCATED;
+	read_argv(e, argv);
+	return 0;
+}
+
+static __always_inline int exec_exit(long ret)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct exec_event *e = exec_pending.lookup(&tid);
+	if (!e) {
+		/* in scope but no entry: evicted, or the exec came from another
+		 * thread of a multi-threaded process (its tid changed) */
+		if (in_scope())
+			count(EVENT_EXEC, COUNTER_LOST);
+		return 0;
+	}
+	u64 size = offsetof(struct exec_event, args) + e->args_size;
+	/* after a successful exec: the new comm, as a user expects to see */
+	fill_header(&e->hdr, EVENT_EXEC, size);
+	e->retval = ret;
+	submit(&e->hdr, size, sizeof(*e), WAKE_ALERT);
+	exec_pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+	return exec_enter(0, 0, args->filename, args->argv, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve)
+{
+	return exec_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+	return exec_enter(1, args->fd, args->filename, args->argv, args->flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
+{
+	return exec_exit(args->ret);
+}
