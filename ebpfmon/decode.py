@@ -98,14 +98,16 @@ class Decoder:
             "time_ns": hdr.time_ns + self.clock_offset,
             "cgroup_id": hdr.cgroup_id,
             "cgroup": None,
-            "proc": ev.Process(pid=hdr.pid, tid=hdr.tid, ppid=0, uid=hdr.uid, gid=hdr.gid,
+            "proc": ev.Process(pid=hdr.pid, tid=hdr.tid, ppid=hdr.ppid, uid=hdr.uid, gid=hdr.gid,
                                comm=ev.text(hdr.comm)),
         }
         return getattr(self, f"_{kind.name.lower()}")(record, hdr, common)
 
     def _exec(self, record, hdr, common) -> ev.ExecEvent:
         e = _struct(record, abi.ExecEvent)
-        args = bytes(e.args)[:e.args_size].split(b"\0")[:e.argc]
+        # raw bytes: a c_char array field would stop at the first NUL
+        start = abi.ExecEvent.args.offset
+        args = record[start:start + e.args_size].split(b"\0")[:e.argc]
         truncated = bool(hdr.flags & (abi.EVENT_F_ARGV_TRUNCATED | abi.EVENT_F_ARG_TRUNCATED |
                                       abi.EVENT_F_ARGV_UNREADABLE))
         return ev.ExecEvent(**common, filename=ev.text(e.filename), argv=[ev.text(a) for a in args],

@@ -35,12 +35,11 @@ class Enricher:
         if isinstance(item, ev.ForkEvent):
             self.tree.forked(proc.pid, item.child_pid, proc.comm)
         elif isinstance(item, ev.ExecEvent) and item.retval == 0:
-            self.tree.executed(proc.pid, proc.comm, self._exe(proc.pid, item.filename), item.argv)
+            self.tree.executed(proc.pid, proc.ppid, proc.comm, self._exe(proc.pid, item.filename),
+                               item.argv)
         item.cgroup = self.cgroups.path(item.cgroup_id)
-        node = self.tree.get(proc.pid)
-        if node is not None:
-            proc.ppid = node.ppid
-            proc.exe = node.exe
+        node = self.tree.seen(proc.pid, proc.ppid, proc.comm)
+        proc.ppid, proc.exe = node.ppid, node.exe
         item.ancestry = self.tree.ancestry(proc.pid, self.ancestry_depth)
         if isinstance(item, ev.GpuOpenEvent):
             device = self.devices.resolve(item.path, proc.pid)

@@ -96,12 +96,20 @@ class ProcessTree:
                        exe=parent_node.exe if parent_node else None,
                        argv=parent_node.argv if parent_node else None))
 
-    def executed(self, pid: int, comm: str, exe: str, argv: list[str]) -> None:
+    def seen(self, pid: int, ppid: int, comm: str) -> Node:
+        """The node of a process an event came from; the kernel's ppid (parent at
+        fork, 0 when unknown) wins over what /proc says now (reparenting)."""
         node = self.get(pid)
         if node is None:
-            node = Node(pid=pid, ppid=0)
+            node = Node(pid=pid, ppid=ppid, comm=comm)
+            self._put(node)
+        elif ppid:
+            node.ppid = ppid
+        return node
+
+    def executed(self, pid: int, ppid: int, comm: str, exe: str, argv: list[str]) -> None:
+        node = self.seen(pid, ppid, comm)
         node.comm, node.exe, node.argv = comm, exe, argv
-        self._put(node)
 
     def exited(self, pid: int) -> None:
         node = self._live.pop(pid, None)
@@ -110,10 +118,6 @@ class ProcessTree:
         self._exited[pid] = node
         if len(self._exited) > self.max_exited:
             self._exited.popitem(last=False)
-
-    def ppid(self, pid: int) -> int:
-        node = self.get(pid)
-        return node.ppid if node else 0
 
     def ancestry(self, pid: int, depth: int) -> list[Ancestor]:
         """Parent first, up to depth generations or pid 1."""

@@ -25,6 +25,12 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(config, struct probe_config, 1);
 BPF_HASH(scope_cgroups, u64, u8, 4096);
 BPF_PERCPU_ARRAY(counters, u64, EVENT_KIND_MAX * COUNTER_MAX);
+/* task id -> parent tgid, from every fork on the host (a map update, no
+ * event). A process forked outside an agent cgroup and moved in before it
+ * execs still has its parent in its events. Every new task overwrites its
+ * own entry, so a reused pid never inherits a stale parent.
+ */
+BPF_TABLE("lru_hash", u32, u32, parents, 65536);
 
 static __always_inline void count(u32 kind, u32 counter)
 {
@@ -74,6 +80,9 @@ static __always_inline void fill_header(struct event_header *hdr, u16 kind, u32 
 	hdr->cgroup_id = bpf_get_current_cgroup_id();
 	hdr->pid = pid_tgid >> 32;
 	hdr->tid = (u32)pid_tgid;
+	u32 tgid = hdr->pid;
+	u32 *ppid = parents.lookup(&tgid);
+	hdr->ppid = ppid ? *ppid : 0;
 	hdr->uid = (u32)uid_gid;
 	hdr->gid = uid_gid >> 32;
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));

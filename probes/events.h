@@ -53,6 +53,8 @@ struct event_header {
 	__u64 cgroup_id;            /* v2 cgroup of the task */
 	__u32 pid;                  /* tgid */
 	__u32 tid;
+	__u32 ppid;                 /* parent tgid at fork; 0 if forked before the monitor */
+	__u32 _reserved;
 	__u32 uid;
 	__u32 gid;
 	char comm[COMM_LEN];

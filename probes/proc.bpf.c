@@ -4,6 +4,9 @@
  */
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
+	u32 child = args->child_pid;
+	u32 parent = bpf_get_current_pid_tgid() >> 32;
+	parents.update(&child, &parent);
 	if (!in_scope())
 		return 0;
 	struct fork_event e = {};

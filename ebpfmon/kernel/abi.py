@@ -58,6 +58,8 @@ class EventHeader(ctypes.Structure):
         ("cgroup_id", u64),
         ("pid", u32),
         ("tid", u32),
+        ("ppid", u32),
+        ("_reserved", u32),
         ("uid", u32),
         ("gid", u32),
         ("comm", ctypes.c_char * COMM_LEN),

@@ -30,13 +30,13 @@ OPTIONAL_PROGRAMS = {
 
 def ring_buffer() -> None:
     bcc = import_bcc()
-    b = bcc.BPF(text=RINGBUF_TEST)
+    b = bcc.BPF(text=RINGBUF_TEST.encode())
     b.cleanup()
 
 
 def cgroup_hook(hook: str) -> None:
     bcc = import_bcc()
-    b = bcc.BPF(text=CGROUP_HOOK_TEST)
+    b = bcc.BPF(text=CGROUP_HOOK_TEST.encode())
     try:
         if hook == "device":
             b.load_func("device_hook", bcc.BPF.CGROUP_DEVICE)
@@ -57,7 +57,7 @@ def cgroup_hook(hook: str) -> None:
 def optional(name: str) -> None:
     bcc = import_bcc()
     if name == "kprobes":
-        b = bcc.BPF(text="int probe(void *ctx) { return 0; }")
+        b = bcc.BPF(text=b"int probe(void *ctx) { return 0; }")
         try:
             b.attach_kprobe(event=b.get_syscall_fnname("getpid"), fn_name="probe")
         finally:
@@ -65,5 +65,5 @@ def optional(name: str) -> None:
     elif name == "fentry":
         if not bcc.BPF.support_kfunc():
             raise RuntimeError("fentry (kfunc) programs are not supported by this kernel")
-        b = bcc.BPF(text="KFUNC_PROBE(do_nanosleep) { return 0; }")
+        b = bcc.BPF(text=b"KFUNC_PROBE(do_nanosleep) { return 0; }")
         b.cleanup()

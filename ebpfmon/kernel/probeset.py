@@ -102,7 +102,7 @@ class ProbeSet:
         bcc = import_bcc()
         tracefs_dir()
         try:
-            self._bpf = bcc.BPF(text=self.source(), cflags=self.cflags())
+            self._bpf = bcc.BPF(text=self.source().encode(), cflags=self.cflags())
         except Exception as e:  # bcc raises bare Exception
             text = str(e)
             if "compile" in text.lower():
@@ -122,7 +122,7 @@ class ProbeSet:
         return self._bpf
 
     def _write_config(self, all_cgroups: bool) -> None:
-        table = self.bpf["config"]
+        table = self.bpf[b"config"]
         table[ctypes.c_int(0)] = abi.ProbeConfig(all_cgroups=int(all_cgroups), ignore_tgid=os.getpid())
 
     def set_all_cgroups(self, enabled: bool) -> None:
@@ -131,16 +131,16 @@ class ProbeSet:
 
     def add_scope(self, cgroup_id: int) -> None:
         """Watches a cgroup and everything created below it."""
-        self.bpf["scope_cgroups"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
+        self.bpf[b"scope_cgroups"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
 
     def remove_scope(self, cgroup_id: int) -> None:
         try:
-            del self.bpf["scope_cgroups"][ctypes.c_uint64(cgroup_id)]
+            del self.bpf[b"scope_cgroups"][ctypes.c_uint64(cgroup_id)]
         except KeyError:
             pass
 
     def scope(self) -> list[int]:
-        return [k.value for k in self.bpf["scope_cgroups"].keys()]
+        return [k.value for k in self.bpf[b"scope_cgroups"].keys()]
 
     def set_gpu_prefixes(self, prefixes: Iterable[str]) -> None:
         prefixes = list(prefixes)
@@ -148,7 +148,7 @@ class ProbeSet:
             raise ValueError(f"at most {abi.GPU_PREFIXES_MAX} GPU path prefixes, got {len(prefixes)}")
         if "gpu" not in self.probes:
             return
-        table = self.bpf["gpu_prefixes"]
+        table = self.bpf[b"gpu_prefixes"]
         for i in range(abi.GPU_PREFIXES_MAX):
             entry = abi.GpuPrefix()
             if i < len(prefixes):
@@ -166,7 +166,7 @@ class ProbeSet:
             callback(ctypes.string_at(data, size))
 
         self._callback = on_record  # bcc keeps no reference of its own
-        self.bpf["events"].open_ring_buffer(on_record)
+        self.bpf[b"events"].open_ring_buffer(on_record)
 
     def poll(self, timeout_ms: int) -> None:
         """Waits up to timeout_ms for a wakeup, then drains everything, woken or not."""
@@ -175,7 +175,7 @@ class ProbeSet:
 
     def counters(self) -> dict[abi.EventKind, dict[abi.Counter, int]]:
         """Per-kind kernel counters (lost, truncated), summed over CPUs."""
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         result = {}
         for kind in abi.EventKind:
             result[kind] = {}

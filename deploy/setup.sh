@@ -1,0 +1,89 @@
+#!/bin/sh
+# Installs what ebpfmon needs on a Debian or Ubuntu host, as root, and makes
+# the venv. Safe to run again: it only does what is missing.
+#
+#   deploy/setup.sh            system packages, kernel headers, tracefs, venv
+#   VENV=/opt/ebpfmon/venv deploy/setup.sh
+#
+# Extra Debian packages (test servers...) can be asked for in EXTRA_PACKAGES.
+set -eu
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+PIP_EXTRAS=${PIP_EXTRAS:-}
+PACKAGES="python3 python3-venv python3-pip python3-bpfcc iproute2 ${EXTRA_PACKAGES:-}"
+
+say() { echo "setup: $*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (it installs Debian packages and kernel headers)." >&2
+    exit 1
+fi
+
+# dpkg-query prints nothing useful for unknown packages: treat as missing
+missing=""
+for pkg in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed"; then
+        missing="$missing $pkg"
+    fi
+done
+apt_updated=""
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+if [ -n "$missing" ]; then
+    say "installing Debian packages:$missing"
+    apt_install $missing
+fi
+
+# bcc compiles probes against a kernel header tree. The probes read no kernel
+# structs (DESIGN.md, principle 1), so when the distribution has no headers for
+# the running kernel, another version's headers serve: link them and say so.
+release=$(uname -r)
+modules=/lib/modules/$release
+if [ ! -d "$modules/build/include" ]; then
+    if apt_install "linux-headers-$release" >/dev/null 2>&1; then
+        say "installed linux-headers-$release"
+    else
+        arch=$(dpkg --print-architecture)
+        apt_install "linux-headers-$arch" >/dev/null 2>&1 || apt_install linux-headers-generic
+        other=$(ls -d /lib/modules/*/build 2>/dev/null | grep -v "/$release/" | sort -V | tail -n 1)
+        if [ -z "$other" ]; then
+            echo "setup: no kernel headers could be installed for $release, nor any other version." >&2
+            exit 1
+        fi
+        other=$(dirname "$other")
+        mkdir -p "$modules"
+        ln -sfn "$(readlink -f "$other/build")" "$modules/build"
+        if [ -e "$other/source" ]; then
+            ln -sfn "$(readlink -f "$other/source")" "$modules/source"
+        fi
+        say "no headers packaged for $release: linked $modules/build -> $(readlink -f "$other/build")"
+        say "(fallback: ebpfmon's probes touch no kernel structs; 'ebpfmon doctor' shows this as a warning)"
+    fi
+fi
+
+# tracepoints are found through tracefs
+if [ ! -d /sys/kernel/tracing/events ]; then
+    mount -t tracefs tracefs /sys/kernel/tracing
+    say "mounted tracefs at /sys/kernel/tracing"
+fi
+
+# the venv sees Debian's bcc through the system site packages; PyPI's "bcc"
+# is an unrelated project and is never installed
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating venv $VENV"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+stamp="$VENV/.ebpfmon-installed"
+want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"$PIP_EXTRAS"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    say "installing ebpfmon into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$PIP_EXTRAS"
+    echo "$want" > "$stamp"
+fi
+say "ready ($VENV/bin/ebpfmon)"

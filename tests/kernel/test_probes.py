@@ -1,0 +1,263 @@
+"""The probes, end to end: real processes in real cgroups, events checked field by field."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from ebpfmon.events import ExecEvent, raw_bytes, text
+
+PY = sys.executable
+
+
+def marker() -> str:
+    return f"m-{uuid.uuid4().hex[:12]}"
+
+
+def exec_of(monitor, cgroup, predicate=lambda e: True, timeout=10.0):
+    return monitor.wait_for(lambda e: e.kind == "exec" and e.cgroup_id == cgroup.id and predicate(e),
+                            timeout)
+
+
+def test_exec_reports_every_field(monitor, agent_cgroup):
+    odd = b"caf\xe9-\xff\x01"  # not UTF-8, with a control byte
+    long_arg = "x" * 300
+    argv = [b"/bin/echo", b"plain", odd, long_arg.encode(), b"last"]
+    proc = agent_cgroup.popen(argv, stdout=subprocess.DEVNULL)
+    assert proc.wait(timeout=30) == 0
+
+    e = exec_of(monitor, agent_cgroup, lambda e: e.proc.pid == proc.pid)
+    assert isinstance(e, ExecEvent)
+    assert e.retval == 0 and e.error is None
+    assert e.syscall == "execve"
+    assert e.filename == "/bin/echo"
+    assert e.argv[:3] == ["/bin/echo", "plain", text(odd)]
+    assert raw_bytes(e.argv[2]) == odd  # every byte kept
+    assert e.argv[3] == "x" * 256  # cut at 256 bytes
+    assert e.argv[4] == "last"
+    assert e.argv_truncated is True
+    assert e.proc.ppid == os.getpid()  # forked by this test process
+    assert e.proc.uid == os.getuid() and e.proc.gid == os.getgid()
+    assert e.proc.comm == "echo"
+    assert e.proc.exe == "/bin/echo"
+    assert e.cgroup == agent_cgroup.name
+    assert e.ancestry[0].pid == os.getpid()
+    assert e.ancestry[0].exe == os.path.realpath(f"/proc/{os.getpid()}/exe")
+
+
+def test_exec_limits_are_what_events_h_says(monitor, agent_cgroup):
+    # an argument of exactly 256 bytes is whole, not truncated
+    exact = "y" * 256
+    agent_cgroup.run(["/bin/true", exact])
+    e = exec_of(monitor, agent_cgroup, lambda e: e.filename == "/bin/true")
+    assert e.argv == ["/bin/true", exact]
+    assert e.argv_truncated is False
+
+    # more arguments than EXEC_MAX_ARGS (64): the first 64 kept, marked truncated
+    many = [str(i) for i in range(100)]
+    agent_cgroup.run(["/bin/echo", *many])
+    e = exec_of(monitor, agent_cgroup, lambda e: e.filename == "/bin/echo")
+    assert e.argv == ["/bin/echo", *many[:63]]
+    assert e.argv_truncated is True
+
+
+def test_failed_exec_shows_its_errno(monitor, agent_cgroup):
+    missing = f"/nonexistent/{marker()}"
+    with pytest.raises(FileNotFoundError):
+        agent_cgroup.run([missing, "arg1"])
+    e = exec_of(monitor, agent_cgroup, lambda e: e.filename == missing)
+    assert e.retval == -errno.ENOENT
+    assert e.error == "ENOENT"
+    assert e.argv == [missing, "arg1"]
+
+
+def test_execveat_is_traced(monitor, agent_cgroup):
+    # os.execve with a directory fd is execveat (fexecve) underneath
+    code = ("import os; fd = os.open('/bin/true', os.O_PATH); "
+            "os.execve(fd, ['true-via-fd'], {})")
+    agent_cgroup.run([PY, "-c", code])
+    e = exec_of(monitor, agent_cgroup, lambda e: e.syscall == "execveat")
+    assert e.argv == ["true-via-fd"]
+    assert e.retval == 0
+
+
+CONNECT = """
+import socket, sys
+family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+if sys.argv[3] == 'nonblocking':
+    s.setblocking(False)
+print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))
+"""
+
+
+@pytest.fixture
+def listener():
+    servers = {}
+
+    def make(family, host):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.bind((host, 0))
+        s.listen(8)
+        servers[host] = s
+        return s.getsockname()[1]
+
+    yield make
+    for s in servers.values():
+        s.close()
+
+
+def closed_port(host: str, family) -> int:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()  # bound once, now nobody listens there
+    return port
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_connect_to_listener_and_closed_port(monitor, agent_cgroup, listener, family, host):
+    port = listener(family, host)
+    out = agent_cgroup.run([PY, "-c", CONNECT, host, str(port), "blocking"], text=True)
+    assert out.stdout.strip() == "0"
+    e = monitor.wait_for(lambda e: e.kind == "connect" and e.cgroup_id == agent_cgroup.id and e.port == port)
+    assert e.address == host
+    assert e.family == ("inet" if family == socket.AF_INET else "inet6")
+    assert e.retval == 0
+    assert e.sock_type == "stream" and e.protocol == "tcp"
+    assert e.proc.comm.startswith("python")
+
+    dead = closed_port(host, family)
+    agent_cgroup.run([PY, "-c", CONNECT, host, str(dead), "blocking"])
+    e = monitor.wait_for(lambda e: e.kind == "connect" and e.cgroup_id == agent_cgroup.id and e.port == dead)
+    assert e.retval == -errno.ECONNREFUSED and e.error == "ECONNREFUSED"
+
+
+def test_ipv4_mapped_address_shown_as_ipv4(monitor, agent_cgroup, listener):
+    port = listener(socket.AF_INET6, "::")
+    agent_cgroup.run([PY, "-c", CONNECT, "::ffff:127.0.0.1", str(port), "blocking"])
+    e = monitor.wait_for(lambda e: e.kind == "connect" and e.cgroup_id == agent_cgroup.id and e.port == port)
+    assert e.family == "inet6"
+    assert e.address == "127.0.0.1"
+    assert e.retval == 0
+
+
+def test_nonblocking_connect_reports_einprogress(monitor, agent_cgroup, listener):
+    port = listener(socket.AF_INET, "127.0.0.1")
+    out = agent_cgroup.run([PY, "-c", CONNECT, "127.0.0.1", str(port), "nonblocking"], text=True)
+    returned = int(out.stdout)
+    e = monitor.wait_for(lambda e: e.kind == "connect" and e.cgroup_id == agent_cgroup.id and e.port == port)
+    # the event carries exactly what connect() returned to the program
+    assert e.retval == -returned if returned else e.retval == 0
+    assert returned == errno.EINPROGRESS
+    assert e.error == "EINPROGRESS"
+
+
+UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+port = int(sys.argv[1])
+s.sendto(b"hello stratum", ("127.0.0.1", port))
+# a DNS query for pool.example.com, to loopback only
+query = bytes.fromhex("abcd01000001000000000000") + b"\\x04pool\\x07example\\x03com\\x00" + b"\\x00\\x01\\x00\\x01"
+s.sendto(query, ("127.0.0.1", 53))
+# glibc's way: connect to port 53, then send without an address
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.connect(("127.0.0.1", 53))
+c.send(query.replace(b"pool", b"mine"))
+"""
+
+
+def test_udp_datagrams_and_dns_names(monitor, agent_cgroup):
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    port = receiver.getsockname()[1]
+    try:
+        agent_cgroup.run([PY, "-c", UDP, str(port)], check=True)
+        assert receiver.recv(100) == b"hello stratum"
+    finally:
+        receiver.close()
+    mine = lambda e: e.kind == "udp_send" and e.cgroup_id == agent_cgroup.id  # noqa: E731
+    e = monitor.wait_for(lambda e: mine(e) and e.port == port)
+    assert e.address == "127.0.0.1" and e.length == 13 and e.retval == 13
+    assert e.sock_type == "dgram" and e.protocol == "udp"
+    assert e.dns_query is None
+    e = monitor.wait_for(lambda e: mine(e) and e.dns_query == "pool.example.com")
+    assert e.port == 53
+    e = monitor.wait_for(lambda e: mine(e) and e.dns_query == "mine.example.com")
+    assert e.port == 53 and e.address == "127.0.0.1"
+    # the connect of the UDP socket is an event of its own
+    c = monitor.wait_for(lambda e: e.kind == "connect" and e.cgroup_id == agent_cgroup.id and e.port == 53)
+    assert c.sock_type == "dgram"
+
+
+def test_gpu_open_of_fake_nvidia_node(monitor, agent_cgroup, fake_gpu_dir):
+    node = fake_gpu_dir / "nvidia0"
+    code = f"""
+import os
+for path in ({str(node)!r}, '/dev/null'):
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError as e:
+        print(path, e.errno)
+"""
+    out = agent_cgroup.run([PY, "-c", code], text=True)
+    assert f"{node} {errno.ENXIO}" in out.stdout  # no driver behind major 195
+    e = monitor.wait_for(lambda e: e.kind == "gpu_open" and e.cgroup_id == agent_cgroup.id)
+    assert e.path == str(node)
+    assert e.retval == -errno.ENXIO and e.error == "ENXIO"
+    assert e.device == "195:0" and e.vendor == "nvidia"
+    assert e.access == "rw" and e.flags & os.O_ACCMODE == os.O_RDWR
+    assert e.syscall == "openat"
+    # /dev/null was opened too, and is no GPU
+    gpu_paths = {e.path for e in monitor.in_cgroup(agent_cgroup.id, "gpu_open")}
+    assert gpu_paths == {str(node)}
+
+
+def test_process_outside_agent_cgroups_is_not_reported(monitor, agent_cgroup):
+    outside, inside = marker(), marker()
+    subprocess.run(["/bin/echo", outside], check=True, capture_output=True)
+    agent_cgroup.run(["/bin/echo", inside])
+    # ring order: once the later inside event is here, the outside one would be too
+    monitor.wait_for(lambda e: e.kind == "exec" and inside in e.argv)
+    assert not [e for e in monitor.events if e.kind == "exec" and outside in e.argv]
+
+
+def test_cgroup_created_after_start_is_covered(monitor, hierarchy, agent_cgroup):
+    nested = f"{agent_cgroup.name}/later-{uuid.uuid4().hex[:6]}"
+    hierarchy.ensure(nested)
+    nested_id = hierarchy.cgroup_id(nested)
+    procs = hierarchy.path(nested) / "cgroup.procs"
+    tag = marker()
+    subprocess.run(["/bin/echo", tag], check=True, capture_output=True,
+                   preexec_fn=lambda: procs.write_text(str(os.getpid())))
+    e = monitor.wait_for(lambda e: e.kind == "exec" and tag in e.argv)
+    assert e.cgroup_id == nested_id
+    assert e.cgroup == nested  # named from the kernel's cgroup_mkdir event
+
+
+def test_process_tree_gives_the_ppid_chain(monitor, agent_cgroup):
+    out = agent_cgroup.run(["sh", "-c", 'sh -c "exec /bin/true"; echo $$'], text=True)
+    outer_pid = int(out.stdout)
+    true = exec_of(monitor, agent_cgroup, lambda e: e.filename == "/bin/true")
+    inner_sh = exec_of(monitor, agent_cgroup, lambda e: e.proc.pid == true.proc.pid and e.argv[0] == "sh")
+    # /bin/true replaced the inner sh (same pid), forked by the outer sh, forked by us
+    assert inner_sh.argv == ["sh", "-c", "exec /bin/true"]
+    assert true.proc.ppid == outer_pid
+    chain = [a.pid for a in true.ancestry]
+    assert chain[:2] == [outer_pid, os.getpid()]
+    assert true.ancestry[0].argv[:2] == ["sh", "-c"]
+    assert true.proc.exe == "/bin/true"
+
+
+def test_nothing_was_lost(monitor):
+    # at the rates of these tests the kernel must not have dropped anything
+    monitor.stream.refresh_counters()
+    assert sum(monitor.stream.stats.lost.values()) == 0
+    assert monitor.stream.stats.malformed == 0
