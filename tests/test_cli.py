@@ -1,0 +1,188 @@
+"""The command line, run as a user would: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import EBPFMON, REPO
+
+
+def ebpfmon(*args, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run([*EBPFMON, *args], cwd=REPO, **kwargs)
+
+
+class Tracer:
+    """ebpfmon trace in the background; threads read its output line by line."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([*EBPFMON, "trace", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines = {"stdout": queue.Queue(), "stderr": queue.Queue()}
+        self.stderr_seen: list[str] = []
+        for name in self.lines:
+            threading.Thread(target=self._read, args=(name,), daemon=True).start()
+        self.wait("stderr", "tracing", timeout=60)
+
+    def _read(self, name: str) -> None:
+        for line in getattr(self.proc, name):
+            self.lines[name].put(line)
+        self.lines[name].put(None)
+
+    def wait(self, name: str, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines[name].get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if name == "stderr":
+                self.stderr_seen.append(line)
+            if text in line:
+                return line
+        pytest.fail(f"ebpfmon trace printed no {name} line with {text!r} (exit {self.proc.poll()}; "
+                    f"stderr so far: {self.stderr_seen})")
+
+    def wait_stdout(self, text: str) -> str:
+        return self.wait("stdout", text)
+
+    def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=30)
+        rest = []
+        while (line := self.lines["stderr"].get(timeout=10)) is not None:
+            rest.append(line)
+        return self.proc.returncode, "".join(self.stderr_seen + rest)
+
+
+def test_trace_json_then_ctrl_c_summary(bpf, agent_cgroup):
+    tracer = Tracer("exec", "--json", "--cgroup", agent_cgroup.name)
+    tag = uuid.uuid4().hex
+    agent_cgroup.run(["/bin/echo", tag])
+    event = json.loads(tracer.wait_stdout(tag))
+    assert event["kind"] == "exec"
+    assert event["argv"] == ["/bin/echo", tag]
+    assert event["cgroup"] == agent_cgroup.name
+    assert event["proc"]["ppid"] == os.getpid()
+    code, err = tracer.interrupt()
+    assert code == 0
+    assert "Traceback" not in err
+    assert "ebpfmon: events: exec=1; lost: 0; truncated: 0" in err
+
+
+def test_trace_table_shows_connects(bpf, agent_cgroup):
+    tracer = Tracer("connect", "--cgroup", agent_cgroup.name, "--duration", "30")
+    port = 1  # nothing listens on loopback port 1
+    code = f"import socket; socket.socket().connect_ex(('127.0.0.1', {port}))"
+    agent_cgroup.run(["python3", "-c", code])
+    line = tracer.wait_stdout("connect tcp 127.0.0.1:1")
+    assert line.rstrip().endswith("= ECONNREFUSED")
+    assert agent_cgroup.name.split("/")[-1] in line
+    tracer.interrupt()
+
+
+def test_trace_ends_after_duration(bpf, agent_cgroup):
+    start = time.monotonic()
+    out = ebpfmon("trace", "--cgroup", agent_cgroup.name, "--duration", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("TIME")
+    assert "events: 0; lost: 0" in out.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_trace_unknown_cgroup_is_a_clear_error(bpf):
+    out = ebpfmon("trace", "--cgroup", "/no-such-cgroup-here", "--duration", "1")
+    assert out.returncode == 2
+    assert "ebpfmon: error: cgroup /no-such-cgroup-here does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_print_c_shows_the_compiled_source():
+    out = ebpfmon("trace", "gpu", "--print-c")
+    assert out.returncode == 0
+    assert "gpu_path_matches" in out.stdout and "sched_process_fork" in out.stdout
+    assert "sys_enter_execve" not in out.stdout
+
+
+def test_exec_runs_the_command_in_an_agent_cgroup(bpf, hierarchy, test_root):
+    out = ebpfmon("exec", "--agent-root", test_root, "--cgroup", "cli-a", "--", "cat", "/proc/self/cgroup")
+    assert out.returncode == 0, out.stderr
+    assert f"0::{test_root}/cli-a" in out.stdout.splitlines()
+    assert f"running cat in cgroup {test_root}/cli-a" in out.stderr
+    # the agent's exit status is the command's
+    assert ebpfmon("exec", "--agent-root", test_root, "--", "sh", "-c", "exit 7").returncode == 7
+
+
+def test_exec_errors(bpf, test_root):
+    out = ebpfmon("exec", "--agent-root", test_root, "--", "/no/such/program")
+    assert out.returncode == 127
+    assert "cannot run '/no/such/program'" in out.stderr
+    out = ebpfmon("exec", "--agent-root", test_root, "--cgroup", "../escape", "--", "true")
+    assert out.returncode == 2
+    assert "must be a relative path below the agent root" in out.stderr
+
+
+def test_doctor_passes_here(bpf):
+    out = ebpfmon("doctor")
+    assert out.returncode == 0, out.stdout
+    rows = {line.split("  ")[0].strip(): line for line in out.stdout.splitlines()[1:] if line.strip()}
+    for name in ("privileges", "bcc", "kernel headers", "tracefs", "cgroup v2", "ring buffer", "probe exec",
+                 "probe connect", "probe gpu", "cgroup hook device", "cgroup hook connect4"):
+        assert " ok " in rows[name] or " WARN " in rows[name], rows[name]
+    assert "ready: every required check passed" in out.stdout
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+
+
+def test_not_root_gets_a_paragraph_not_a_traceback(bpf):
+    out = subprocess.run([*AS_NOBODY, *EBPFMON, "trace"], cwd="/", capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2
+    assert out.stderr.startswith("ebpfmon: error: ebpfmon must run as root")
+    assert "sudo" in out.stderr and "Traceback" not in out.stderr
+    doctor = subprocess.run([*AS_NOBODY, *EBPFMON, "doctor"], cwd="/", capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert doctor.returncode == 1
+    assert "privileges" in doctor.stdout and "FAIL" in doctor.stdout
+
+
+def test_missing_bcc_says_how_to_install_it(tmp_path):
+    fake = tmp_path / "bcc"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named bcc (simulated)')\n")
+    out = ebpfmon("trace", env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert out.returncode == 2
+    assert "the bcc Python module cannot be imported" in out.stderr
+    assert "python3-bpfcc" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_no_cgroup2_is_explained(bpf):
+    # a private mount namespace without the cgroup2 mount: the host keeps its own
+    script = ("for m in $(awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts); do umount -l $m; done; "
+              f"exec {' '.join(EBPFMON)} trace")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "no cgroup v2 hierarchy is mounted" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_help_teaches_with_examples():
+    out = ebpfmon("trace", "--help")
+    assert out.returncode == 0
+    assert "--all-cgroups" in out.stdout and "Examples" in out.stdout
+    assert "ebpfmon " in ebpfmon("--version").stdout

@@ -1,0 +1,95 @@
+"""Decoding records built with the ctypes mirror: every kind, and malformed input."""
+
+import ctypes
+import errno
+
+import pytest
+
+from ebpfmon.decode import CgroupChange, Decoder, dns_query_name
+from ebpfmon.errors import DecodeError
+from ebpfmon.kernel import abi
+
+
+def header(kind, size, flags=0):
+    return abi.EventHeader(kind=kind, flags=flags, size=size, time_ns=5_000_000_000, cgroup_id=77, pid=100,
+                           tid=101, ppid=99, uid=1000, gid=1000, comm=b"agent")
+
+
+def exec_record(args: list[bytes], flags=0) -> bytes:
+    packed = b"".join(a + b"\0" for a in args)
+    e = abi.ExecEvent(retval=-errno.EACCES, argc=len(args), args_size=len(packed), syscall=1,
+                      filename=b"/usr/bin/ssh")
+    size = abi.ExecEvent.args.offset + len(packed)
+    e.hdr = header(abi.EventKind.EXEC, size, flags)
+    raw = bytes(e)[:abi.ExecEvent.args.offset] + packed
+    return raw
+
+
+def test_exec_record():
+    d = Decoder()
+    event = d.decode(exec_record([b"ssh", b"-R", b"", b"\xff"], abi.EVENT_F_ARG_TRUNCATED))
+    assert event.kind == "exec"
+    assert event.argv == ["ssh", "-R", "", "\udcff"]  # empty arguments are kept
+    assert event.argv_truncated is True
+    assert event.retval == -errno.EACCES and event.error == "EACCES"
+    assert event.syscall == "execveat"
+    assert (event.proc.pid, event.proc.tid, event.proc.ppid, event.proc.uid) == (100, 101, 99, 1000)
+    assert event.proc.comm == "agent"
+    assert event.cgroup_id == 77
+    assert event.time_ns == 5_000_000_000 + d.clock_offset
+
+
+def sockaddr_record(kind, family, addr: bytes, port, payload=b"", sock_type=1):
+    e = abi.SockaddrEvent(retval=0, fd=3, family=family, dport=port, sock_type=sock_type, length=len(payload),
+                          payload_len=len(payload))
+    ctypes.memmove(e.addr, addr, len(addr))
+    ctypes.memmove(e.payload, payload, len(payload))
+    size = abi.SockaddrEvent.payload.offset + len(payload)
+    e.hdr = header(kind, size)
+    return bytes(e)[:size]
+
+
+def test_connect_records():
+    d = Decoder()
+    v4 = d.decode(sockaddr_record(abi.EventKind.CONNECT, 2, bytes([192, 0, 2, 7]), 3333))
+    assert (v4.family, v4.address, v4.port, v4.sock_type, v4.protocol) == ("inet", "192.0.2.7", 3333,
+                                                                           "stream", "tcp")
+    mapped = bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 1])
+    v6 = d.decode(sockaddr_record(abi.EventKind.CONNECT, 10, mapped, 443, sock_type=0))
+    assert (v6.family, v6.address, v6.sock_type, v6.protocol) == ("inet6", "198.51.100.1", None, None)
+
+
+def test_udp_dns_record():
+    query = bytes(12) + b"\x04pool\x07example\x03com\x00\x00\x01\x00\x01"
+    event = Decoder().decode(sockaddr_record(abi.EventKind.UDP_SEND, 2, bytes([127, 0, 0, 1]), 53, query, 2))
+    assert event.kind == "udp_send"
+    assert event.dns_query == "pool.example.com"
+    assert event.length == len(query)
+
+
+def test_cgroup_record():
+    c = abi.CgroupEvent(id=555, level=2, path=b"/ebpfmon-agents/a1")
+    c.hdr = header(abi.EventKind.CGROUP_MKDIR, ctypes.sizeof(c))
+    change = Decoder().decode(bytes(c))
+    assert change == CgroupChange(True, 555, "/ebpfmon-agents/a1")
+
+
+@pytest.mark.parametrize("record,message", [
+    (b"\x01\x00", "shorter than an event header"),
+    (bytes(header(1, 9999)), "says it has 9999 bytes but has"),
+    (bytes(header(42, ctypes.sizeof(abi.EventHeader))), "unknown event kind 42"),
+])
+def test_malformed_records(record, message):
+    with pytest.raises(DecodeError, match=message):
+        Decoder().decode(record)
+
+
+@pytest.mark.parametrize("payload,name", [
+    (bytes(12) + b"\x03abc\x00", "abc"),
+    (bytes(12) + b"\x03ab", None),  # cut inside a label
+    (bytes(12) + b"\x40" + b"a" * 64, None),  # label longer than 63
+    (bytes(5), None),
+    (bytes(12) + b"\x00", None),  # root only
+])
+def test_dns_query_name(payload, name):
+    assert dns_query_name(payload) == name

@@ -1,0 +1,75 @@
+"""The process tree: events, /proc, bounded memory."""
+
+import os
+import subprocess
+import time
+
+from ebpfmon.proctree import ProcessTree, read_proc
+
+
+def test_read_proc_of_a_real_process():
+    child = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        # Popen returns once exec is past its point of no return, a moment
+        # before the kernel has set up the new argv that /proc shows
+        for _ in range(100):
+            node = read_proc(child.pid)
+            if node.argv:
+                break
+            time.sleep(0.01)
+        assert node.ppid == os.getpid()
+        assert node.comm == "sleep"
+        assert node.exe == "/usr/bin/sleep"
+        assert node.argv == ["/bin/sleep", "30"]
+    finally:
+        child.kill()
+        child.wait()
+    assert read_proc(child.pid) is None  # gone
+
+
+def test_bootstrap_sees_this_process():
+    tree = ProcessTree()
+    assert tree.bootstrap() > 1
+    me = tree.get(os.getpid())
+    assert me.ppid == os.getppid()
+
+
+def test_fork_exec_exit_and_ancestry():
+    tree = ProcessTree(proc="/nonexistent")  # events only, no /proc fallback
+    tree.executed(100, 1, "bash", "/bin/bash", ["bash"])
+    tree.forked(100, 200, "bash")
+    assert tree.get(200).exe == "/bin/bash"  # runs the parent's program until it execs
+    tree.executed(200, 0, "ssh", "/usr/bin/ssh", ["ssh", "-R", "x"])
+    tree.forked(200, 300, "ssh")
+    chain = tree.ancestry(300, depth=8)
+    assert [a.pid for a in chain] == [200, 100, 1]
+    assert chain[0].argv == ["ssh", "-R", "x"]
+    assert chain[2].comm is None  # pid 1 never seen: named by pid only
+    tree.exited(200)
+    # an exited parent is still known to its children's later events
+    assert [a.pid for a in tree.ancestry(300, depth=8)][:2] == [200, 100]
+    assert [a.pid for a in tree.ancestry(300, depth=1)] == [200]
+
+
+def test_kernel_ppid_wins_over_unknown():
+    tree = ProcessTree(proc="/nonexistent")
+    node = tree.seen(500, 0, "x")
+    assert node.ppid == 0
+    assert tree.seen(500, 42, "x").ppid == 42
+
+
+def test_memory_is_bounded():
+    tree = ProcessTree(max_live=100, max_exited=10, proc="/nonexistent")
+    for pid in range(1, 1001):
+        tree.forked(0, pid, "spawn")
+    assert len(tree._live) == 100 and tree.evicted == 900
+    for pid in range(901, 1001):
+        tree.exited(pid)
+    assert len(tree._exited) == 10 and len(tree._live) == 0
+
+
+def test_cycles_do_not_hang():
+    tree = ProcessTree(proc="/nonexistent")
+    tree.seen(1, 2, "a")
+    tree.seen(2, 1, "b")
+    assert [a.pid for a in tree.ancestry(1, depth=50)] == [2]
