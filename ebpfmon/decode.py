@@ -6,8 +6,7 @@ are filled in by the enricher. Malformed records raise DecodeError.
 
 from __future__ import annotations
 
-import ctypes
-import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 
@@ -15,7 +14,19 @@ from ebpfmon import events as ev
 from ebpfmon.errors import DecodeError
 from ebpfmon.kernel import abi
 
-HEADER_SIZE = ctypes.sizeof(abi.EventHeader)
+HEADER, _ = abi.unpacker(abi.EventHeader)
+HEADER_SIZE = HEADER.size
+# fixed part of each record; exec args and datagram payloads follow it
+LAYOUTS = {
+    abi.EventKind.EXEC: abi.unpacker(abi.ExecEvent, upto="args"),
+    abi.EventKind.CONNECT: abi.unpacker(abi.SockaddrEvent, upto="payload"),
+    abi.EventKind.UDP_SEND: abi.unpacker(abi.SockaddrEvent, upto="payload"),
+    abi.EventKind.GPU_OPEN: abi.unpacker(abi.GpuOpenEvent),
+    abi.EventKind.FORK: abi.unpacker(abi.ForkEvent),
+    abi.EventKind.EXIT: abi.unpacker(abi.ExitEvent),
+    abi.EventKind.CGROUP_MKDIR: abi.unpacker(abi.CgroupEvent),
+    abi.EventKind.CGROUP_RMDIR: abi.unpacker(abi.CgroupEvent),
+}
 
 SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket"}
 # socket() protocol numbers; 0 means the family's default for the type
@@ -42,12 +53,9 @@ def boot_to_wall_offset() -> int:
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
-def _struct(record: bytes, cls: type[ctypes.Structure]) -> ctypes.Structure:
-    # records with a variable tail are shorter than the struct: pad with zeros
-    size = ctypes.sizeof(cls)
-    if len(record) < size:
-        record = record + bytes(size - len(record))
-    return cls.from_buffer_copy(record[:size])
+def cstr(raw: bytes) -> str:
+    """A NUL-terminated char array as text."""
+    return ev.text(raw.split(b"\0", 1)[0])
 
 
 def dns_query_name(payload: bytes) -> str | None:
@@ -66,11 +74,15 @@ def dns_query_name(payload: bytes) -> str | None:
     return None
 
 
+IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
 def _address(family: int, raw: bytes) -> str:
-    if family == 2:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    addr = ipaddress.IPv6Address(raw[:16])
-    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if raw.startswith(IPV4_MAPPED_PREFIX):
+        return socket.inet_ntop(socket.AF_INET, raw[12:16])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
 class Decoder:
@@ -84,67 +96,72 @@ class Decoder:
     def decode(self, record: bytes) -> ev.Event | CgroupChange:
         if len(record) < HEADER_SIZE:
             raise DecodeError(f"record of {len(record)} bytes is shorter than an event header ({HEADER_SIZE})")
-        hdr = abi.EventHeader.from_buffer_copy(record[:HEADER_SIZE])
-        if hdr.size != len(record):
-            raise DecodeError(f"record says it has {hdr.size} bytes but has {len(record)} (kind {hdr.kind})")
+        kind_value, _, size = HEADER.unpack_from(record)[:3]
+        if size != len(record):
+            raise DecodeError(f"record says it has {size} bytes but has {len(record)} (kind {kind_value})")
         try:
-            kind = abi.EventKind(hdr.kind)
+            kind = abi.EventKind(kind_value)
         except ValueError:
-            raise DecodeError(f"unknown event kind {hdr.kind} in a record of {len(record)} bytes") from None
+            raise DecodeError(f"unknown event kind {kind_value} in a record of {len(record)} bytes") from None
+        layout, names = LAYOUTS[kind]
+        if len(record) < layout.size:
+            raise DecodeError(f"{kind.name.lower()} record of {len(record)} bytes is shorter than its fixed "
+                              f"part ({layout.size})")
+        f = dict(zip(names, layout.unpack_from(record)))
         if kind in (abi.EventKind.CGROUP_MKDIR, abi.EventKind.CGROUP_RMDIR):
-            c = _struct(record, abi.CgroupEvent)
-            return CgroupChange(kind == abi.EventKind.CGROUP_MKDIR, c.id, ev.text(c.path))
+            return CgroupChange(kind == abi.EventKind.CGROUP_MKDIR, f["id"], cstr(f["path"]))
         common = {
-            "time_ns": hdr.time_ns + self.clock_offset,
-            "cgroup_id": hdr.cgroup_id,
+            "time_ns": f["hdr.time_ns"] + self.clock_offset,
+            "cgroup_id": f["hdr.cgroup_id"],
             "cgroup": None,
-            "proc": ev.Process(pid=hdr.pid, tid=hdr.tid, ppid=hdr.ppid, uid=hdr.uid, gid=hdr.gid,
-                               comm=ev.text(hdr.comm)),
+            "proc": ev.Process(pid=f["hdr.pid"], tid=f["hdr.tid"], ppid=f["hdr.ppid"], uid=f["hdr.uid"],
+                               gid=f["hdr.gid"], comm=cstr(f["hdr.comm"])),
         }
-        return getattr(self, f"_{kind.name.lower()}")(record, hdr, common)
+        tail = record[layout.size:]
+        return getattr(self, f"_{kind.name.lower()}")(f, tail, common)
 
-    def _exec(self, record, hdr, common) -> ev.ExecEvent:
-        e = _struct(record, abi.ExecEvent)
-        # raw bytes: a c_char array field would stop at the first NUL
-        start = abi.ExecEvent.args.offset
-        args = record[start:start + e.args_size].split(b"\0")[:e.argc]
-        truncated = bool(hdr.flags & (abi.EVENT_F_ARGV_TRUNCATED | abi.EVENT_F_ARG_TRUNCATED |
-                                      abi.EVENT_F_ARGV_UNREADABLE))
-        return ev.ExecEvent(**common, filename=ev.text(e.filename), argv=[ev.text(a) for a in args],
-                            retval=e.retval, argv_truncated=truncated,
-                            syscall=EXEC_SYSCALLS[e.syscall] if e.syscall < 2 else str(e.syscall))
+    def _exec(self, f, tail, common) -> ev.ExecEvent:
+        args = tail[:f["args_size"]].split(b"\0")[:f["argc"]]
+        truncated = bool(f["hdr.flags"] & (abi.EVENT_F_ARGV_TRUNCATED | abi.EVENT_F_ARG_TRUNCATED |
+                                       abi.EVENT_F_ARGV_UNREADABLE))
+        return ev.ExecEvent(**common, filename=cstr(f["filename"]), argv=[ev.text(a) for a in args],
+                            retval=f["retval"], argv_truncated=truncated,
+                            syscall=_name(EXEC_SYSCALLS, f["syscall"]))
 
-    def _sockaddr_fields(self, e) -> dict:
-        sock_type = SOCK_TYPES.get(e.sock_type)
-        protocol = PROTOCOLS.get(e.protocol) if e.protocol else DEFAULT_PROTOCOL.get(sock_type)
+    @staticmethod
+    def _sockaddr_fields(f) -> dict:
+        sock_type = SOCK_TYPES.get(f["sock_type"])
+        protocol = PROTOCOLS.get(f["protocol"]) if f["protocol"] else DEFAULT_PROTOCOL.get(sock_type)
         return {
-            "family": FAMILIES.get(e.family, str(e.family)),
-            "address": _address(e.family, bytes(e.addr)),
-            "port": e.dport,
+            "family": FAMILIES.get(f["family"], str(f["family"])),
+            "address": _address(f["family"], f["addr"]),
+            "port": f["dport"],
             "sock_type": sock_type,
             "protocol": protocol,
-            "retval": e.retval,
-            "fd": e.fd,
+            "retval": f["retval"],
+            "fd": f["fd"],
         }
 
-    def _connect(self, record, hdr, common) -> ev.ConnectEvent:
-        return ev.ConnectEvent(**common, **self._sockaddr_fields(_struct(record, abi.SockaddrEvent)))
+    def _connect(self, f, tail, common) -> ev.ConnectEvent:
+        return ev.ConnectEvent(**common, **self._sockaddr_fields(f))
 
-    def _udp_send(self, record, hdr, common) -> ev.UdpSendEvent:
-        e = _struct(record, abi.SockaddrEvent)
-        payload = bytes(e.payload)[:e.payload_len]
-        return ev.UdpSendEvent(**common, **self._sockaddr_fields(e), length=e.length,
-                               dns_query=dns_query_name(payload) if e.dport == 53 else None)
+    def _udp_send(self, f, tail, common) -> ev.UdpSendEvent:
+        payload = tail[:f["payload_len"]]
+        return ev.UdpSendEvent(**common, **self._sockaddr_fields(f), length=f["length"],
+                               dns_query=dns_query_name(payload) if f["dport"] == 53 else None)
 
-    def _gpu_open(self, record, hdr, common) -> ev.GpuOpenEvent:
-        e = _struct(record, abi.GpuOpenEvent)
-        return ev.GpuOpenEvent(**common, path=ev.text(e.path), flags=e.flags,
-                               access=ACCESS[e.flags & O_ACCMODE], retval=e.retval,
-                               path_truncated=bool(hdr.flags & abi.EVENT_F_PATH_TRUNCATED),
-                               syscall=OPEN_SYSCALLS[e.syscall] if e.syscall < 3 else str(e.syscall))
+    def _gpu_open(self, f, tail, common) -> ev.GpuOpenEvent:
+        return ev.GpuOpenEvent(**common, path=cstr(f["path"]), flags=f["flags"],
+                               access=ACCESS[f["flags"] & O_ACCMODE], retval=f["retval"],
+                               path_truncated=bool(f["hdr.flags"] & abi.EVENT_F_PATH_TRUNCATED),
+                               syscall=_name(OPEN_SYSCALLS, f["syscall"]))
 
-    def _fork(self, record, hdr, common) -> ev.ForkEvent:
-        return ev.ForkEvent(**common, child_pid=_struct(record, abi.ForkEvent).child_pid)
+    def _fork(self, f, tail, common) -> ev.ForkEvent:
+        return ev.ForkEvent(**common, child_pid=f["child_pid"])
 
-    def _exit(self, record, hdr, common) -> ev.ExitEvent:
+    def _exit(self, f, tail, common) -> ev.ExitEvent:
         return ev.ExitEvent(**common)
+
+
+def _name(names: tuple[str, ...], index: int) -> str:
+    return names[index] if index < len(names) else str(index)

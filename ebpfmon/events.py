@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 
@@ -30,6 +30,10 @@ def error_name(retval: int) -> str | None:
     if retval >= 0:
         return None
     return errno.errorcode.get(-retval, f"E{-retval}")
+
+
+def vars_of(obj) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 @dataclass
@@ -63,7 +67,21 @@ class Event:
     ancestry: list[Ancestor] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **asdict(self)}
+        # by hand: dataclasses.asdict deep-copies and is the slowest part of JSON output
+        data = {"kind": self.kind}
+        for name in self._field_names():
+            data[name] = getattr(self, name)
+        data["proc"] = vars_of(self.proc)
+        data["ancestry"] = [vars_of(a) for a in self.ancestry]
+        return data
+
+    @classmethod
+    def _field_names(cls) -> tuple[str, ...]:
+        names = cls.__dict__.get("_names")
+        if names is None:
+            names = tuple(f.name for f in fields(cls))
+            cls._names = names
+        return names
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

@@ -73,8 +73,20 @@ def header() -> str:
     return " ".join(c.ljust(w) for c, w in zip(COLUMNS, WIDTHS)) + " " + COLUMNS[-1]
 
 
+_second_text: tuple[int, str] = (-1, "")
+
+
+def clock(time_ns: int) -> str:
+    """HH:MM:SS.mmm in local time; strftime once per second, not per event."""
+    global _second_text
+    second, ns = divmod(time_ns, 1_000_000_000)
+    if _second_text[0] != second:
+        _second_text = (second, dt.datetime.fromtimestamp(second).strftime("%H:%M:%S"))
+    return f"{_second_text[1]}.{ns // 1_000_000:03d}"
+
+
 def table_line(event: ev.Event) -> str:
-    when = dt.datetime.fromtimestamp(event.time_ns / 1e9).strftime("%H:%M:%S.%f")[:-3]
+    when = clock(event.time_ns)
     cells = (when, _clip(event.cgroup or f"id:{event.cgroup_id}", WIDTHS[1]), str(event.proc.pid),
              str(event.proc.ppid or "?"), safe(event.proc.comm))
     return " ".join(c.ljust(w) for c, w in zip(cells, WIDTHS)) + " " + describe(event)

@@ -62,6 +62,8 @@ class ProcessTree:
         self._live: OrderedDict[int, Node] = OrderedDict()
         self._exited: OrderedDict[int, Node] = OrderedDict()
         self.evicted = 0
+        # ancestry is asked for on every event: cache it until the tree changes
+        self._ancestry_cache: dict[tuple[int, int], list[Ancestor]] = {}
 
     def bootstrap(self) -> int:
         """Reads every running process from /proc; returns how many."""
@@ -72,7 +74,11 @@ class ProcessTree:
                     self._put(node)
         return len(self._live)
 
+    def _changed(self) -> None:
+        self._ancestry_cache.clear()
+
     def _put(self, node: Node) -> None:
+        self._changed()
         self._exited.pop(node.pid, None)
         self._live[node.pid] = node
         self._live.move_to_end(node.pid)
@@ -103,24 +109,35 @@ class ProcessTree:
         if node is None:
             node = Node(pid=pid, ppid=ppid, comm=comm)
             self._put(node)
-        elif ppid:
+        elif ppid and node.ppid != ppid:
             node.ppid = ppid
+            self._changed()
         return node
 
     def executed(self, pid: int, ppid: int, comm: str, exe: str, argv: list[str]) -> None:
         node = self.seen(pid, ppid, comm)
         node.comm, node.exe, node.argv = comm, exe, argv
+        self._changed()
 
     def exited(self, pid: int) -> None:
         node = self._live.pop(pid, None)
         if node is None:
             return
+        self._changed()
         self._exited[pid] = node
         if len(self._exited) > self.max_exited:
             self._exited.popitem(last=False)
 
     def ancestry(self, pid: int, depth: int) -> list[Ancestor]:
-        """Parent first, up to depth generations or pid 1."""
+        """Parent first, up to depth generations or pid 1. Shared between events
+        of one process while the tree does not change: do not modify it."""
+        key = (pid, depth)
+        cached = self._ancestry_cache.get(key)
+        if cached is None:
+            cached = self._ancestry_cache[key] = self._walk(pid, depth)
+        return cached
+
+    def _walk(self, pid: int, depth: int) -> list[Ancestor]:
         chain: list[Ancestor] = []
         seen = {pid}
         node = self.get(pid)

@@ -5,6 +5,7 @@ the C header, compiled by the same compiler as the probes.
 """
 
 import ctypes
+import struct
 from enum import IntEnum
 
 COMM_LEN = 16
@@ -179,3 +180,38 @@ CONSTANTS = {
     **{f"EVENT_{kind.name}": kind.value for kind in EventKind},
     **{f"COUNTER_{c.name}": c.value for c in Counter},
 }
+
+
+_STRUCT_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q",
+                 ctypes.c_int32: "i"}
+
+
+def _flatten(cls: type[ctypes.Structure], base: int = 0):
+    """(offset, name, struct code) of every field; nested struct fields are named "hdr.pid"."""
+    for name, ftype in cls._fields_:
+        offset = base + getattr(cls, name).offset
+        if isinstance(ftype, type) and issubclass(ftype, ctypes.Structure):
+            for sub_offset, sub_name, code in _flatten(ftype, offset):
+                yield sub_offset, f"{name}.{sub_name}", code
+        elif issubclass(ftype, ctypes.Array):
+            yield offset, name, f"{ctypes.sizeof(ftype)}s"
+        else:
+            yield offset, name, _STRUCT_CODES[ftype]
+
+
+def unpacker(cls: type[ctypes.Structure], upto: str | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
+    """A struct.Struct reading cls's fields (up to, not including, field upto) and their names.
+
+    Decoding with struct is several times faster than ctypes attribute access,
+    and the layout still comes from the one mirror above.
+    """
+    fmt, names, pos = "<", [], 0
+    for offset, name, code in _flatten(cls):
+        if name == upto:
+            break
+        if offset > pos:
+            fmt += f"{offset - pos}x"
+        fmt += code
+        names.append(name)
+        pos = offset + struct.calcsize("<" + code)
+    return struct.Struct(fmt), tuple(names)
