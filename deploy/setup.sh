@@ -33,7 +33,20 @@ apt_install() {
         apt-get update -qq
         apt_updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+    # servers installed for the tests (sshd, alertmanager) must not start as
+    # host services: the tests start their own, on loopback and in netns
+    guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        guard=1
+    fi
+    status=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" || status=$?
+    if [ -n "$guard" ]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
+    return $status
 }
 if [ -n "$missing" ]; then
     say "installing Debian packages:$missing"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ebpfmon.network import DEFAULT_INTERNAL_NETWORKS
+
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
 # "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.
 DEFAULT_GPU_PREFIXES = (
@@ -30,3 +32,10 @@ class Config:
     drain_interval_ms: int = 50
     # ancestors (parent, grandparent...) attached to every event
     ancestry_depth: int = 8
+    # the agent is the cgroup this many levels below the agent root
+    agent_level: int = 1
+    # cgroup globs of agents allowed to use GPUs; every agent by default
+    gpu_entitled: tuple[str, ...] = ("*",)
+    # destinations counted as internal (fd.is_internal), besides what the
+    # node's own routes reach other than by the default route
+    internal_networks: tuple[str, ...] = DEFAULT_INTERNAL_NETWORKS

@@ -39,7 +39,7 @@ class Enricher:
                                item.argv)
         item.cgroup = self.cgroups.path(item.cgroup_id)
         node = self.tree.seen(proc.pid, proc.ppid, proc.comm)
-        proc.ppid, proc.exe = node.ppid, node.exe
+        proc.ppid, proc.exe, proc.argv = node.ppid, node.exe, node.argv
         item.ancestry = self.tree.ancestry(proc.pid, self.ancestry_depth)
         if isinstance(item, ev.GpuOpenEvent):
             device = self.devices.resolve(item.path, proc.pid)

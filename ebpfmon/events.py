@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 
@@ -45,6 +46,7 @@ class Process:
     gid: int
     comm: str
     exe: str | None = None
+    argv: list[str] | None = None  # of the program the process runs, when known
 
 
 @dataclass
@@ -177,3 +179,18 @@ def from_dict(data: dict[str, Any]) -> Event:
 
 def from_json(line: str) -> Event:
     return from_dict(json.loads(line))
+
+
+def read_jsonl(path) -> Iterator[tuple[int, "Event | Exception"]]:
+    """(line number, event) for each line of a recorded trace; a bad line yields a
+    DecodeError naming the line instead, and reading goes on."""
+    from ebpfmon.errors import DecodeError
+
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, from_json(line)
+            except (ValueError, KeyError, TypeError) as e:
+                yield number, DecodeError(f"{path}:{number}: not an event: {e}")

@@ -94,3 +94,9 @@ def table_line(event: ev.Event) -> str:
 
 def json_line(event: ev.Event) -> str:
     return event.to_json()
+
+
+def alert_line(verdict) -> str:
+    """A verdict for the console: when, how bad, which rule, what happened, what it asks for."""
+    actions = f"  [actions: {', '.join(verdict.actions)}]" if verdict.actions else ""
+    return f"{clock(verdict.time_ns)} {verdict.priority:<8} {verdict.rule}: {verdict.output}{actions}"

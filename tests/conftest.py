@@ -134,17 +134,38 @@ def fake_gpu_dir(tmp_path_factory, bpf) -> Path:
 
 @dataclass
 class Collector:
-    """Runs an EventStream in a thread and keeps what it delivers."""
+    """Runs an EventStream in a thread, judges each event with the rules, keeps both."""
 
     stream: object
+    engine: object
     events: list = field(default_factory=list)
+    verdicts: list = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def add(self, event) -> None:
+        verdicts = self.engine.evaluate(event)
         with self.cond:
             self.events.append(event)
+            self.verdicts.extend(verdicts)
             self.cond.notify_all()
+
+    def wait_for_verdict(self, rule: str, agent: str, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for v in self.verdicts:
+                    if v.rule == rule and v.agent == agent:
+                        return v
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    fired = sorted({(v.rule, v.agent) for v in self.verdicts if v.agent == agent})
+                    pytest.fail(f"rule {rule!r} did not fire for {agent} within {timeout}s; fired: {fired}")
+                self.cond.wait(left)
+
+    def verdicts_for(self, agent: str) -> list:
+        with self.cond:
+            return [v for v in self.verdicts if v.agent == agent]
 
     def wait_for(self, predicate, timeout: float = 10.0):
         """The first event matching predicate; fails the test after timeout."""
@@ -169,10 +190,14 @@ def monitor(bpf, test_root, fake_gpu_dir):
     """All probes loaded once, scoped to the test root, events collected."""
     from ebpfmon.monitor import EventStream
 
+    from ebpfmon.cli.common import rule_context
+    from ebpfmon.rules.engine import Engine
+    from ebpfmon.rules.loader import load_rules
+
     config = Config(agent_root=test_root,
                     gpu_prefixes=DEFAULT_GPU_PREFIXES + (f"{fake_gpu_dir}/nvidia",))
     stream = EventStream(config)
-    collector = Collector(stream)
+    collector = Collector(stream, Engine(load_rules(), rule_context(config)))
     stream.start(collector.add)
     thread = threading.Thread(target=stream.run, args=(collector.stop,), daemon=True)
     thread.start()
@@ -180,3 +205,111 @@ def monitor(bpf, test_root, fake_gpu_dir):
     collector.stop.set()
     thread.join(timeout=10)
     stream.close()
+
+
+# ---- a small "internet": a network namespace behind a veth pair ----
+
+NETNS_HOST_ADDR = "198.51.100.1"  # documentation range (RFC 5737): never a real host
+NETNS_PEER_ADDR = "198.51.100.2"
+
+
+@dataclass
+class NetnsHost:
+    name: str
+    address: str
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def netns_host(bpf):
+    """A host at 198.51.100.2 in a network namespace of its own, reached over a veth pair."""
+    from pyroute2 import IPRoute, NetNS, netns
+
+    name = f"ebpfmon-test-{os.getpid()}"
+    host_if, peer_if = f"ebt{os.getpid() % 100000}h", f"ebt{os.getpid() % 100000}n"
+    netns.create(name)
+    try:
+        with IPRoute() as ip:
+            ip.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": name})
+            index = ip.link_lookup(ifname=host_if)[0]
+            ip.addr("add", index=index, address=NETNS_HOST_ADDR, prefixlen=24)
+            ip.link("set", index=index, state="up")
+        with NetNS(name) as ns:
+            index = ns.link_lookup(ifname=peer_if)[0]
+            ns.addr("add", index=index, address=NETNS_PEER_ADDR, prefixlen=24)
+            ns.link("set", index=index, state="up")
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        yield NetnsHost(name, NETNS_PEER_ADDR)
+    finally:
+        with IPRoute() as ip:
+            if ip.link_lookup(ifname=host_if):
+                ip.link("del", ifname=host_if)
+        netns.remove(name)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def sshd(netns_host, tmp_path_factory):
+    """A real OpenSSH server in the netns host, with a key for root; yields the client key path."""
+    d = tmp_path_factory.mktemp("sshd")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "id")], check=True)
+    (d / "authorized_keys").write_text((d / "id.pub").read_text())
+    (d / "sshd_config").write_text(f"""
+ListenAddress {netns_host.address}
+Port 22
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+PermitTunnel no
+LogLevel ERROR
+""")
+    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
+    server = netns_host.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                              stderr=subprocess.PIPE)
+    try:
+        wait_for_port(netns_host.address, 22)
+        yield d / "id"
+    finally:
+        stop_process(server)
+
+
+@pytest.fixture(scope="session")
+def stratum_pool(netns_host):
+    """The fake stratum pool (tests/servers/stratum_pool.py) at 198.51.100.2:3333."""
+    server = netns_host.popen([sys.executable, str(REPO / "tests/servers/stratum_pool.py"), netns_host.address,
+                               "3333"], stdout=subprocess.PIPE)
+    try:
+        wait_for_port(netns_host.address, 3333)
+        yield (netns_host.address, 3333)
+    finally:
+        stop_process(server)

@@ -7,9 +7,10 @@ import sys
 import typer
 
 from ebpfmon import __version__
-from ebpfmon.cli import doctor, exec_cmd, run, trace
+from ebpfmon.cli import doctor, exec_cmd, rules, run, trace
 from ebpfmon.cli.common import report_error
 from ebpfmon.errors import EbpfmonError
+from ebpfmon.rules.loader import RuleLoadError
 
 app = typer.Typer(
     name="ebpfmon",
@@ -23,6 +24,7 @@ app.command("trace", epilog=trace.EPILOG)(trace.trace)
 app.command("exec", epilog=exec_cmd.EPILOG)(exec_cmd.exec_command)
 app.command("doctor", epilog=doctor.EPILOG)(doctor.doctor)
 app.command("run", epilog=run.EPILOG)(run.run)
+app.add_typer(rules.app, name="rules")
 
 
 def _version(value: bool) -> None:
@@ -42,6 +44,9 @@ def main_options(
 def main() -> None:
     try:
         app()
+    except RuleLoadError as e:
+        report_error(e)
+        sys.exit(1)
     except EbpfmonError as e:
         report_error(e)
         sys.exit(2)

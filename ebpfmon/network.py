@@ -1,0 +1,89 @@
+"""Which destination addresses are internal to this node's networks.
+
+An address is internal when it lies in a configured network (by default the
+private, shared, link-local and unique-local ranges), is a loopback address,
+or is reached through a route of this node other than the default route
+(read with pyroute2 from the kernel's main and local tables). Rules then ask
+fd.is_internal instead of carrying a CIDR list per node. Results are cached;
+routes are read again every refresh_seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERNAL_NETWORKS = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # RFC 6598 shared address space (carrier-grade NAT, many clouds' internal ranges)
+    "169.254.0.0/16",  # link-local, cloud metadata services
+    "fc00::/7", "fe80::/10",  # unique-local and link-local IPv6
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: Iterable[str]) -> list[IPNetwork]:
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
+def read_routes() -> list[IPNetwork]:
+    """Destinations of this node's non-default routes (main and local tables)."""
+    from pyroute2 import IPRoute
+
+    networks: list[IPNetwork] = []
+    with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in ipr.get_routes(family=family):
+                if route.get("table") not in (254, 255) or route["dst_len"] == 0:
+                    continue
+                dst = route.get("dst")
+                if dst:
+                    networks.append(ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False))
+    return networks
+
+
+class NetworkClassifier:
+    def __init__(self, internal_networks: Iterable[str] = DEFAULT_INTERNAL_NETWORKS, use_routes: bool = True,
+                 refresh_seconds: float = 30.0, cache_size: int = 65536):
+        self.configured = parse_networks(internal_networks)
+        self.use_routes = use_routes
+        self.refresh_seconds = refresh_seconds
+        self.cache_size = cache_size
+        self._routes: list[IPNetwork] = []
+        self._routes_read = float("-inf")
+        self._cache: dict[str, bool] = {}
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if not self.use_routes or now - self._routes_read < self.refresh_seconds:
+            return
+        self._routes_read = now
+        try:
+            routes = read_routes()
+        except Exception as e:  # netlink refused (no CAP_NET_ADMIN needed, but be safe)
+            log.warning("cannot read routes (%s); internal = configured networks only", e)
+            routes = []
+        if routes != self._routes:
+            self._routes = routes
+            self._cache.clear()
+
+    def is_internal(self, address: str) -> bool:
+        self._refresh()
+        known = self._cache.get(address)
+        if known is not None:
+            return known
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        internal = ip.is_loopback or any(ip in n for n in self.configured) or any(ip in n for n in self._routes)
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+        self._cache[address] = internal
+        return internal

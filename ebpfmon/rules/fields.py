@@ -1,0 +1,253 @@
+"""The fields conditions and outputs can name, and how each is read from an event.
+
+Falco's names where Falco has the concept (evt.type, proc.name, proc.cmdline,
+proc.aname[N], fd.sip, fd.sport...), with Falco's meaning; our own where it
+has none (cgroup.path, agent.name, gpu.device, exec.argv[N], dns.query...).
+A field that does not apply to an event's kind reads as None, and every
+comparison with None is false, as in Falco.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import pwd
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ebpfmon import events as ev
+from ebpfmon.network import NetworkClassifier
+from ebpfmon.rules.argv import parse_ssh
+
+EXEC, CONNECT, UDP, GPU = "exec", "connect", "udp_send", "gpu_open"
+ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU})
+SOCKET_KINDS = frozenset({CONNECT, UDP})
+
+STR, INT, BOOL, IP = "string", "number", "bool", "ip address"
+
+
+@dataclass
+class Context:
+    """What fields need besides the event: configuration and node lookups."""
+
+    agent_root: str = "/ebpfmon-agents"
+    agent_level: int = 1  # the agent is the cgroup this many levels below the agent root
+    gpu_entitled: tuple[str, ...] = ()  # cgroup path globs of agents allowed to use GPUs
+    networks: NetworkClassifier = field(default_factory=NetworkClassifier)
+    _users: dict[int, str] = field(default_factory=dict)
+
+    def agent_cgroup(self, cgroup: str | None) -> str | None:
+        if not cgroup:
+            return None
+        root = self.agent_root.rstrip("/")
+        if not cgroup.startswith(root + "/"):
+            return None
+        parts = cgroup[len(root) + 1:].split("/")
+        if len(parts) < self.agent_level:
+            return None
+        return root + "/" + "/".join(parts[:self.agent_level])
+
+    def user_name(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._users[uid] = name
+        return name
+
+
+Extractor = Callable[[ev.Event, Context], Any]
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kinds: frozenset[str]
+    type: str
+    extract: Extractor
+    doc: str
+    is_list: bool = False  # multi-valued: comparisons hold when any value matches
+    indexed: bool = False  # takes [N]
+
+
+FIELDS: dict[str, Field] = {}
+
+
+def _field(name, kinds, type_, doc, is_list=False, indexed=False):
+    def register(fn: Extractor) -> Extractor:
+        FIELDS[name] = Field(name, frozenset(kinds), type_, fn, doc, is_list, indexed)
+        return fn
+    return register
+
+
+def _argv(e: ev.Event) -> list[str]:
+    if isinstance(e, ev.ExecEvent):
+        return e.argv
+    return e.proc.argv or []
+
+
+def _basename(path: str | None) -> str | None:
+    return os.path.basename(path) if path else None
+
+
+@_field("evt.type", ALL_KINDS, STR, "the system call: execve, execveat, connect, sendto, open, openat, openat2")
+def _evt_type(e, c):
+    if isinstance(e, (ev.ExecEvent, ev.GpuOpenEvent)):
+        return e.syscall
+    return "connect" if e.kind == CONNECT else "sendto"
+
+
+_field("evt.kind", ALL_KINDS, STR, "ebpfmon's event kind: exec, connect, udp_send, gpu_open")(
+    lambda e, c: e.kind)
+_field("evt.dir", ALL_KINDS, STR, "always '<': events are reported when the call returns (Falco compatibility)")(
+    lambda e, c: "<")
+_field("evt.time", ALL_KINDS, INT, "wall-clock time, ns since the epoch")(lambda e, c: e.time_ns)
+_field("evt.rawres", ALL_KINDS, INT, "the call's return value (negative errno on failure)")(
+    lambda e, c: e.retval)
+_field("evt.res", ALL_KINDS, STR, "SUCCESS, or the errno name (ENOENT, ECONNREFUSED, EINPROGRESS...)")(
+    lambda e, c: e.error or "SUCCESS")
+_field("evt.failed", ALL_KINDS, BOOL, "true when the call returned an error")(lambda e, c: e.retval < 0)
+
+_field("proc.pid", ALL_KINDS, INT, "process id")(lambda e, c: e.proc.pid)
+_field("thread.tid", ALL_KINDS, INT, "thread id")(lambda e, c: e.proc.tid)
+_field("proc.ppid", ALL_KINDS, INT, "parent process id (the parent at fork)")(lambda e, c: e.proc.ppid)
+_field("proc.name", ALL_KINDS, STR, "name of the program file (basename of proc.exepath); the comm "
+       "when the path is not known")(lambda e, c: _basename(e.proc.exe) or e.proc.comm)
+_field("proc.comm", ALL_KINDS, STR, "the thread's comm (15 bytes, settable by the program itself)")(
+    lambda e, c: e.proc.comm)
+_field("proc.exe", ALL_KINDS, STR, "first command-line argument (argv[0])")(
+    lambda e, c: (_argv(e) or [None])[0])
+_field("proc.exepath", ALL_KINDS, STR, "full path of the program")(lambda e, c: e.proc.exe)
+
+
+@_field("proc.cmdline", ALL_KINDS, STR, "proc.name followed by the arguments, as in Falco")
+def _cmdline(e, c):
+    return " ".join([e.proc.comm, *_argv(e)[1:]])
+
+
+_field("proc.args", ALL_KINDS, STR, "the arguments after argv[0], joined by spaces")(
+    lambda e, c: " ".join(_argv(e)[1:]))
+
+
+def _ancestor(e: ev.Event, n: int) -> ev.Ancestor | None:
+    return e.ancestry[n - 1] if 0 < n <= len(e.ancestry) else None
+
+
+def _self_as_ancestor(e: ev.Event) -> ev.Ancestor:
+    return ev.Ancestor(pid=e.proc.pid, comm=e.proc.comm, exe=e.proc.exe, argv=_argv(e))
+
+
+def _ancestor_field(attr: str, transform=lambda v: v):
+    def extract(e, c, index=None):
+        if index is None:  # every ancestor, parent first
+            return [transform(getattr(a, attr)) for a in e.ancestry if getattr(a, attr) is not None]
+        a = _self_as_ancestor(e) if index == 0 else _ancestor(e, index)
+        return transform(getattr(a, attr)) if a is not None and getattr(a, attr) is not None else None
+    return extract
+
+
+_field("proc.aname", ALL_KINDS, STR, "name of an ancestor: [1] parent, [2] grandparent ([0] the process); "
+       "without [N], any ancestor", is_list=True, indexed=True)(_ancestor_field("comm"))
+_field("proc.apid", ALL_KINDS, INT, "pid of an ancestor, as proc.aname", is_list=True, indexed=True)(
+    _ancestor_field("pid"))
+_field("proc.aexepath", ALL_KINDS, STR, "program path of an ancestor, as proc.aname", is_list=True,
+       indexed=True)(_ancestor_field("exe"))
+_field("proc.acmdline", ALL_KINDS, STR, "command line of an ancestor, as proc.aname", is_list=True,
+       indexed=True)(_ancestor_field("argv", lambda argv: " ".join(argv)))
+_field("proc.pname", ALL_KINDS, STR, "parent's name")(lambda e, c: _ancestor_field("comm")(e, c, 1))
+_field("proc.pexepath", ALL_KINDS, STR, "parent's program path")(lambda e, c: _ancestor_field("exe")(e, c, 1))
+_field("proc.pcmdline", ALL_KINDS, STR, "parent's command line")(
+    lambda e, c: _ancestor_field("argv", lambda argv: " ".join(argv))(e, c, 1))
+
+_field("user.uid", ALL_KINDS, INT, "user id")(lambda e, c: e.proc.uid)
+_field("user.name", ALL_KINDS, STR, "user name (the uid when it has none)")(lambda e, c: c.user_name(e.proc.uid))
+_field("group.gid", ALL_KINDS, INT, "group id")(lambda e, c: e.proc.gid)
+
+_field("exec.filename", {EXEC}, STR, "the path given to execve")(lambda e, c: e.filename)
+
+
+@_field("exec.argv", {EXEC}, STR, "an argument by position ([0] is argv[0]); without [N], any argument",
+        is_list=True, indexed=True)
+def _exec_argv(e, c, index=None):
+    if index is None:
+        return e.argv
+    return e.argv[index] if index < len(e.argv) else None
+
+
+_field("exec.argc", {EXEC}, INT, "number of arguments captured")(lambda e, c: len(e.argv))
+_field("exec.argv_truncated", {EXEC}, BOOL, "true when arguments were cut or dropped (limits: events.h)")(
+    lambda e, c: e.argv_truncated)
+
+_field("fd.sip", SOCKET_KINDS, IP, "destination (server) address")(lambda e, c: e.address)
+_field("fd.rip", SOCKET_KINDS, IP, "remote address (same as fd.sip for outbound connections)")(
+    lambda e, c: e.address)
+_field("fd.sport", SOCKET_KINDS, INT, "destination (server) port")(lambda e, c: e.port)
+_field("fd.rport", SOCKET_KINDS, INT, "remote port (same as fd.sport for outbound connections)")(
+    lambda e, c: e.port)
+_field("fd.l4proto", SOCKET_KINDS, STR, "tcp, udp... ('unknown' when the socket type is not known)")(
+    lambda e, c: e.protocol or "unknown")
+_field("fd.type", SOCKET_KINDS, STR, "ipv4 or ipv6")(lambda e, c: "ipv4" if e.family == "inet" else "ipv6")
+_field("fd.typechar", SOCKET_KINDS, STR, "4 or 6")(lambda e, c: "4" if e.family == "inet" else "6")
+_field("fd.sockfamily", SOCKET_KINDS, STR, "always 'ip'")(lambda e, c: "ip")
+_field("fd.num", SOCKET_KINDS, INT, "file descriptor number")(lambda e, c: e.fd)
+_field("fd.is_internal", SOCKET_KINDS, BOOL, "destination is in an internal network: configured, "
+       "loopback, or routed other than by the default route")(lambda e, c: c.networks.is_internal(e.address))
+_field("fd.is_loopback", SOCKET_KINDS, BOOL, "destination is a loopback address")(
+    lambda e, c: e.address.startswith("127.") or e.address == "::1")
+
+
+@_field("fd.name", SOCKET_KINDS | {GPU}, STR, "address:port for sockets, the path for GPU opens")
+def _fd_name(e, c):
+    if isinstance(e, ev.GpuOpenEvent):
+        return e.path
+    return f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}"
+
+
+_field("dns.query", {UDP}, STR, "the name asked in a DNS query (datagrams to port 53)")(
+    lambda e, c: e.dns_query)
+
+
+@_field("dns.query_suffixes", {UDP}, STR, "the name asked and each parent domain (a.pool.example.com, "
+        "pool.example.com, example.com, com): `in (domains)` matches subdomains too", is_list=True)
+def _dns_suffixes(e, c):
+    if not e.dns_query:
+        return None
+    labels = e.dns_query.lower().rstrip(".").split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
+_field("udp.length", {UDP}, INT, "bytes the datagram carried")(lambda e, c: e.length)
+
+_field("gpu.path", {GPU}, STR, "the device path opened")(lambda e, c: e.path)
+_field("gpu.device", {GPU}, STR, "major:minor of the device, when it resolves")(lambda e, c: e.device)
+_field("gpu.vendor", {GPU}, STR, "nvidia, amd, intel, habana... when known")(lambda e, c: e.vendor)
+_field("gpu.access", {GPU}, STR, "r, w or rw")(lambda e, c: e.access)
+
+def _ssh(e, c):
+    return parse_ssh(e.argv, e.proc.exe)
+
+
+_field("ssh.client", {EXEC}, BOOL, "the program is an ssh-family client (ssh, autossh, dbclient, plink)")(
+    lambda e, c: _ssh(e, c) is not None)
+_field("ssh.remote_forward", {EXEC}, BOOL, "an ssh-family client asked for a remote (reverse) forward: -R in "
+       "any spelling, or -o RemoteForward")(lambda e, c: bool((cmd := _ssh(e, c)) and cmd.remote_forward))
+_field("ssh.local_forward", {EXEC}, BOOL, "an ssh-family client asked for -L, -D or LocalForward")(
+    lambda e, c: bool((cmd := _ssh(e, c)) and cmd.local_forward))
+_field("ssh.tun", {EXEC}, BOOL, "an ssh client asked for a tun device (-w, -o Tunnel)")(
+    lambda e, c: bool((cmd := _ssh(e, c)) and cmd.tun))
+_field("ssh.host", {EXEC}, STR, "the destination an ssh-family client was given")(
+    lambda e, c: (cmd := _ssh(e, c)) and cmd.host)
+
+_field("cgroup.path", ALL_KINDS, STR, "cgroup path relative to the cgroup2 mount")(lambda e, c: e.cgroup)
+_field("cgroup.id", ALL_KINDS, INT, "cgroup id")(lambda e, c: e.cgroup_id)
+_field("agent.cgroup", ALL_KINDS, STR, "the agent's cgroup: the one at the agent level below the agent root")(
+    lambda e, c: c.agent_cgroup(e.cgroup))
+_field("agent.name", ALL_KINDS, STR, "the agent's name: the last part of agent.cgroup")(
+    lambda e, c: _basename(c.agent_cgroup(e.cgroup)))
+
+
+@_field("agent.gpu_entitled", ALL_KINDS, BOOL, "the agent's cgroup matches a glob of gpu_entitled")
+def _gpu_entitled(e, c):
+    agent = c.agent_cgroup(e.cgroup)
+    return agent is not None and any(fnmatch.fnmatchcase(agent, g) for g in c.gpu_entitled)

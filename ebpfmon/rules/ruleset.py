@@ -1,0 +1,127 @@
+"""Compiled rules and the rule set, indexed by event kind."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ebpfmon.output import safe
+from ebpfmon.rules.condition import Condition, Evaluation, resolve_field, Token
+from ebpfmon.rules.fields import Field
+
+# Falco's priorities, most severe first
+PRIORITIES = ("EMERGENCY", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFORMATIONAL", "DEBUG")
+# what a rule may ask for besides an alert; carried out by enforcement
+ACTIONS = ("cut_network", "deny_connect", "deny_gpu", "kill", "freeze")
+
+FieldRef = tuple[Field, int | None, str]
+
+
+@dataclass
+class WindowSpec:
+    """Fire when `count` matching events (or distinct values) happen within `within` seconds per key."""
+
+    by: list[FieldRef]
+    count: int
+    within: float
+    distinct: list[FieldRef] | None = None
+    max_keys: int = 10000
+
+
+@dataclass
+class SequenceSpec:
+    """Fire when the steps' conditions match in order, per key, within `within` seconds."""
+
+    by: list[FieldRef]
+    within: float
+    steps: list[Condition]
+    max_keys: int = 10000
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset().union(*(s.kinds for s in self.steps))
+
+
+class Output:
+    """An output template: text with %field references, rendered with escaped values."""
+
+    PATTERN = re.compile(r"%([a-z0-9_.]+(?:\[\d+\])?)")
+
+    def __init__(self, template: str):
+        self.template = template
+        self.parts: list[str | FieldRef] = []
+        pos = 0
+        for m in self.PATTERN.finditer(template):
+            self.parts.append(template[pos:m.start()])
+            name = m.group(1)
+            if name.startswith("window."):
+                self.parts.append((None, None, name))
+            else:
+                f, index = resolve_field(Token("word", name, 0))
+                self.parts.append((f, index, name))
+            pos = m.end()
+        self.parts.append(template[pos:])
+
+    def render(self, x: Evaluation, extra: dict[str, Any] | None = None) -> str:
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            f, index, name = part
+            value = (extra or {}).get(name) if f is None else x.get(name, f, index)
+            if value is None:
+                out.append("<NA>")
+            elif isinstance(value, list):
+                out.append(safe(",".join(str(v) for v in value)))
+            else:
+                out.append(safe(str(value)))
+        return "".join(out)
+
+
+@dataclass
+class CompiledRule:
+    name: str
+    desc: str
+    priority: str
+    tags: list[str]
+    actions: list[str]
+    enforce: bool
+    condition: Condition | None
+    exceptions: Condition | None
+    window: WindowSpec | None
+    sequence: SequenceSpec | None
+    output: Output
+    source: str  # file:line of the definition
+    enabled: bool = True
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return self.sequence.kinds if self.sequence else self.condition.kinds
+
+    @property
+    def stateful(self) -> str:
+        return "sequence" if self.sequence else "window" if self.window else ""
+
+    def matches(self, x: Evaluation) -> bool:
+        """The condition and no exception (stateless part; sequences are judged by the engine)."""
+        return self.condition.predicate(x) and not (self.exceptions and self.exceptions.predicate(x))
+
+
+@dataclass
+class RuleSet:
+    rules: list[CompiledRule]
+    files: list[str] = field(default_factory=list)
+    lists: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_kind: dict[str, list[CompiledRule]] = defaultdict(list)
+        for rule in self.rules:
+            if rule.enabled:
+                for kind in sorted(rule.kinds):
+                    self.by_kind[kind].append(rule)
+
+    def get(self, name: str) -> CompiledRule | None:
+        return next((r for r in self.rules if r.name == name), None)
