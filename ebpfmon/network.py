@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import select
 import socket
 import time
 from collections.abc import Iterable
@@ -50,18 +51,21 @@ def read_routes() -> list[IPNetwork]:
 
 class NetworkClassifier:
     def __init__(self, internal_networks: Iterable[str] = DEFAULT_INTERNAL_NETWORKS, use_routes: bool = True,
-                 refresh_seconds: float = 30.0, cache_size: int = 65536):
+                 refresh_seconds: float = 30.0, watch_interval: float = 0.05, cache_size: int = 65536):
         self.configured = parse_networks(internal_networks)
         self.use_routes = use_routes
         self.refresh_seconds = refresh_seconds
+        self.watch_interval = watch_interval
+        self._watch = None
+        self._watched = float("-inf")
         self.cache_size = cache_size
         self._routes: list[IPNetwork] = []
         self._routes_read = float("-inf")
         self._cache: dict[str, bool] = {}
 
-    def _refresh(self) -> None:
+    def _refresh(self, older_than: float) -> None:
         now = time.monotonic()
-        if not self.use_routes or now - self._routes_read < self.refresh_seconds:
+        if not self.use_routes or now - self._routes_read < older_than:
             return
         self._routes_read = now
         try:
@@ -69,12 +73,36 @@ class NetworkClassifier:
         except Exception as e:  # netlink refused (no CAP_NET_ADMIN needed, but be safe)
             log.warning("cannot read routes (%s); internal = configured networks only", e)
             routes = []
-        if routes != self._routes:
-            self._routes = routes
-            self._cache.clear()
+        self._routes = routes
+        self._cache.clear()
+
+    def _routes_changed(self) -> bool:
+        """True when netlink announced a route change since the last look."""
+        now = time.monotonic()
+        if not self.use_routes or now - self._watched < self.watch_interval:
+            return False
+        self._watched = now
+        try:
+            if self._watch is None:
+                from pyroute2 import IPRoute
+                from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE
+
+                self._watch = IPRoute()
+                self._watch.bind(groups=RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+            changed = False
+            while select.select([self._watch], [], [], 0)[0]:
+                self._watch.get()
+                changed = True
+            return changed
+        except Exception as e:
+            log.warning("cannot watch route changes (%s); routes are read every %ss", e, self.refresh_seconds)
+            self._watched = float("inf")
+            return False
 
     def is_internal(self, address: str) -> bool:
-        self._refresh()
+        if self._routes_changed():
+            self._routes_read = float("-inf")
+        self._refresh(self.refresh_seconds)
         known = self._cache.get(address)
         if known is not None:
             return known
