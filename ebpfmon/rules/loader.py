@@ -102,6 +102,17 @@ class Item:
         return self.fields[key].value if key in self.fields else default
 
 
+class RuleYamlLoader(yaml.SafeLoader):
+    """SafeLoader, except that a bare = is the string "=" (Falco's exceptions write
+    `comps: [=, in]`; PyYAML would read = as its obscure "value" tag)."""
+
+
+RuleYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:value"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def read_items(path: Path, problems: list[Problem]) -> list[Item]:
     name = str(path)
     try:
@@ -110,7 +121,7 @@ def read_items(path: Path, problems: list[Problem]) -> list[Item]:
         problems.append(Problem(name, 0, 0, f"cannot read: {e.strerror}"))
         return []
     source = SourceFile(name, text)
-    loader = yaml.SafeLoader(text)
+    loader = RuleYamlLoader(text)
     try:
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None

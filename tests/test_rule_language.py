@@ -1,0 +1,259 @@
+"""The rule language: operators, fields, lists, macros, overrides, exceptions,
+state, and errors that say file:line:col."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from ebpfmon.network import NetworkClassifier
+from ebpfmon.rules.cases import make_event
+from ebpfmon.rules.engine import Engine
+from ebpfmon.rules.fields import Context
+from ebpfmon.rules.loader import RuleLoadError, load_rules
+
+RULE = """
+- rule: r
+  desc: a rule under test
+  condition: {condition}
+  output: "fired %proc.name"
+  priority: WARNING
+"""
+
+
+def ruleset_from(tmp_path, text: str, name: str = "rules.yaml", extra: list | None = None):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return load_rules([path, *(extra or [])])
+
+
+def fires(tmp_path, condition: str, event: dict, prelude: str = "") -> bool:
+    ruleset = ruleset_from(tmp_path, prelude + RULE.format(condition=condition))
+    engine = Engine(ruleset, Context(networks=NetworkClassifier(["10.0.0.0/8"], use_routes=False)))
+    return bool(engine.evaluate(make_event(event, 0)))
+
+
+SSH = {"exec": {"argv": ["ssh", "-R", "8080:localhost:80", "host"], "ancestry": [
+    {"comm": "python3", "exe": "/usr/bin/python3", "argv": ["python3", "agent.py"]},
+    {"comm": "bash", "exe": "/usr/bin/bash", "argv": ["bash"]}]}}
+CONNECT = {"connect": {"address": "10.1.2.3", "port": 3333}}
+
+
+@pytest.mark.parametrize("condition,event,expected", [
+    ("proc.name = ssh", SSH, True),
+    ("proc.name == ssh", SSH, True),
+    ("proc.name != ssh", SSH, False),
+    ("proc.name in (scp, ssh)", SSH, True),
+    ("proc.cmdline contains '-R 8080'", SSH, True),
+    ("proc.cmdline icontains '-r 8080'", SSH, True),
+    ("proc.exepath startswith /usr/bin/", SSH, True),
+    ("proc.exepath endswith /ssh", SSH, True),
+    ("proc.exepath glob '/usr/*/ss?'", SSH, True),
+    ("proc.args regex '^-R [0-9]+:'", SSH, True),
+    ("proc.exepath pmatch (/usr/bin)", SSH, True),
+    ("proc.exepath pmatch (/usr/b)", SSH, False),  # a path prefix, not a string prefix
+    ("exec.argv[1] = -R", SSH, True),
+    ("exec.argv[9] exists", SSH, False),
+    ("exec.argv = host", SSH, True),  # any argument
+    ("exec.argc > 3", SSH, True),
+    ("exec.argc < 3", SSH, False),
+    ("proc.pname = python3", SSH, True),
+    ("proc.aname[2] = bash", SSH, True),
+    ("proc.aname = bash", SSH, True),  # any ancestor, as in Falco
+    ("proc.aname[0] = ssh", SSH, True),  # [0]: the process itself
+    ("proc.acmdline[1] contains agent.py", SSH, True),
+    ("not proc.name = ssh or evt.type = execve", SSH, True),
+    ("(proc.name = ssh and user.uid = 1000) and not proc.pname = bash", SSH, True),
+    ("evt.dir = < and evt.res = SUCCESS and evt.failed = false", SSH, True),
+    ("fd.sip = 10.1.2.3", CONNECT, True),
+    ("fd.sip = 10.0.0.0/8", CONNECT, True),  # CIDR membership
+    ("fd.sip in (192.168.0.0/16, 10.1.0.0/16)", CONNECT, True),
+    ("fd.sip != 10.0.0.0/8", CONNECT, False),
+    ("fd.sport >= 3000 and fd.sport <= 4000", CONNECT, True),
+    ("fd.is_internal = true", CONNECT, True),
+    ("fd.name = 10.1.2.3:3333", CONNECT, True),
+    ("fd.sport = 3333", SSH, False),  # no such field on an exec event: false
+    ("not fd.sport = 3333", SSH, True),
+])
+def test_operators_and_fields(tmp_path, condition, event, expected):
+    assert fires(tmp_path, condition, event) is expected
+
+
+def test_lists_nest_and_bare_words_are_literals(tmp_path):
+    prelude = """
+- list: inner_tools
+  items: [ssh]
+- list: outer_tools
+  items: [inner_tools, "autossh"]
+"""
+    assert fires(tmp_path, "proc.name in (outer_tools)", SSH, prelude)
+    assert fires(tmp_path, "proc.name in (outer_tools, plink)", SSH, prelude)
+
+
+def test_rules_see_only_events_of_their_kinds(tmp_path):
+    ruleset = ruleset_from(tmp_path, RULE.format(condition="fd.sport = 22 or evt.type = execve")
+                           + RULE.replace("rule: r", "rule: n").format(condition="not proc.name = x"))
+    assert ruleset.get("r").kinds == {"connect", "udp_send", "exec"}
+    assert ruleset.get("n").kinds == {"exec", "connect", "udp_send", "gpu_open"}
+    assert [r.name for r in ruleset.by_kind["gpu_open"]] == ["n"]
+
+
+def problems(tmp_path, text: str) -> list[str]:
+    with pytest.raises(RuleLoadError) as info:
+        ruleset_from(tmp_path, text)
+    return [str(p) for p in info.value.problems]
+
+
+def test_errors_name_file_line_and_column(tmp_path):
+    found = problems(tmp_path, """\
+        - macro: m
+          condition: proc.name = x and fd.sport = abc
+        - rule: r
+          desc: d
+          condition: >
+            proc.name = ssh
+            and proc.nmae = ssh
+          output: o
+          priority: WARNING
+        - rule: s
+          desc: d
+          condition: proc.name bogus ssh
+          output: o
+          priority: WARNING
+        - rule: t
+          desc: d
+          condition: proc.name in (missing_list) and undefined_macro
+          output: o
+          priority: WARNING
+        - rule: u
+          desc: d
+          condition: proc.args regex '(unclosed'
+          output: "%proc.nope"
+          priority: LOUD
+          tags: [T1]
+        """)
+    f = tmp_path / "rules.yaml"
+    assert f"{f}:2:43: in macro 'm': fd.sport is a number; 'abc' is not" in found
+    assert f"{f}:7:9: unknown field 'proc.nmae' (did you mean proc.name?)" in found
+    assert any(p.startswith(f"{f}:12:") and "'bogus'" in p for p in found)
+    assert f"{f}:17:28: undefined list 'missing_list' (quote it to mean the literal string)" in found
+    assert any(p.startswith(f"{f}:22:") and "does not compile" in p for p in found)
+    assert any(p.startswith(f"{f}:23:") and "unknown field 'proc.nope'" in p for p in found)
+    assert any(p.startswith(f"{f}:24:") and "priority 'LOUD'" in p for p in found)
+
+
+def test_undefined_macro_and_yaml_errors(tmp_path):
+    found = problems(tmp_path, RULE.format(condition="spawned and proc.name = x"))
+    assert any("undefined macro 'spawned'" in p for p in found)
+    found = problems(tmp_path, "- rule: r\n  desc: [unclosed\n")
+    assert found[0].startswith(f"{tmp_path / 'rules.yaml'}:") and "YAML syntax" in found[0]
+    found = problems(tmp_path, "- rule: r\n  desc: d\n  condition: proc.name = x\n  output: o\n"
+                               "  priority: INFO\n  priorty: x\n")
+    assert any(":6:3: unknown key 'priorty'" in p for p in found)
+
+
+def test_macro_cycles_are_errors(tmp_path):
+    found = problems(tmp_path, "- macro: a\n  condition: b\n- macro: b\n  condition: a\n")
+    assert any("refers to itself" in p for p in found)
+
+
+def test_overrides_from_a_later_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(RULE.format(condition="proc.name = ssh") + "\n- list: tools\n  items: [a]\n")
+    local = tmp_path / "local.yaml"
+    local.write_text(textwrap.dedent("""\
+        - rule: r
+          condition: and not exec.argv = host
+          priority: CRITICAL
+          override:
+            condition: append
+            priority: replace
+        - list: tools
+          items: [b]
+          override:
+            items: append
+        """))
+    ruleset = load_rules([base, local])
+    rule = ruleset.get("r")
+    assert rule.priority == "CRITICAL"
+    assert ruleset.lists["tools"] == ["a", "b"]
+    assert not Engine(ruleset).evaluate(make_event(SSH, 0))  # the appended clause holds
+
+    disable = tmp_path / "off.yaml"
+    disable.write_text("- rule: r\n  enabled: false\n  override:\n    enabled: replace\n")
+    ruleset = load_rules([base, disable])
+    assert ruleset.by_kind.get("exec", []) == []
+
+
+def test_override_mistakes_are_errors(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(RULE.format(condition="proc.name = ssh"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- rule: nothere\n  condition: x\n  override:\n    condition: append\n"
+                   "- rule: r\n  priority: ERROR\n  override:\n    priority: append\n")
+    with pytest.raises(RuleLoadError) as info:
+        load_rules([base, bad])
+    text = str(info.value)
+    assert "overrides nothing" in text and "can be replaced, not appended" in text
+
+
+def test_exceptions_leave_listed_cases_alone(tmp_path):
+    ruleset = ruleset_from(tmp_path, RULE.format(condition="evt.type = connect") + """\
+  exceptions:
+    - name: known
+      fields: [fd.sip, fd.sport]
+      comps: [=, in]
+      values:
+        - [10.1.2.3, [3333, 4444]]
+""")
+    engine = Engine(ruleset)
+    assert not engine.evaluate(make_event(CONNECT, 0))
+    assert engine.evaluate(make_event({"connect": {"address": "10.1.2.4", "port": 3333}}, 0))
+
+
+def test_window_state_is_bounded(tmp_path):
+    ruleset = ruleset_from(tmp_path, RULE.format(condition="evt.type = connect") + """\
+  window:
+    by: proc.pid
+    distinct: fd.sport
+    count: 3
+    within: 5s
+    max_keys: 100
+""")
+    engine = Engine(ruleset)
+    # a hostile agent with 10,000 processes: state never holds more than max_keys
+    for pid in range(10_000):
+        engine.evaluate(make_event({"connect": {"pid": pid, "port": 1}}, 0))
+    assert engine.state_size() == {"r": 100}
+    assert engine.windows["r"].keys.evicted == 9_900
+    # three distinct ports from one process fire, once, and the key resets
+    verdicts = [v for port in (1, 2, 3, 4) for v in engine.evaluate(
+        make_event({"connect": {"pid": 1, "port": port}}, port))]
+    assert [v.count for v in verdicts] == [3]
+
+
+def test_window_expires_old_events(tmp_path):
+    ruleset = ruleset_from(tmp_path, RULE.format(condition="evt.type = connect") + """\
+  window: {by: proc.pid, count: 2, within: 1s}
+""")
+    engine = Engine(ruleset)
+    first = make_event({"connect": {"at": 0}}, 0)
+    late = make_event({"connect": {"at": 5}}, 0)
+    assert not engine.evaluate(first) and not engine.evaluate(late)
+    assert engine.evaluate(make_event({"connect": {"at": 5.5}}, 0))
+
+
+def test_sequence_and_window_specs_are_checked(tmp_path):
+    found = problems(tmp_path, RULE.format(condition="evt.type = connect")
+                     + "  window: {by: proc.nope, count: 0, within: soon}\n")
+    assert any("window of rule 'r'" in p for p in found)
+    found = problems(tmp_path, "- rule: q\n  desc: d\n  output: o\n  priority: INFO\n"
+                               "  sequence: {by: proc.pid, within: 5s, steps: [evt.type = connect]}\n")
+    assert any("at least two steps" in p for p in found)
+
+
+def test_output_escapes_agent_text(tmp_path):
+    ruleset = ruleset_from(tmp_path, RULE.format(condition="evt.type = execve"))
+    verdict = Engine(ruleset).evaluate(make_event({"exec": {"argv": ["evil\nFAKE"], "comm": "x"}}, 0))[0]
+    assert verdict.output == "fired evil\\x0aFAKE"
