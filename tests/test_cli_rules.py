@@ -1,0 +1,112 @@
+"""ebpfmon rules ..., and rule reloading in ebpfmon run, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import uuid
+
+from conftest import EBPFMON, REPO
+from test_cli import ebpfmon
+
+from ebpfmon.rules.cases import make_event
+
+
+def test_validate_the_shipped_packs():
+    out = ebpfmon("rules", "validate")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok: ") and " rules " in out.stdout
+
+
+def test_validate_reports_every_problem_and_exits_1(tmp_path):
+    bad = tmp_path / "local.yaml"
+    bad.write_text("- rule: r\n  desc: d\n  condition: spawned_process and proc.nmae = x\n  output: o\n"
+                   "  priority: WARNING\n")
+    out = ebpfmon("rules", "validate", str(bad))
+    assert out.returncode == 1
+    assert f"{bad}:3:34: unknown field 'proc.nmae' (did you mean proc.name?)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_list_shows_kinds_state_and_actions():
+    out = ebpfmon("rules", "list")
+    assert out.returncode == 0
+    line = next(l for l in out.stdout.splitlines() if l.startswith("Internal network scan"))
+    assert "CRITICAL" in line and "connect" in line and "window" in line and "cut_network" in line
+
+
+def test_cases_pass_and_a_wrong_expectation_fails(tmp_path):
+    out = ebpfmon("rules", "test", "--cases", str(REPO / "tests/rules/sandbox.yaml"))
+    assert out.returncode == 0, out.stdout
+    assert out.stdout.count("ok  ") >= 5
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("- case: ls is not a tunnel\n  events:\n    - exec: {argv: [ls]}\n"
+                     "  fires: [Reverse SSH tunnel]\n")
+    out = ebpfmon("rules", "test", "--cases", str(wrong))
+    assert out.returncode == 1
+    assert "FAIL" in out.stdout and "expected to fire ['Reverse SSH tunnel']" in out.stdout
+
+
+def test_replay_a_trace_and_report_bad_lines(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    tunnel = make_event({"exec": {"argv": ["ssh", "-fNR", "2222:localhost:22", "203.0.113.5"]}}, 0)
+    benign = make_event({"exec": {"argv": ["ssh", "-L", "1:h:2", "203.0.113.5"]}}, 1)
+    trace.write_text(tunnel.to_json() + "\n" + benign.to_json() + "\n{not json\n")
+    out = ebpfmon("rules", "test", "--events", str(trace), "--json")
+    assert out.returncode == 1  # the bad line
+    verdicts = [json.loads(l) for l in out.stdout.splitlines()]
+    assert [v["rule"] for v in verdicts] == ["Reverse SSH tunnel"]
+    assert verdicts[0]["event"]["argv"][1] == "-fNR"
+    assert f"{trace}:3: not an event" in out.stderr
+    assert "2 events replayed, 1 verdicts, 1 bad lines" in out.stderr
+
+
+def test_run_reloads_rules_on_sighup_and_keeps_the_last_good_set(bpf, test_root, hierarchy, tmp_path):
+    rules = tmp_path / "mine.yaml"
+    good = ("- rule: Marker ran\n  desc: the test's marker program ran\n  condition: spawned_process and "
+            "exec.argv = {tag}\n  output: marker %exec.argv[1]\n  priority: NOTICE\n  tags: [T0000]\n")
+    tag1, tag2 = uuid.uuid4().hex, uuid.uuid4().hex
+    rules.write_text(good.format(tag=tag1))
+    agent = hierarchy.ensure(f"{test_root}/reload-agent")
+    proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", test_root, "--rules", str(rules)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def wait_line(stream, text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = stream.readline()
+            lines.append(line)
+            if text in line:
+                return line
+            if not line and proc.poll() is not None:
+                break
+        raise AssertionError(f"never saw {text!r}; got {lines}")
+
+    def run_marker(tag):
+        subprocess.run(["/bin/echo", tag], stdout=subprocess.DEVNULL, check=True,
+                       preexec_fn=lambda: (agent / "cgroup.procs").write_text(str(__import__("os").getpid())))
+
+    try:
+        wait_line(proc.stderr, "ready:")
+        run_marker(tag1)
+        wait_line(proc.stdout, f"marker {tag1}")
+        # a broken file: refused, the running set stays
+        rules.write_text("- rule: Marker ran\n  condition: (\n")
+        proc.send_signal(signal.SIGHUP)
+        line = wait_line(proc.stderr, "rules not reloaded")
+        assert str(rules) in line
+        run_marker(tag1)
+        wait_line(proc.stdout, f"marker {tag1}")
+        # a good new file: taken
+        rules.write_text(good.format(tag=tag2))
+        proc.send_signal(signal.SIGHUP)
+        wait_line(proc.stderr, "rules reloaded")
+        run_marker(tag2)
+        wait_line(proc.stdout, f"marker {tag2}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
