@@ -9,6 +9,7 @@ option letters and getopt rules, and the rules ask what the parse found.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -63,11 +64,14 @@ def ssh_client_name(argv: list[str], exe: str | None) -> str | None:
     return None
 
 
-def parse_ssh(argv: list[str], exe: str | None = None) -> SshCommand | None:
+@functools.lru_cache(maxsize=4096)
+def parse_ssh(argv: tuple[str, ...], exe: str | None = None) -> SshCommand | None:
     """The options and host of an ssh-family command line; None for other programs.
 
     Like OpenSSH: options may come before and right after the host; the first
     word after the host that is not an option starts the remote command.
+    Cached: agents run the same command lines again and again. Do not modify
+    the result.
     """
     client = ssh_client_name(argv, exe)
     if client is None:

@@ -20,7 +20,7 @@ import fnmatch
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfmon.rules.fields import ALL_KINDS, BOOL, FIELDS, INT, IP, STR, Field
@@ -165,18 +165,17 @@ class Parser:
         return tok is not None and tok.kind == "word" and tok.text == text
 
     def parse_or(self):
-        children = [self.parse_and()]
-        while self._word("or"):
-            self.take()
-            children.append(self.parse_and())
-        return children[0] if len(children) == 1 else BoolOp("or", children)
+        return self._chain("or", self.parse_and)
 
     def parse_and(self):
-        children = [self.parse_not()]
-        while self._word("and"):
+        return self._chain("and", self.parse_not)
+
+    def _chain(self, op: str, operand):
+        children = [operand()]
+        while self._word(op):
             self.take()
-            children.append(self.parse_not())
-        return children[0] if len(children) == 1 else BoolOp("and", children)
+            children.append(operand())
+        return children[0] if len(children) == 1 else BoolOp(op, children)
 
     def parse_not(self):
         if self._word("not"):
@@ -251,7 +250,6 @@ def resolve_field(tok: Token) -> tuple[Field, int | None]:
 
 # ---- compiling ----
 
-Predicate = Callable[["Evaluation"], bool]
 MISSING = object()
 
 
@@ -310,8 +308,18 @@ def _pmatch(value: str, prefixes: tuple[str, ...]) -> bool:
     return any(value == p or value.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
+def check_test(check: Check) -> Callable[[Any], bool]:
+    """The test of one (scalar) field value for this check: the semantics of every
+    operator, in one place. Raises ConditionError for values or operators that
+    do not fit the field."""
+    try:
+        return _value_test(check)
+    except ConditionError as e:
+        e.where = check.origin
+        raise
+
+
 def _value_test(check: Check) -> Callable[[Any], bool]:
-    """A test of one (scalar) field value for this check."""
     field, op = check.field, check.op
     if op == "exists":
         return lambda v: True
@@ -329,10 +337,14 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
         raise ConditionError(f"{op} works on text; {field.name} is a {field.type}", check.pos, check.text)
     if op in ("=", "!="):
         target = values[0]
-        return lambda v: v == target
+        test = lambda v: v == target  # noqa: E731
+        test.members = frozenset(values)
+        return test
     if op in ("in", "intersects"):
         members = frozenset(values)
-        return lambda v: v in members
+        test = lambda v: v in members  # noqa: E731
+        test.members = members  # lets compiled code test a whole list at once
+        return test
     if op == "pmatch":
         prefixes = tuple(values)
         return lambda v: _pmatch(v, prefixes)
@@ -359,69 +371,56 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
     raise ConditionError(f"unknown operator {op!r}; known: {', '.join(sorted(ALL_OPS))}", check.pos, check.text)
 
 
-def compile_check(check: Check) -> Predicate:
-    try:
-        return _compile_check(check)
-    except ConditionError as e:
-        e.where = check.origin
-        raise
+# what an event of each kind says for evt.type
+KIND_TYPES = {"exec": ("execve", "execveat"), "connect": ("connect",), "udp_send": ("sendto",),
+              "gpu_open": ("open", "openat", "openat2")}
+STATIC_FIELDS = {"evt.kind": lambda kind: (kind,), "evt.dir": lambda kind: ("<",),
+                 "evt.type": lambda kind: KIND_TYPES[kind]}
 
 
-def _compile_check(check: Check) -> Predicate:
-    if check.op not in ALL_OPS:
-        raise ConditionError(f"unknown operator {check.op!r}; known: {', '.join(sorted(ALL_OPS))}",
-                             check.pos, check.text)
-    test = _value_test(check)
-    field, index = check.field, check.index
-    key = field.name if index is None else f"{field.name}[{index}]"
-    many = field.is_list and index is None
-    if check.op == "exists":
-        if many:
-            return lambda x: bool(x.get(key, field, index))
-        return lambda x: x.get(key, field, index) is not None
-    negate = check.op == "!="
-    if many:
-        if negate:
-            return lambda x: (vs := x.get(key, field, index)) is not None and not any(test(v) for v in vs)
-        return lambda x: (vs := x.get(key, field, index)) is not None and any(test(v) for v in vs)
-    if negate:
-        return lambda x: (v := x.get(key, field, index)) is not None and not test(v)
-    return lambda x: (v := x.get(key, field, index)) is not None and test(v)
+def specialize(node, kind: str):
+    """The node simplified for events of one kind: True, False, or what is left to test.
 
-
-def kinds_of(node) -> frozenset[str]:
-    """Event kinds the node can be true for (a sound over-estimate)."""
-    if isinstance(node, BoolOp):
-        sets = [kinds_of(c) for c in node.children]
-        if node.op == "and":
-            return frozenset.intersection(*sets)
-        return frozenset.union(*sets)
-    if isinstance(node, Not):
-        return ALL_KINDS
+    Checks on fields the kind does not have are false; checks on evt.kind,
+    evt.dir and (where the kind decides it) evt.type are decided now. So
+    `spawned_process` costs one check on an exec event, and a rule is indexed
+    only under the kinds it can match.
+    """
     if isinstance(node, Check):
-        if node.field.name in ("evt.type", "evt.kind") and node.op in ("=", "in"):
-            names = {t.value for t in node.values}
-            return frozenset(KIND_OF_TYPE.get(n, n) for n in names) & ALL_KINDS
-        return node.field.kinds
-    raise TypeError(node)
-
-
-def compile_node(node) -> Predicate:
-    if isinstance(node, Check):
-        return compile_check(node)
+        if kind not in node.field.kinds:
+            return False
+        possible = STATIC_FIELDS.get(node.field.name)
+        if possible is None:
+            return node
+        test = check_test(node)
+        outcomes = {(not test(v)) if node.op == "!=" else test(v) for v in possible(kind)}
+        return outcomes.pop() if len(outcomes) == 1 else node
     if isinstance(node, Not):
-        inner = compile_node(node.child)
-        return lambda x: not inner(x)
-    parts = [compile_node(c) for c in node.children]
-    if node.op == "and":
-        if len(parts) == 2:
-            a, b = parts
-            return lambda x: a(x) and b(x)
-        return lambda x: all(p(x) for p in parts)
-    if len(parts) == 2:
-        a, b = parts
-        return lambda x: a(x) or b(x)
-    return lambda x: any(p(x) for p in parts)
+        child = specialize(node.child, kind)
+        return (not child) if isinstance(child, bool) else Not(child)
+    children = [specialize(c, kind) for c in node.children]
+    decisive = node.op == "or"  # True decides an or, False an and
+    if decisive in children:
+        return decisive
+    rest = [c for c in children if not isinstance(c, bool)]
+    if not rest:
+        return not decisive
+    return rest[0] if len(rest) == 1 else BoolOp(node.op, rest)
+
+
+def validate(node) -> None:
+    """Raises the first ConditionError of any check, whatever kinds it applies to."""
+    if isinstance(node, Check):
+        if node.op not in ALL_OPS:
+            raise ConditionError(f"unknown operator {node.op!r}; known: {', '.join(sorted(ALL_OPS))}",
+                                 node.pos, node.text, node.origin)
+        if node.op != "exists":
+            check_test(node)
+    elif isinstance(node, Not):
+        validate(node.child)
+    elif isinstance(node, BoolOp):
+        for child in node.children:
+            validate(child)
 
 
 class Macros:
@@ -458,13 +457,22 @@ class Macros:
 class Condition:
     text: str
     tree: Any
-    kinds: frozenset[str]
-    predicate: Predicate
+    trees: dict[str, Any]  # simplified for each event kind; kinds it can never match are absent
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self.trees)
 
 
 def compile_condition(text: str, macros: Macros) -> Condition:
     tree = macros.expand(Parser(text, macros.lists).parse())
-    return Condition(text, tree, kinds_of(tree), compile_node(tree))
+    validate(tree)
+    trees = {}
+    for kind in sorted(ALL_KINDS):
+        simplified = specialize(tree, kind)
+        if simplified is not False:
+            trees[kind] = simplified
+    return Condition(text, tree, trees)
 
 
 def fields_in(text: str) -> Iterable[str]:

@@ -106,21 +106,22 @@ class SequenceState:
         self.spec = spec
         self.keys = BoundedKeys(spec.max_keys)  # key -> [next step, time of the first step]
 
-    def observe(self, x: Evaluation, now: int) -> bool:
-        """Advances this key's sequence; True when its last step matched."""
+    def observe(self, x: Evaluation, now: int, held: list[bool]) -> bool:
+        """Advances this key's sequence given which steps the event satisfies;
+        True when its last step matched."""
         spec = self.spec
         key = _key(x, spec.by)
         state = self.keys.get(key)
         if state is not None and now - state[1] > spec.within * NS:
             del self.keys[key]
             state = None
-        if state is not None and spec.steps[state[0]].predicate(x):
+        if state is not None and held[state[0]]:
             state[0] += 1
             if state[0] == len(spec.steps):
                 del self.keys[key]
                 return True
             return False
-        if spec.steps[0].predicate(x):
+        if held[0]:
             state = self.keys.touch(key, lambda: [1, now])
             state[0], state[1] = 1, now
         return False
@@ -138,27 +139,29 @@ class Engine:
         self.sequences = {r.name: SequenceState(r.sequence) for r in ruleset.rules if r.sequence}
 
     def evaluate(self, event: ev.Event) -> list[Verdict]:
-        rules = self.ruleset.by_kind.get(event.kind)
-        if not rules:
+        kind = self.ruleset.judges.get(event.kind)
+        if kind is None:
+            return []
+        held = kind.judge(event, self.context)
+        if not held:
             return []
         x = Evaluation(event, self.context)
         verdicts = []
-        for rule in rules:
-            count = self._fires(rule, x)
+        plain = len(kind.plain)
+        for position in held:
+            if position >= plain:
+                break
+            rule = kind.plain[position]
+            count = self.windows[rule.name].observe(x, event.time_ns) if rule.window else 1
             if count:
                 verdicts.append(self._verdict(rule, x, count))
+        if held[-1] >= plain:
+            held_set = set(held)
+            for rule, steps in kind.sequences:
+                step_held = [p is not None and p in held_set for p in steps]
+                if any(step_held) and self.sequences[rule.name].observe(x, event.time_ns, step_held):
+                    verdicts.append(self._verdict(rule, x, 1))
         return verdicts
-
-    def _fires(self, rule: CompiledRule, x: Evaluation) -> int:
-        if rule.sequence:
-            if rule.exceptions and rule.exceptions.predicate(x):
-                return 0
-            return 1 if self.sequences[rule.name].observe(x, x.event.time_ns) else 0
-        if not rule.matches(x):
-            return 0
-        if rule.window:
-            return self.windows[rule.name].observe(x, x.event.time_ns) or 0
-        return 1
 
     def _verdict(self, rule: CompiledRule, x: Evaluation, count: int) -> Verdict:
         return Verdict(rule=rule.name, priority=rule.priority,

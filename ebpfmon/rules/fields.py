@@ -10,7 +10,7 @@ comparison with None is false, as in Falco.
 from __future__ import annotations
 
 import fnmatch
-import os
+import operator
 import pwd
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,10 +36,19 @@ class Context:
     gpu_entitled: tuple[str, ...] = ()  # cgroup path globs of agents allowed to use GPUs
     networks: NetworkClassifier = field(default_factory=NetworkClassifier)
     _users: dict[int, str] = field(default_factory=dict)
+    _agents: dict[str, str | None] = field(default_factory=dict)
 
     def agent_cgroup(self, cgroup: str | None) -> str | None:
         if not cgroup:
             return None
+        known = self._agents.get(cgroup, MISSING)
+        if known is MISSING:
+            if len(self._agents) > 65536:
+                self._agents.clear()
+            known = self._agents[cgroup] = self._agent_of(cgroup)
+        return known
+
+    def _agent_of(self, cgroup: str) -> str | None:
         root = self.agent_root.rstrip("/")
         if not cgroup.startswith(root + "/"):
             return None
@@ -59,6 +68,7 @@ class Context:
         return name
 
 
+MISSING = object()
 Extractor = Callable[[ev.Event, Context], Any]
 
 
@@ -90,7 +100,7 @@ def _argv(e: ev.Event) -> list[str]:
 
 
 def _basename(path: str | None) -> str | None:
-    return os.path.basename(path) if path else None
+    return path.rpartition("/")[2] if path else None
 
 
 @_field("evt.type", ALL_KINDS, STR, "the system call: execve, execveat, connect, sendto, open, openat, openat2")
@@ -140,12 +150,16 @@ def _self_as_ancestor(e: ev.Event) -> ev.Ancestor:
     return ev.Ancestor(pid=e.proc.pid, comm=e.proc.comm, exe=e.proc.exe, argv=_argv(e))
 
 
-def _ancestor_field(attr: str, transform=lambda v: v):
+def _ancestor_field(attr: str, transform=None):
+    get = operator.attrgetter(attr)
+
     def extract(e, c, index=None):
         if index is None:  # every ancestor, parent first
-            return [transform(getattr(a, attr)) for a in e.ancestry if getattr(a, attr) is not None]
+            values = [v for v in map(get, e.ancestry) if v is not None]
+            return values if transform is None else [transform(v) for v in values]
         a = _self_as_ancestor(e) if index == 0 else _ancestor(e, index)
-        return transform(getattr(a, attr)) if a is not None and getattr(a, attr) is not None else None
+        value = get(a) if a is not None else None
+        return value if value is None or transform is None else transform(value)
     return extract
 
 
@@ -225,7 +239,7 @@ _field("gpu.vendor", {GPU}, STR, "nvidia, amd, intel, habana... when known")(lam
 _field("gpu.access", {GPU}, STR, "r, w or rw")(lambda e, c: e.access)
 
 def _ssh(e, c):
-    return parse_ssh(e.argv, e.proc.exe)
+    return parse_ssh(tuple(e.argv), e.proc.exe)
 
 
 _field("ssh.client", {EXEC}, BOOL, "the program is an ssh-family client (ssh, autossh, dbclient, plink)")(

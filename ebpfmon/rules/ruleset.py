@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfmon.output import safe
-from ebpfmon.rules.condition import Condition, Evaluation, resolve_field, Token
+from ebpfmon.rules.codegen import compile_judge
+from ebpfmon.rules.condition import BoolOp, Condition, Evaluation, Not, Token, resolve_field
 from ebpfmon.rules.fields import Field
 
 # Falco's priorities, most severe first
@@ -105,9 +106,30 @@ class CompiledRule:
     def stateful(self) -> str:
         return "sequence" if self.sequence else "window" if self.window else ""
 
-    def matches(self, x: Evaluation) -> bool:
-        """The condition and no exception (stateless part; sequences are judged by the engine)."""
-        return self.condition.predicate(x) and not (self.exceptions and self.exceptions.predicate(x))
+    def tree_for(self, kind: str, condition: Condition | None = None):
+        """A condition (by default the rule's) and no exception, for events of one kind;
+        False when it cannot hold for that kind."""
+        tree = (condition or self.condition).trees.get(kind, False)
+        exception = self.exceptions.trees.get(kind) if self.exceptions else None
+        if tree is False or exception is None:
+            return tree
+        return BoolOp("and", [tree, Not(exception)])
+
+
+@dataclass
+class KindJudge:
+    """Every rule that can match one event kind, judged by one generated function.
+
+    The function returns positions, in ascending order: first those of plain
+    and window rules (`plain[i]`), then those of sequence steps (`steps` maps a
+    sequence rule to the position of each of its steps; None where a step cannot
+    hold for this kind).
+    """
+
+    judge: Any
+    source: str
+    plain: list[CompiledRule]
+    sequences: list[tuple[CompiledRule, list[int | None]]]
 
 
 @dataclass
@@ -117,11 +139,27 @@ class RuleSet:
     lists: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # kind -> enabled rules that can match it, in file order
         self.by_kind: dict[str, list[CompiledRule]] = defaultdict(list)
         for rule in self.rules:
             if rule.enabled:
                 for kind in sorted(rule.kinds):
                     self.by_kind[kind].append(rule)
+        self.judges: dict[str, KindJudge] = {}
+        for kind, rules in self.by_kind.items():
+            plain = [r for r in rules if not r.sequence]
+            trees = [r.tree_for(kind) for r in plain]
+            sequences = []
+            for rule in (r for r in rules if r.sequence):
+                positions = []
+                for step in rule.sequence.steps:
+                    tree = rule.tree_for(kind, step)
+                    positions.append(None if tree is False else len(trees))
+                    if tree is not False:
+                        trees.append(tree)
+                sequences.append((rule, positions))
+            judge, source = compile_judge(trees)
+            self.judges[kind] = KindJudge(judge, source, plain, sequences)
 
     def get(self, name: str) -> CompiledRule | None:
         return next((r for r in self.rules if r.name == name), None)
