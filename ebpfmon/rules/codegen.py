@@ -82,19 +82,38 @@ class _Generator:
         return "(" + joiner.join(self.node(c) for c in node.children) + ")"
 
 
+def _conjuncts(tree) -> list:
+    if isinstance(tree, BoolOp) and tree.op == "and":
+        return [c for child in tree.children for c in _conjuncts(child)]
+    return [tree]
+
+
 def compile_judge(trees: list[Any]) -> tuple[Callable[[Any, Any], list[int]], str]:
     """One function judging an event against several conditions: (event, context) ->
-    positions of the conditions that hold. Also returns its source."""
+    positions of the conditions that hold, ascending. Also returns its source.
+
+    Conditions that start with the same check (most start with spawned_process)
+    are grouped under one `if` on it, so an event that fails it costs one test."""
     gen = _Generator()
-    tests = [gen.node(tree) for tree in trees]
+    groups: dict[str, list[tuple[int, list[str]]]] = {}
+    for i, tree in enumerate(trees):
+        parts = [gen.node(c) for c in _conjuncts(tree)]
+        groups.setdefault(parts[0], []).append((i, parts[1:]))
     lines = ["def judge(e, c):"]
     local = list(gen.fields.values()) + list(gen.checks.values())
     if local:
         lines.append("    " + " = ".join(local) + " = _M")
     lines.append("    held = []")
-    for i, test in enumerate(tests):
-        lines.append(f"    if {test}:")
-        lines.append(f"        held.append({i})")
+    for first, members in groups.items():
+        lines.append(f"    if {first}:")
+        for i, rest in members:
+            if rest:
+                lines.append(f"        if {' and '.join(rest)}:")
+                lines.append(f"            held.append({i})")
+            else:
+                lines.append(f"        held.append({i})")
+    if len(groups) < len(trees):
+        lines.append("    held.sort()")
     lines.append("    return held")
     source = "\n".join(lines)
     namespace = dict(gen.names)
