@@ -304,8 +304,11 @@ def _ip_in(value: str, networks: list) -> bool:
     return any(ip in n for n in networks)
 
 
-def _pmatch(value: str, prefixes: tuple[str, ...]) -> bool:
-    return any(value == p or value.startswith(p.rstrip("/") + "/") for p in prefixes)
+def _pmatcher(prefixes: list[str]) -> Callable[[str], bool]:
+    """The path is one of the prefixes or below one (/tmp matches /tmp/x, not /tmpx)."""
+    exact = frozenset(p.rstrip("/") or "/" for p in prefixes)
+    below = tuple(p.rstrip("/") + "/" for p in prefixes)
+    return lambda v: v in exact or v.startswith(below)
 
 
 def check_test(check: Check) -> Callable[[Any], bool]:
@@ -346,8 +349,7 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
         test.members = members  # lets compiled code test a whole list at once
         return test
     if op == "pmatch":
-        prefixes = tuple(values)
-        return lambda v: _pmatch(v, prefixes)
+        return _pmatcher(values)
     target = values[0]
     if op == "contains":
         return lambda v: target in v
