@@ -26,7 +26,17 @@ LAYOUTS = {
     abi.EventKind.EXIT: abi.unpacker(abi.ExitEvent),
     abi.EventKind.CGROUP_MKDIR: abi.unpacker(abi.CgroupEvent),
     abi.EventKind.CGROUP_RMDIR: abi.unpacker(abi.CgroupEvent),
+    abi.EventKind.REFUSED: abi.unpacker(abi.RefusedEvent),
+    abi.EventKind.DEVICE: abi.unpacker(abi.DeviceEvent),
 }
+REFUSE_REASONS = {r.value: r.name.lower() for r in abi.RefuseReason}
+REFUSE_OPS = {o.value: o.name.lower() for o in abi.RefuseOp}
+
+
+def device_access(bits: int) -> str:
+    """BPF_DEVCG_ACC_* bits (mknod 1, read 2, write 4) as r, w, rw or m."""
+    text = ("r" if bits & 2 else "") + ("w" if bits & 4 else "")
+    return text or ("m" if bits & 1 else "")
 
 SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket"}
 # socket() protocol numbers; 0 means the family's default for the type
@@ -143,7 +153,8 @@ class Decoder:
         }
 
     def _connect(self, f, tail, common) -> ev.ConnectEvent:
-        return ev.ConnectEvent(**common, **self._sockaddr_fields(f))
+        hooked = bool(f["hdr.flags"] & abi.EVENT_F_FROM_HOOK)
+        return ev.ConnectEvent(**common, **self._sockaddr_fields(f), source="cgroup_hook" if hooked else "syscall")
 
     def _udp_send(self, f, tail, common) -> ev.UdpSendEvent:
         payload = tail[:f["payload_len"]]
@@ -155,6 +166,21 @@ class Decoder:
                                access=ACCESS[f["flags"] & O_ACCMODE], retval=f["retval"],
                                path_truncated=bool(f["hdr.flags"] & abi.EVENT_F_PATH_TRUNCATED),
                                syscall=_name(OPEN_SYSCALLS, f["syscall"]))
+
+    def _refused(self, f, tail, common) -> ev.RefusedEvent:
+        op = REFUSE_OPS.get(f["op"], str(f["op"]))
+        fields = {}
+        if op == "device":
+            fields = {"device": f"{f['major']}:{f['minor']}", "access": device_access(f["access"])}
+        elif f["family"] in FAMILIES:
+            sock = self._sockaddr_fields({**f, "retval": 0, "fd": -1})
+            fields = {k: sock[k] for k in ("family", "address", "port", "sock_type", "protocol")}
+        return ev.RefusedEvent(**common, reason=REFUSE_REASONS.get(f["reason"], str(f["reason"])), op=op,
+                               dry_run=bool(f["dry_run"]), agent_id=f["agent_id"], **fields)
+
+    def _device(self, f, tail, common) -> ev.DeviceEvent:
+        return ev.DeviceEvent(**common, device=f"{f['major']}:{f['minor']}", access=device_access(f["access"]),
+                              agent_id=f["agent_id"])
 
     def _fork(self, f, tail, common) -> ev.ForkEvent:
         return ev.ForkEvent(**common, child_pid=f["child_pid"])

@@ -72,6 +72,15 @@ class DeviceResolver:
         self.sys_dev = sys_dev
         self._cache: dict[str, Device | None] = {}
 
+    def vendor_of(self, number: str) -> str | None:
+        """The vendor of a device given as major:minor (cgroup device hook events)."""
+        major, _, minor = number.partition(":")
+        driver = self.drivers.get(int(major))
+        vendor = DRIVER_VENDORS.get(driver) if driver else None
+        if vendor is None and driver in ("drm", "accel"):
+            vendor = _pci_vendor(int(major), int(minor), self.sys_dev)
+        return vendor
+
     def resolve(self, path: str, pid: int = 0) -> Device | None:
         """The device at an absolute path, as the process pid sees it when it still runs
         (its mount namespace may differ from ours), else as we see it."""
@@ -88,11 +97,7 @@ class DeviceResolver:
                 continue
         if st is not None and stat.S_ISCHR(st.st_mode):
             major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            driver = self.drivers.get(major)
-            vendor = DRIVER_VENDORS.get(driver) if driver else None
-            if vendor is None and driver in ("drm", "accel"):
-                vendor = _pci_vendor(major, minor, self.sys_dev)
-            device = Device(major, minor, vendor)
+            device = Device(major, minor, self.vendor_of(f"{major}:{minor}"))
         if len(self._cache) > 4096:
             self._cache.clear()
         self._cache[path] = device

@@ -45,6 +45,10 @@ class Enricher:
             device = self.devices.resolve(item.path, proc.pid)
             if device is not None:
                 item.device, item.vendor = device.number, device.vendor
+        if isinstance(item, (ev.RefusedEvent, ev.DeviceEvent)):
+            item.agent = self.cgroups.path(item.agent_id) if item.agent_id else None
+            if item.device:
+                item.vendor = self.devices.vendor_of(item.device)
         if isinstance(item, ev.ExitEvent):
             self.tree.exited(proc.tid)
         return item

@@ -113,6 +113,7 @@ class ConnectEvent(Event):
     protocol: str | None = None  # tcp, udp... when it can be known
     retval: int = 0
     fd: int = -1
+    source: str = "syscall"  # or "cgroup_hook": a connect no syscall probe saw (io_uring), no result
 
 
 @dataclass
@@ -138,6 +139,43 @@ class GpuOpenEvent(Event):
 
 
 @dataclass
+class RefusedEvent(Event):
+    """Enforcement refused something, synchronously, in the kernel."""
+
+    kind: ClassVar[str] = "refused"
+    reason: str = ""  # cut, port, net, gpu
+    op: str = ""  # connect, sendmsg, device
+    dry_run: bool = False  # only reported: the call went through
+    agent_id: int = 0
+    agent: str | None = None  # the agent's cgroup path
+    family: str | None = None
+    address: str | None = None
+    port: int | None = None
+    sock_type: str | None = None
+    protocol: str | None = None
+    device: str | None = None  # major:minor
+    vendor: str | None = None
+    access: str | None = None  # r, w, rw, m (mknod)
+
+    @property
+    def retval(self) -> int:
+        return 0 if self.dry_run else -1  # EPERM
+
+
+@dataclass
+class DeviceEvent(Event):
+    """A GPU device access seen by the cgroup device hook, not by the open probes
+    (a relative path, a path outside the GPU prefixes)."""
+
+    kind: ClassVar[str] = "device"
+    device: str = ""
+    vendor: str | None = None
+    access: str = ""
+    agent_id: int = 0
+    agent: str | None = None
+
+
+@dataclass
 class ForkEvent(Event):
     kind: ClassVar[str] = "fork"
     child_pid: int = 0
@@ -149,16 +187,17 @@ class ExitEvent(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (ExecEvent, ConnectEvent, UdpSendEvent, GpuOpenEvent, ForkEvent, ExitEvent)
+    cls.kind: cls for cls in (ExecEvent, ConnectEvent, UdpSendEvent, GpuOpenEvent, RefusedEvent, DeviceEvent,
+                              ForkEvent, ExitEvent)
 }
 
 # what a user asks `trace` for -> event kinds shown
 KIND_GROUPS = {
     "exec": ("exec",),
     "connect": ("connect", "udp_send"),
-    "gpu": ("gpu_open",),
+    "gpu": ("gpu_open", "device"),
 }
-KIND_GROUPS["all"] = tuple(k for group in KIND_GROUPS.values() for k in group)
+KIND_GROUPS["all"] = tuple(k for group in KIND_GROUPS.values() for k in group) + ("refused",)
 
 
 def from_dict(data: dict[str, Any]) -> Event:

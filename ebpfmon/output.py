@@ -55,10 +55,18 @@ def describe(event: ev.Event) -> str:
             what += f" dns={safe(event.dns_query)}"
         return f"{what}  = {result(event)}"
     if isinstance(event, ev.ConnectEvent):
-        return f"connect {event.protocol or event.sock_type or '?'} {endpoint(event)}  = {result(event)}"
+        outcome = "(cgroup hook, result unknown)" if event.source == "cgroup_hook" else f"= {result(event)}"
+        return f"connect {event.protocol or event.sock_type or '?'} {endpoint(event)}  {outcome}"
     if isinstance(event, ev.GpuOpenEvent):
         device = f" ({event.device} {event.vendor or 'unknown vendor'})" if event.device else ""
         return f"open {safe(event.path)}{device} {event.access}  = {result(event)}"
+    if isinstance(event, ev.RefusedEvent):
+        what = (f"device {event.device} ({event.vendor or 'unknown vendor'}) {event.access}" if event.op == "device"
+                else f"{event.op} {event.protocol or '?'} {endpoint(event)}")
+        verdict = "would refuse (dry run)" if event.dry_run else "REFUSED"
+        return f"{verdict} {what}: {event.reason}"
+    if isinstance(event, ev.DeviceEvent):
+        return f"device {event.device} ({event.vendor or 'unknown vendor'}) {event.access} (cgroup hook)"
     if isinstance(event, ev.ForkEvent):
         return f"fork -> {event.child_pid}"
     return event.kind

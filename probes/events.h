@@ -17,7 +17,9 @@ enum event_kind {
 	EVENT_EXIT = 6,        /* task exit (sched_process_exit) */
 	EVENT_CGROUP_MKDIR = 7,/* cgroup created (v2 hierarchy) */
 	EVENT_CGROUP_RMDIR = 8,/* cgroup removed (v2 hierarchy) */
-	EVENT_KIND_MAX = 9,
+	EVENT_REFUSED = 9,     /* enforcement refused a connect, a send or a device */
+	EVENT_DEVICE = 10,     /* a GPU device access seen by the cgroup device hook only */
+	EVENT_KIND_MAX = 11,
 };
 
 /* Per-kind counters, indexed kind * COUNTER_MAX + counter. */
@@ -33,6 +35,7 @@ enum counter {
 #define EVENT_F_PATH_TRUNCATED     (1 << 2) /* filename/path longer than PATH_MAX_CAPTURE - 1 */
 #define EVENT_F_ARGV_UNREADABLE    (1 << 3) /* user memory of argv could not be read */
 #define EVENT_F_PAYLOAD_TRUNCATED  (1 << 4) /* datagram longer than PAYLOAD_MAX */
+#define EVENT_F_FROM_HOOK          (1 << 5) /* seen by a cgroup hook, not a syscall (io_uring...): no result */
 
 #define COMM_LEN 16
 #define PATH_MAX_CAPTURE 256        /* filename/path bytes kept, NUL included */
@@ -113,6 +116,73 @@ struct cgroup_event {
 	__s32 level;
 	__u32 _pad;
 	char path[PATH_MAX_CAPTURE];
+};
+
+/* Why enforcement refused (refused_event.reason). */
+enum refuse_reason {
+	REFUSE_CUT = 1,        /* the agent's network is cut */
+	REFUSE_PORT = 2,       /* destination port on the deny list */
+	REFUSE_NET = 3,        /* destination address in a denied network */
+	REFUSE_GPU = 4,        /* GPU device the agent is not entitled to */
+	REFUSE_REASON_MAX = 5,
+};
+
+/* What was refused (refused_event.op). */
+enum refuse_op {
+	OP_CONNECT = 1,
+	OP_SENDMSG = 2,
+	OP_DEVICE = 3,
+};
+
+struct refused_event {
+	struct event_header hdr;
+	__u64 agent_id;             /* the agent's cgroup (ancestor at the agent level) */
+	__u32 reason;               /* enum refuse_reason */
+	__u32 op;                   /* enum refuse_op */
+	__u32 dry_run;              /* 1: only reported, let through */
+	__u16 family;
+	__u16 dport;
+	__u16 sock_type;
+	__u16 protocol;
+	__u8 addr[16];
+	__u32 major;                /* devices */
+	__u32 minor;
+	__u32 access;               /* BPF_DEVCG_ACC_* */
+	__u32 _pad;
+};
+
+struct device_event {
+	struct event_header hdr;
+	__u64 agent_id;
+	__u32 major;
+	__u32 minor;
+	__u32 access;               /* BPF_DEVCG_ACC_MKNOD 1, READ 2, WRITE 4 */
+	__u32 _pad;
+};
+
+/* Written by the loader for the enforcement programs. */
+struct enforce_config {
+	__u32 agent_level;          /* absolute cgroup level of agent cgroups */
+	__u32 dry_run;              /* report refusals, enforce none */
+	__u32 gpu_default_deny;     /* agents without a gpu_policy entry are refused GPUs */
+	__u32 _pad;
+};
+
+/* gpu_policy value: per agent cgroup. */
+struct gpu_policy {
+	__u32 allow;                /* 0 deny every GPU device, 1 allow (see minors) */
+	__u32 limit_minors;         /* 1: only minors set in minor_mask (0..63) */
+	__u64 minor_mask;
+};
+
+struct lpm_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
 };
 
 /* Written by the loader, read by every probe. */

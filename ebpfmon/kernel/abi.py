@@ -28,9 +28,27 @@ class EventKind(IntEnum):
     EXIT = 6
     CGROUP_MKDIR = 7
     CGROUP_RMDIR = 8
+    REFUSED = 9
+    DEVICE = 10
 
 
-EVENT_KIND_MAX = 9
+EVENT_KIND_MAX = 11
+
+
+class RefuseReason(IntEnum):
+    CUT = 1
+    PORT = 2
+    NET = 3
+    GPU = 4
+
+
+REFUSE_REASON_MAX = 5
+
+
+class RefuseOp(IntEnum):
+    CONNECT = 1
+    SENDMSG = 2
+    DEVICE = 3
 
 
 class Counter(IntEnum):
@@ -45,6 +63,7 @@ EVENT_F_ARG_TRUNCATED = 1 << 1
 EVENT_F_PATH_TRUNCATED = 1 << 2
 EVENT_F_ARGV_UNREADABLE = 1 << 3
 EVENT_F_PAYLOAD_TRUNCATED = 1 << 4
+EVENT_F_FROM_HOOK = 1 << 5
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 s32 = ctypes.c_int32
@@ -126,6 +145,52 @@ class CgroupEvent(ctypes.Structure):
     ]
 
 
+class RefusedEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("agent_id", u64),
+        ("reason", u32),
+        ("op", u32),
+        ("dry_run", u32),
+        ("family", u16),
+        ("dport", u16),
+        ("sock_type", u16),
+        ("protocol", u16),
+        ("addr", u8 * 16),
+        ("major", u32),
+        ("minor", u32),
+        ("access", u32),
+        ("_pad", u32),
+    ]
+
+
+class DeviceEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("agent_id", u64),
+        ("major", u32),
+        ("minor", u32),
+        ("access", u32),
+        ("_pad", u32),
+    ]
+
+
+class EnforceConfig(ctypes.Structure):
+    _fields_ = [("agent_level", u32), ("dry_run", u32), ("gpu_default_deny", u32), ("_pad", u32)]
+
+
+class GpuPolicy(ctypes.Structure):
+    _fields_ = [("allow", u32), ("limit_minors", u32), ("minor_mask", u64)]
+
+
+class LpmV4(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 4)]
+
+
+class LpmV6(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
+
+
 class ProbeConfig(ctypes.Structure):
     _fields_ = [("all_cgroups", u32), ("ignore_tgid", u32)]
 
@@ -143,6 +208,12 @@ STRUCTS = {
     "fork_event": ForkEvent,
     "exit_event": ExitEvent,
     "cgroup_event": CgroupEvent,
+    "refused_event": RefusedEvent,
+    "device_event": DeviceEvent,
+    "enforce_config": EnforceConfig,
+    "gpu_policy": GpuPolicy,
+    "lpm_v4": LpmV4,
+    "lpm_v6": LpmV6,
     "probe_config": ProbeConfig,
     "gpu_prefix": GpuPrefix,
 }
@@ -157,6 +228,8 @@ RECORDS = {
     EventKind.EXIT: ExitEvent,
     EventKind.CGROUP_MKDIR: CgroupEvent,
     EventKind.CGROUP_RMDIR: CgroupEvent,
+    EventKind.REFUSED: RefusedEvent,
+    EventKind.DEVICE: DeviceEvent,
 }
 
 # C constant name -> value, for the constants check
@@ -177,6 +250,10 @@ CONSTANTS = {
     "EVENT_F_PATH_TRUNCATED": EVENT_F_PATH_TRUNCATED,
     "EVENT_F_ARGV_UNREADABLE": EVENT_F_ARGV_UNREADABLE,
     "EVENT_F_PAYLOAD_TRUNCATED": EVENT_F_PAYLOAD_TRUNCATED,
+    "EVENT_F_FROM_HOOK": EVENT_F_FROM_HOOK,
+    "REFUSE_REASON_MAX": REFUSE_REASON_MAX,
+    **{f"REFUSE_{r.name}": r.value for r in RefuseReason},
+    **{f"OP_{o.name}": o.value for o in RefuseOp},
     **{f"EVENT_{kind.name}": kind.value for kind in EventKind},
     **{f"COUNTER_{c.name}": c.value for c in Counter},
 }

@@ -25,7 +25,9 @@ PROBES = {
     "connect": "connect.bpf.c",
     "gpu": "gpu.bpf.c",
     "proc": "proc.bpf.c",
+    "enforce": "enforce.bpf.c",  # cgroup programs; uses the connect and gpu probes' state
 }
+REQUIRES = {"enforce": {"connect", "gpu"}}
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
@@ -63,13 +65,32 @@ def tracefs_dir() -> str:
     )
 
 
+BPFFS = Path("/sys/fs/bpf")
+
+
+def bpffs_dir(pin_dir: Path) -> None:
+    """Makes the pin directory, mounting the BPF filesystem first if needed."""
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[2] == "bpf" and line.split()[1] == str(BPFFS) for line in f)
+    if not mounted:
+        BPFFS.mkdir(parents=True, exist_ok=True)
+        if os.system(f"mount -t bpf bpf {BPFFS}") != 0:
+            raise ProbeLoadError(f"cannot mount the BPF filesystem at {BPFFS}, where enforcement keeps its state.",
+                                 "Mount it: 'mount -t bpf bpf /sys/fs/bpf'.")
+    Path(pin_dir).mkdir(parents=True, exist_ok=True)
+
+
 def probe_source(probes: Iterable[str], probes_dir: Path = PROBES_DIR) -> str:
     """The C text bcc compiles: common.h, then each probe, inlined.
 
     Inlined rather than #included because bcc rewrites map calls
     (events.ringbuf_output...) and finds TRACEPOINT_PROBEs only in the main file.
     """
-    names = ["proc"] + sorted(set(probes) - {"proc"})
+    wanted = set(probes)
+    for name in list(wanted):
+        wanted |= REQUIRES.get(name, set())
+    # dependencies first: enforce uses maps of connect and gpu
+    names = ["proc"] + sorted(wanted - {"proc", "enforce"}) + (["enforce"] if "enforce" in wanted else [])
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise ValueError(f"unknown probe(s) {unknown}; known: {sorted(PROBES)}")
@@ -81,11 +102,17 @@ def probe_source(probes: Iterable[str], probes_dir: Path = PROBES_DIR) -> str:
 class ProbeSet:
     """Compiles and attaches probes; owns their maps and the ring buffer."""
 
-    def __init__(self, probes: Iterable[str] = tuple(PROBES), ringbuf_pages: int = 1024,
-                 probes_dir: Path = PROBES_DIR):
-        self.probes = sorted(set(probes) | {"proc"})
+    def __init__(self, probes: Iterable[str] = ("exec", "connect", "gpu"), ringbuf_pages: int = 1024,
+                 probes_dir: Path = PROBES_DIR, pin_dir: Path | None = None):
+        wanted = set(probes) | {"proc"}
+        for name in list(wanted):
+            wanted |= REQUIRES.get(name, set())
+        self.probes = sorted(wanted)
         self.ringbuf_pages = ringbuf_pages
         self.probes_dir = probes_dir
+        if "enforce" in self.probes and pin_dir is None:
+            raise ValueError("the enforce probe keeps its state in pinned maps: give pin_dir")
+        self.pin_dir = pin_dir
         self._bpf = None
 
     def source(self) -> str:
@@ -94,13 +121,18 @@ class ProbeSet:
     def cflags(self) -> list[str]:
         if self.ringbuf_pages <= 0 or self.ringbuf_pages & (self.ringbuf_pages - 1):
             raise ValueError(f"ring buffer pages must be a power of two, not {self.ringbuf_pages}")
-        return [f"-I{self.probes_dir}", f"-DRINGBUF_PAGES={self.ringbuf_pages}"]
+        flags = [f"-I{self.probes_dir}", f"-DRINGBUF_PAGES={self.ringbuf_pages}"]
+        if self.pin_dir is not None:
+            flags.append(f'-DPIN_DIR="{self.pin_dir}"')
+        return flags
 
     def load(self) -> "ProbeSet":
         """Compiles, loads and attaches every tracepoint; scope starts empty."""
         require_root()
         bcc = import_bcc()
         tracefs_dir()
+        if self.pin_dir is not None:
+            bpffs_dir(self.pin_dir)
         try:
             self._bpf = bcc.BPF(text=self.source().encode(), cflags=self.cflags())
         except Exception as e:  # bcc raises bare Exception

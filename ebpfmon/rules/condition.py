@@ -42,11 +42,6 @@ TOKEN = re.compile(r"""
   | (?P<word>[^\s(),=<>!'"]+)
 """, re.VERBOSE)
 
-# evt.type values -> the event kind that carries them
-KIND_OF_TYPE = {"execve": "exec", "execveat": "exec", "connect": "connect", "sendto": "udp_send",
-                "sendmsg": "udp_send", "open": "gpu_open", "openat": "gpu_open", "openat2": "gpu_open"}
-
-
 class ConditionError(Exception):
     """A problem at a position of a condition; the loader turns pos into file:line:col."""
 
@@ -375,7 +370,7 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
 
 # what an event of each kind says for evt.type
 KIND_TYPES = {"exec": ("execve", "execveat"), "connect": ("connect",), "udp_send": ("sendto",),
-              "gpu_open": ("open", "openat", "openat2")}
+              "gpu_open": ("open", "openat", "openat2"), "refused": ("refused",), "device": ("device",)}
 STATIC_FIELDS = {"evt.kind": lambda kind: (kind,), "evt.dir": lambda kind: ("<",),
                  "evt.type": lambda kind: KIND_TYPES[kind]}
 

@@ -21,8 +21,11 @@ from ebpfmon.network import NetworkClassifier
 from ebpfmon.rules.argv import parse_ssh
 
 EXEC, CONNECT, UDP, GPU = "exec", "connect", "udp_send", "gpu_open"
-ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU})
-SOCKET_KINDS = frozenset({CONNECT, UDP})
+REFUSED, DEVICE = "refused", "device"
+ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU, REFUSED, DEVICE})
+# kinds with a destination; a refused event has one unless it refused a device
+SOCKET_KINDS = frozenset({CONNECT, UDP, REFUSED})
+DEVICE_KINDS = frozenset({GPU, DEVICE, REFUSED})
 
 STR, INT, BOOL, IP = "string", "number", "bool", "ip address"
 
@@ -103,11 +106,15 @@ def _basename(path: str | None) -> str | None:
     return path.rpartition("/")[2] if path else None
 
 
-@_field("evt.type", ALL_KINDS, STR, "the system call: execve, execveat, connect, sendto, open, openat, openat2")
+EVT_TYPES = {CONNECT: "connect", UDP: "sendto", REFUSED: "refused", DEVICE: "device"}
+
+
+@_field("evt.type", ALL_KINDS, STR, "the system call: execve, execveat, connect, sendto, open, openat, openat2; "
+        "refused for enforcement refusals, device for GPU accesses seen by the cgroup device hook")
 def _evt_type(e, c):
     if isinstance(e, (ev.ExecEvent, ev.GpuOpenEvent)):
         return e.syscall
-    return "connect" if e.kind == CONNECT else "sendto"
+    return EVT_TYPES[e.kind]
 
 
 _field("evt.kind", ALL_KINDS, STR, "ebpfmon's event kind: exec, connect, udp_send, gpu_open")(
@@ -195,28 +202,39 @@ _field("exec.argc", {EXEC}, INT, "number of arguments captured")(lambda e, c: le
 _field("exec.argv_truncated", {EXEC}, BOOL, "true when arguments were cut or dropped (limits: events.h)")(
     lambda e, c: e.argv_truncated)
 
-_field("fd.sip", SOCKET_KINDS, IP, "destination (server) address")(lambda e, c: e.address)
+def _socket(extract):
+    """A socket field: None for events without a destination (a refused device)."""
+    return lambda e, c: extract(e, c) if e.address is not None else None
+
+
+_field("fd.sip", SOCKET_KINDS, IP, "destination (server) address")(_socket(lambda e, c: e.address))
 _field("fd.rip", SOCKET_KINDS, IP, "remote address (same as fd.sip for outbound connections)")(
-    lambda e, c: e.address)
-_field("fd.sport", SOCKET_KINDS, INT, "destination (server) port")(lambda e, c: e.port)
+    _socket(lambda e, c: e.address))
+_field("fd.sport", SOCKET_KINDS, INT, "destination (server) port")(_socket(lambda e, c: e.port))
 _field("fd.rport", SOCKET_KINDS, INT, "remote port (same as fd.sport for outbound connections)")(
-    lambda e, c: e.port)
+    _socket(lambda e, c: e.port))
 _field("fd.l4proto", SOCKET_KINDS, STR, "tcp, udp... ('unknown' when the socket type is not known)")(
-    lambda e, c: e.protocol or "unknown")
-_field("fd.type", SOCKET_KINDS, STR, "ipv4 or ipv6")(lambda e, c: "ipv4" if e.family == "inet" else "ipv6")
-_field("fd.typechar", SOCKET_KINDS, STR, "4 or 6")(lambda e, c: "4" if e.family == "inet" else "6")
-_field("fd.sockfamily", SOCKET_KINDS, STR, "always 'ip'")(lambda e, c: "ip")
-_field("fd.num", SOCKET_KINDS, INT, "file descriptor number")(lambda e, c: e.fd)
+    _socket(lambda e, c: e.protocol or "unknown"))
+_field("fd.type", SOCKET_KINDS, STR, "ipv4 or ipv6")(
+    _socket(lambda e, c: "ipv4" if e.family == "inet" else "ipv6"))
+_field("fd.typechar", SOCKET_KINDS, STR, "4 or 6")(_socket(lambda e, c: "4" if e.family == "inet" else "6"))
+_field("fd.sockfamily", SOCKET_KINDS, STR, "always 'ip'")(_socket(lambda e, c: "ip"))
+_field("fd.num", {CONNECT, UDP}, INT, "file descriptor number")(lambda e, c: e.fd)
 _field("fd.is_internal", SOCKET_KINDS, BOOL, "destination is in an internal network: configured, "
-       "loopback, or routed other than by the default route")(lambda e, c: c.networks.is_internal(e.address))
+       "loopback, or routed other than by the default route")(
+    _socket(lambda e, c: c.networks.is_internal(e.address)))
 _field("fd.is_loopback", SOCKET_KINDS, BOOL, "destination is a loopback address")(
-    lambda e, c: e.address.startswith("127.") or e.address == "::1")
+    _socket(lambda e, c: e.address.startswith("127.") or e.address == "::1"))
+_field("evt.source", {CONNECT}, STR, "syscall, or cgroup_hook for a connect only the cgroup hooks saw "
+       "(io_uring): its result is not known")(lambda e, c: e.source)
 
 
 @_field("fd.name", SOCKET_KINDS | {GPU}, STR, "address:port for sockets, the path for GPU opens")
 def _fd_name(e, c):
     if isinstance(e, ev.GpuOpenEvent):
         return e.path
+    if e.address is None:
+        return None
     return f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}"
 
 
@@ -234,9 +252,14 @@ def _dns_suffixes(e, c):
 _field("udp.length", {UDP}, INT, "bytes the datagram carried")(lambda e, c: e.length)
 
 _field("gpu.path", {GPU}, STR, "the device path opened")(lambda e, c: e.path)
-_field("gpu.device", {GPU}, STR, "major:minor of the device, when it resolves")(lambda e, c: e.device)
-_field("gpu.vendor", {GPU}, STR, "nvidia, amd, intel, habana... when known")(lambda e, c: e.vendor)
-_field("gpu.access", {GPU}, STR, "r, w or rw")(lambda e, c: e.access)
+_field("gpu.device", DEVICE_KINDS, STR, "major:minor of the device, when it resolves")(lambda e, c: e.device)
+_field("gpu.vendor", DEVICE_KINDS, STR, "nvidia, amd, intel, habana... when known")(lambda e, c: e.vendor)
+_field("gpu.access", DEVICE_KINDS, STR, "r, w, rw; m for mknod")(lambda e, c: e.access)
+
+_field("refused.reason", {REFUSED}, STR, "why enforcement refused: cut, port, net, gpu")(lambda e, c: e.reason)
+_field("refused.op", {REFUSED}, STR, "what was refused: connect, sendmsg, device")(lambda e, c: e.op)
+_field("refused.dry_run", {REFUSED}, BOOL, "true when enforcement only reported (dry run)")(
+    lambda e, c: e.dry_run)
 
 def _ssh(e, c):
     return parse_ssh(tuple(e.argv), e.proc.exe)

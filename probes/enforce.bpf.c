@@ -1,0 +1,275 @@
+/* enforce: cgroup programs attached at the agent root, so they run only for
+ * agents. They cut an agent's network (skb ingress/egress drop, connect and
+ * sendmsg refused), refuse destinations on the deny lists, and refuse GPU
+ * devices by major:minor whatever the path. Every refusal is an event; so is
+ * every connect and GPU access these hooks see that the syscall probes did
+ * not (io_uring, relative paths), so observation is never weaker than
+ * enforcement.
+ *
+ * State that must outlive the daemon is in maps pinned under PIN_DIR (set by
+ * the loader with -D): the programs stay attached when the daemon dies, and a
+ * restarted daemon loads the same maps and replaces the programs.
+ */
+#ifndef PIN_DIR
+#error "PIN_DIR must be defined by the loader"
+#endif
+
+#define BPF_DEVCG_DEV_CHAR_ 2
+
+BPF_ARRAY(enforce_config, struct enforce_config, 1);
+BPF_TABLE_PINNED("hash", u64, u64, cut_cgroups, 4096, PIN_DIR "/cut_cgroups");
+BPF_TABLE_PINNED("hash", u16, u8, deny_ports, 1024, PIN_DIR "/deny_ports");
+BPF_TABLE_PINNED7("lpm_trie", struct lpm_v4, u8, deny_nets4, 4096, PIN_DIR "/deny_nets4", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("lpm_trie", struct lpm_v6, u8, deny_nets6, 4096, PIN_DIR "/deny_nets6", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", u64, struct gpu_policy, gpu_policy, 4096, PIN_DIR "/gpu_policy");
+/* what a cut leaves open (default: loopback) */
+BPF_LPM_TRIE(cut_allow4, struct lpm_v4, u8, 256);
+BPF_LPM_TRIE(cut_allow6, struct lpm_v6, u8, 256);
+BPF_HASH(gpu_majors, u32, u8, 64);
+/* refusals by reason, packets dropped by cuts */
+BPF_PERCPU_ARRAY(enforce_counters, u64, REFUSE_REASON_MAX + 1);
+#define COUNTER_SKB_DROPPED REFUSE_REASON_MAX
+
+static __always_inline struct enforce_config *econfig(void)
+{
+	u32 zero = 0;
+	return enforce_config.lookup(&zero);
+}
+
+static __always_inline void count_refusal(u32 index)
+{
+	u64 *value = enforce_counters.lookup(&index);
+	if (value)
+		(*value)++;
+}
+
+static __always_inline int is_cut(u64 agent)
+{
+	return agent && cut_cgroups.lookup(&agent) != NULL;
+}
+
+static __always_inline int v4_in(void *trie, u8 *addr)
+{
+	struct lpm_v4 key = {.prefixlen = 32};
+	__builtin_memcpy(key.addr, addr, 4);
+	return bpf_map_lookup_elem(trie, &key) != NULL;
+}
+
+static __always_inline int v6_in(void *trie, u8 *addr)
+{
+	struct lpm_v6 key = {.prefixlen = 128};
+	__builtin_memcpy(key.addr, addr, 16);
+	return bpf_map_lookup_elem(trie, &key) != NULL;
+}
+
+/* ---- network: cut ---- */
+
+/* 1 keeps the packet. In cgroup_skb programs the data starts at the IP header. */
+static __always_inline int skb_verdict(struct __sk_buff *skb, int egress)
+{
+	struct enforce_config *cfg = econfig();
+	if (!cfg)
+		return 1;
+	u64 agent = bpf_skb_ancestor_cgroup_id(skb, cfg->agent_level);
+	if (!is_cut(agent))
+		return 1;
+	if (skb->protocol == bpf_htons(0x0800)) {
+		u8 ip[20];
+		if (bpf_skb_load_bytes(skb, 0, ip, sizeof(ip)) == 0 &&
+		    v4_in(&cut_allow4, egress ? &ip[16] : &ip[12]))
+			return 1;
+	} else if (skb->protocol == bpf_htons(0x86DD)) {
+		u8 ip6[40];
+		if (bpf_skb_load_bytes(skb, 0, ip6, sizeof(ip6)) == 0 &&
+		    v6_in(&cut_allow6, egress ? &ip6[24] : &ip6[8]))
+			return 1;
+	}
+	if (cfg->dry_run)
+		return 1;
+	count_refusal(COUNTER_SKB_DROPPED);
+	return 0;
+}
+
+int enforce_egress(struct __sk_buff *skb)
+{
+	return skb_verdict(skb, 1);
+}
+
+int enforce_ingress(struct __sk_buff *skb)
+{
+	return skb_verdict(skb, 0);
+}
+
+/* ---- network: connect and sendmsg ---- */
+
+static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, struct bpf_sock_addr *ctx,
+				    u8 *addr, u32 addr_len)
+{
+	struct refused_event e = {};
+	fill_header(&e.hdr, EVENT_REFUSED, sizeof(e));
+	e.agent_id = agent;
+	e.reason = reason;
+	e.op = op;
+	e.dry_run = dry_run;
+	if (ctx) {
+		e.family = ctx->user_family;
+		e.dport = bpf_ntohs(ctx->user_port);
+		e.sock_type = ctx->type;
+		e.protocol = ctx->protocol;
+		if (addr_len == 4)
+			__builtin_memcpy(e.addr, addr, 4);
+		else if (addr_len == 16)
+			__builtin_memcpy(e.addr, addr, 16);
+	}
+	count_refusal(reason);
+	submit(&e.hdr, sizeof(e), sizeof(e), WAKE_ALERT);
+}
+
+/* A connect the connect tracepoint did not see (no pending entry for this
+ * thread: io_uring, for one) is reported from here, without a result. */
+static __always_inline void connect_seen(struct bpf_sock_addr *ctx, u8 *addr, u32 addr_len)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	if (sockaddr_pending.lookup(&tid))
+		return;
+	u32 zero = 0;
+	struct sockaddr_event *e = sockaddr_scratch.lookup(&zero);
+	if (!e)
+		return;
+	fill_header(&e->hdr, EVENT_CONNECT, offsetof(struct sockaddr_event, payload));
+	e->hdr.flags = EVENT_F_FROM_HOOK;
+	e->retval = 0;
+	e->fd = -1;
+	e->family = ctx->user_family;
+	e->dport = bpf_ntohs(ctx->user_port);
+	e->sock_type = ctx->type;
+	e->protocol = ctx->protocol;
+	e->length = 0;
+	e->payload_len = 0;
+	__builtin_memset(e->addr, 0, sizeof(e->addr));
+	if (addr_len == 4)
+		__builtin_memcpy(e->addr, addr, 4);
+	else if (addr_len == 16)
+		__builtin_memcpy(e->addr, addr, 16);
+	submit(&e->hdr, offsetof(struct sockaddr_event, payload), sizeof(*e), WAKE_ALERT);
+}
+
+/* 1 lets the connect/sendmsg go on; 0 fails it with EPERM before any packet. */
+static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v6)
+{
+	struct enforce_config *cfg = econfig();
+	if (!cfg)
+		return 1;
+	u64 agent = bpf_get_current_ancestor_cgroup_id(cfg->agent_level);
+	u8 addr[16] = {};
+	u32 addr_len = 4;
+	u8 *v4 = addr;
+	if (v6) {
+		/* context fields must be read with 4-byte loads */
+		u32 words[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+		addr_len = 16;
+		__builtin_memcpy(addr, words, 16);
+		/* IPv4-mapped: judge the IPv4 address */
+		u8 mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+		v4 = (__builtin_memcmp(addr, mapped, 12) == 0) ? &addr[12] : NULL;
+	} else {
+		u32 ip4 = ctx->user_ip4;
+		__builtin_memcpy(addr, &ip4, 4);
+	}
+	if (op == OP_CONNECT)
+		connect_seen(ctx, addr, addr_len);
+	u32 reason = 0;
+	if (is_cut(agent)) {
+		int allowed = v4 ? v4_in(&cut_allow4, v4) : v6_in(&cut_allow6, addr);
+		if (!allowed)
+			reason = REFUSE_CUT;
+	}
+	if (!reason) {
+		u16 port = bpf_ntohs(ctx->user_port);
+		if (deny_ports.lookup(&port))
+			reason = REFUSE_PORT;
+		else if (v4 ? v4_in(&deny_nets4, v4) : v6_in(&deny_nets6, addr))
+			reason = REFUSE_NET;
+	}
+	if (!reason)
+		return 1;
+	refused(agent, reason, op, cfg->dry_run, ctx, addr, addr_len);
+	return cfg->dry_run ? 1 : 0;
+}
+
+int enforce_connect4(struct bpf_sock_addr *ctx)
+{
+	return addr_verdict(ctx, OP_CONNECT, 0);
+}
+
+int enforce_connect6(struct bpf_sock_addr *ctx)
+{
+	return addr_verdict(ctx, OP_CONNECT, 1);
+}
+
+int enforce_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return addr_verdict(ctx, OP_SENDMSG, 0);
+}
+
+int enforce_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return addr_verdict(ctx, OP_SENDMSG, 1);
+}
+
+/* ---- GPU devices ---- */
+
+static __always_inline int gpu_allowed(struct enforce_config *cfg, u64 agent, u32 minor)
+{
+	struct gpu_policy *policy = gpu_policy.lookup(&agent);
+	if (!policy)
+		return !cfg->gpu_default_deny;
+	if (!policy->allow)
+		return 0;
+	if (!policy->limit_minors)
+		return 1;
+	return minor < 64 && (policy->minor_mask & (1ULL << minor));
+}
+
+/* 1 allows the access (open or mknod) of the device; 0 fails it with EPERM. */
+int enforce_device(struct bpf_cgroup_dev_ctx *ctx)
+{
+	if ((ctx->access_type & 0xffff) != BPF_DEVCG_DEV_CHAR_)
+		return 1;
+	u32 major = ctx->major;
+	if (!gpu_majors.lookup(&major))
+		return 1;
+	struct enforce_config *cfg = econfig();
+	if (!cfg)
+		return 1;
+	u64 agent = bpf_get_current_ancestor_cgroup_id(cfg->agent_level);
+	if (!agent)
+		return 1;  /* a process at the agent root itself, not in an agent */
+	u32 access = ctx->access_type >> 16;
+	if (!gpu_allowed(cfg, agent, ctx->minor)) {
+		struct refused_event e = {};
+		fill_header(&e.hdr, EVENT_REFUSED, sizeof(e));
+		e.agent_id = agent;
+		e.reason = REFUSE_GPU;
+		e.op = OP_DEVICE;
+		e.dry_run = cfg->dry_run;
+		e.major = major;
+		e.minor = ctx->minor;
+		e.access = access;
+		count_refusal(REFUSE_GPU);
+		submit(&e.hdr, sizeof(e), sizeof(e), WAKE_ALERT);
+		return cfg->dry_run ? 1 : 0;
+	}
+	/* allowed: report it unless the open tracepoint already matched its path */
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	if (gpu_pending.lookup(&tid))
+		return 1;
+	struct device_event d = {};
+	fill_header(&d.hdr, EVENT_DEVICE, sizeof(d));
+	d.agent_id = agent;
+	d.major = major;
+	d.minor = ctx->minor;
+	d.access = access;
+	submit(&d.hdr, sizeof(d), sizeof(d), WAKE_ALERT);
+	return 1;
+}
