@@ -94,7 +94,7 @@ def test_lists_nest_and_bare_words_are_literals(tmp_path):
 def test_rules_see_only_events_of_their_kinds(tmp_path):
     ruleset = ruleset_from(tmp_path, RULE.format(condition="fd.sport = 22 or evt.type = execve")
                            + RULE.replace("rule: r", "rule: n").format(condition="not proc.name = x"))
-    assert ruleset.get("r").kinds == {"connect", "udp_send", "exec"}
+    assert ruleset.get("r").kinds == {"connect", "udp_send", "refused", "exec"}
     assert ruleset.get("n").kinds == ALL_KINDS
     assert [r.name for r in ruleset.by_kind["gpu_open"]] == ["n"]
 
