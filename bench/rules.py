@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from ebpfmon import events as ev  # noqa: E402
 from ebpfmon.cgroups import Hierarchy  # noqa: E402
-from ebpfmon.cli.common import rule_context  # noqa: E402
+from ebpfmon.daemon import rule_context  # noqa: E402
 from ebpfmon.config import Config  # noqa: E402
 from ebpfmon.rules.engine import Engine  # noqa: E402
 from ebpfmon.rules.loader import load_rules  # noqa: E402

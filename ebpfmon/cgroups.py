@@ -68,6 +68,12 @@ class Hierarchy:
             raise CgroupError(f"cgroup {self.relative(path)} does not exist ({path}).",
                               "Create it first, or check the name.") from e
 
+    def cgroup_id_or_none(self, name: str) -> int | None:
+        try:
+            return os.stat(self.path(name)).st_ino
+        except OSError:
+            return None
+
     def ensure(self, name: str) -> Path:
         """Creates the cgroup (and its parents) when missing."""
         path = self.path(name)

@@ -22,6 +22,24 @@ DEFAULT_AGENT_ROOT = "/ebpfmon-agents"
 
 
 @dataclass(frozen=True)
+class EnforceSettings:
+    """What containment may do, and what it leaves alone."""
+
+    # report what would be refused or cut, enforce nothing
+    dry_run: bool = False
+    # destinations a cut agent may still reach
+    keep_open: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # ports no agent may connect or send to; None: the rules' mining_pool_ports list
+    deny_ports: tuple[int, ...] | None = None
+    deny_networks: tuple[str, ...] = ()
+    # automatic cuts, freezes and kills of distinct agents allowed within rate_seconds;
+    # past that, containment stops and says so (a misfiring rule must not cut the fleet)
+    rate_limit: int = 5
+    rate_seconds: float = 60.0
+    state_dir: str = "/var/lib/ebpfmon"
+
+
+@dataclass(frozen=True)
 class Config:
     agent_root: str = DEFAULT_AGENT_ROOT
     gpu_prefixes: tuple[str, ...] = field(default=DEFAULT_GPU_PREFIXES)
@@ -39,3 +57,4 @@ class Config:
     # destinations counted as internal (fd.is_internal), besides what the
     # node's own routes reach other than by the default route
     internal_networks: tuple[str, ...] = DEFAULT_INTERNAL_NETWORKS
+    enforce: EnforceSettings = field(default_factory=EnforceSettings)

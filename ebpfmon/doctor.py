@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ebpfmon.cgroups import cgroup2_mount
 from ebpfmon.errors import EbpfmonError
-from ebpfmon.kernel import features
+from ebpfmon.kernel import enforcer, features
 from ebpfmon.kernel.probeset import PROBES, ProbeSet, import_bcc, tracefs_dir
 
 # capability bits (linux/capability.h)
@@ -115,10 +115,13 @@ def run_checks() -> list[Check]:
     kernel: list[tuple[str, str, str, Callable[[], object], bool]] = [
         ("ring buffer", "BPF_MAP_TYPE_RINGBUF loads", "Needs Linux 5.8 or newer.", features.ring_buffer, True),
     ]
-    for probe in sorted(PROBES):
+    for probe in sorted(set(PROBES) - {"enforce"}):
         kernel.append((f"probe {probe}", f"probes/{PROBES[probe]} compiles, loads and attaches",
                        "See the compiler or verifier message; 'make setup' installs headers.",
                        lambda p=probe: ProbeSet([p]).load().close(), True))
+    kernel.append(("probe enforce", "probes/enforce.bpf.c compiles; its 7 cgroup programs pass the verifier",
+                   "See the verifier message; needs CONFIG_CGROUP_BPF and the BPF filesystem.",
+                   enforcer.check_loads, True))
     for hook in features.CGROUP_HOOKS:
         kernel.append((f"cgroup hook {hook}", "loads", "Needs CONFIG_CGROUP_BPF.",
                        lambda h=hook: features.cgroup_hook(h), True))

@@ -10,13 +10,14 @@ import logging
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ebpfmon import events as ev
 from ebpfmon.cgroups import CgroupNames, Hierarchy
 from ebpfmon.config import Config
-from ebpfmon.decode import Decoder
+from ebpfmon.decode import CgroupChange, Decoder
 from ebpfmon.devices import DeviceResolver
 from ebpfmon.enrich import Enricher
 from ebpfmon.errors import CgroupError, DecodeError
@@ -52,13 +53,18 @@ class EventStream:
 
     def __init__(self, config: Config, kinds: Iterable[str] = ev.KIND_GROUPS["all"],
                  cgroups: Iterable[str] = (), all_cgroups: bool = False,
-                 hierarchy: Hierarchy | None = None):
+                 hierarchy: Hierarchy | None = None, enforce_pins: Path | None = None,
+                 on_cgroup: Callable[[CgroupChange], None] | None = None):
         self.config = config
         self.kinds = frozenset(kinds)
         self.hierarchy = hierarchy or Hierarchy()
         self.scope_names = list(cgroups) or [config.agent_root]
         self.all_cgroups = all_cgroups
-        self.probes = ProbeSet({PROBE_OF_KIND[k] for k in self.kinds}, config.ringbuf_pages)
+        probes = {PROBE_OF_KIND[k] for k in self.kinds if k in PROBE_OF_KIND}
+        if enforce_pins is not None:
+            probes.add("enforce")
+        self.probes = ProbeSet(probes, config.ringbuf_pages, pin_dir=enforce_pins)
+        self.on_cgroup = on_cgroup
         self.decoder = Decoder()
         self.tree = ProcessTree()
         self.enricher = Enricher(CgroupNames(self.hierarchy), self.tree, DeviceResolver(),
@@ -104,14 +110,20 @@ class EventStream:
                 log.warning("malformed record: %s", e)
                 return
             event = self.enricher.apply(item)
-            if event is None or event.kind not in self.kinds:
+            if event is None:  # a cgroup change
+                handler, arg = self.on_cgroup, item
+            elif event.kind in self.kinds:
+                self.stats.events[event.kind] += 1
+                handler, arg = self._handler, event
+            else:
                 return
-            self.stats.events[event.kind] += 1
+            if handler is None:
+                return
             try:
-                self._handler(event)
+                handler(arg)
             except Exception:
                 self.stats.handler_errors += 1
-                log.exception("event handler failed on a %s event", event.kind)
+                log.exception("handler failed on %r", arg)
 
     def poll(self) -> None:
         """Delivers what is in the ring buffer, waiting at most one drain interval."""

@@ -16,10 +16,14 @@
  * up, so a storm costs few wakeups. A record that follows an unconsumed
  * no-wakeup record does not wake the reader either (the kernel wakes only when
  * the consumer position equals the new record's), which bounds its latency by
- * the drain interval, not by the next event.
+ * the drain interval, not by the next event: hence WAKE_NOW for execs.
  */
 #define WAKE_BULK BPF_RB_NO_WAKEUP
 #define WAKE_ALERT 0
+/* An exec can start a tunnel a few milliseconds later; containment must not
+ * wait for the drain timer behind an unconsumed fork record. Execs are rare
+ * enough that waking the reader for each costs little. */
+#define WAKE_NOW BPF_RB_FORCE_WAKEUP
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(config, struct probe_config, 1);

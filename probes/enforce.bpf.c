@@ -48,18 +48,29 @@ static __always_inline int is_cut(u64 agent)
 	return agent && cut_cgroups.lookup(&agent) != NULL;
 }
 
-static __always_inline int v4_in(void *trie, u8 *addr)
+/* Whether an address lies in the networks a cut leaves open (ALLOWED) or in
+ * the denied ones (DENIED). One function per family choosing the trie: bcc
+ * turns `map.lookup(` into a map reference only where the map is named, not
+ * through pointers or macros. */
+#define ALLOWED 0
+#define DENIED 1
+
+static __always_inline int v4_in(int which, u8 *addr)
 {
 	struct lpm_v4 key = {.prefixlen = 32};
 	__builtin_memcpy(key.addr, addr, 4);
-	return bpf_map_lookup_elem(trie, &key) != NULL;
+	if (which == ALLOWED)
+		return cut_allow4.lookup(&key) != NULL;
+	return deny_nets4.lookup(&key) != NULL;
 }
 
-static __always_inline int v6_in(void *trie, u8 *addr)
+static __always_inline int v6_in(int which, u8 *addr)
 {
 	struct lpm_v6 key = {.prefixlen = 128};
 	__builtin_memcpy(key.addr, addr, 16);
-	return bpf_map_lookup_elem(trie, &key) != NULL;
+	if (which == ALLOWED)
+		return cut_allow6.lookup(&key) != NULL;
+	return deny_nets6.lookup(&key) != NULL;
 }
 
 /* ---- network: cut ---- */
@@ -76,12 +87,12 @@ static __always_inline int skb_verdict(struct __sk_buff *skb, int egress)
 	if (skb->protocol == bpf_htons(0x0800)) {
 		u8 ip[20];
 		if (bpf_skb_load_bytes(skb, 0, ip, sizeof(ip)) == 0 &&
-		    v4_in(&cut_allow4, egress ? &ip[16] : &ip[12]))
+		    v4_in(ALLOWED, egress ? &ip[16] : &ip[12]))
 			return 1;
 	} else if (skb->protocol == bpf_htons(0x86DD)) {
 		u8 ip6[40];
 		if (bpf_skb_load_bytes(skb, 0, ip6, sizeof(ip6)) == 0 &&
-		    v6_in(&cut_allow6, egress ? &ip6[24] : &ip6[8]))
+		    v6_in(ALLOWED, egress ? &ip6[24] : &ip6[8]))
 			return 1;
 	}
 	if (cfg->dry_run)
@@ -169,26 +180,27 @@ static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v
 		u32 words[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
 		addr_len = 16;
 		__builtin_memcpy(addr, words, 16);
-		/* IPv4-mapped: judge the IPv4 address */
-		u8 mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-		v4 = (__builtin_memcmp(addr, mapped, 12) == 0) ? &addr[12] : NULL;
+		/* IPv4-mapped (::ffff:a.b.c.d): judge the IPv4 address */
+		int mapped = words[0] == 0 && words[1] == 0 && words[2] == bpf_htonl(0x0000ffff);
+		v4 = mapped ? &addr[12] : NULL;
 	} else {
 		u32 ip4 = ctx->user_ip4;
 		__builtin_memcpy(addr, &ip4, 4);
 	}
 	if (op == OP_CONNECT)
 		connect_seen(ctx, addr, addr_len);
+	/* what a cut leaves open (loopback) is not subject to the deny lists either:
+	 * a local dev server on a "pool port" is not a pool */
+	if (v4 ? v4_in(ALLOWED, v4) : v6_in(ALLOWED, addr))
+		return 1;
 	u32 reason = 0;
-	if (is_cut(agent)) {
-		int allowed = v4 ? v4_in(&cut_allow4, v4) : v6_in(&cut_allow6, addr);
-		if (!allowed)
-			reason = REFUSE_CUT;
-	}
+	if (is_cut(agent))
+		reason = REFUSE_CUT;
 	if (!reason) {
 		u16 port = bpf_ntohs(ctx->user_port);
 		if (deny_ports.lookup(&port))
 			reason = REFUSE_PORT;
-		else if (v4 ? v4_in(&deny_nets4, v4) : v6_in(&deny_nets6, addr))
+		else if (v4 ? v4_in(DENIED, v4) : v6_in(DENIED, addr))
 			reason = REFUSE_NET;
 	}
 	if (!reason)

@@ -190,7 +190,7 @@ def monitor(bpf, test_root, fake_gpu_dir):
     """All probes loaded once, scoped to the test root, events collected."""
     from ebpfmon.monitor import EventStream
 
-    from ebpfmon.cli.common import rule_context
+    from ebpfmon.daemon import rule_context
     from ebpfmon.rules.engine import Engine
     from ebpfmon.rules.loader import load_rules
 
@@ -303,13 +303,104 @@ LogLevel ERROR
         stop_process(server)
 
 
+@dataclass
+class Pool:
+    host: str
+    port: int
+    accepted: list  # "accepted ip:port" lines, as the pool prints them
+
+
 @pytest.fixture(scope="session")
 def stratum_pool(netns_host):
     """The fake stratum pool (tests/servers/stratum_pool.py) at 198.51.100.2:3333."""
     server = netns_host.popen([sys.executable, str(REPO / "tests/servers/stratum_pool.py"), netns_host.address,
-                               "3333"], stdout=subprocess.PIPE)
+                               "3333"], stdout=subprocess.PIPE, text=True)
+    pool = Pool(netns_host.address, 3333, [])
+    assert server.stdout.readline().strip() == "listening"
+
+    def read() -> None:
+        for line in server.stdout:
+            pool.accepted.append(line.strip())
+
+    threading.Thread(target=read, daemon=True).start()
     try:
-        wait_for_port(netns_host.address, 3333)
-        yield (netns_host.address, 3333)
+        yield pool
     finally:
         stop_process(server)
+
+
+# ---- a daemon with containment armed, on an agent root of its own ----
+
+@dataclass
+class RunningDaemon:
+    daemon: object
+    root: str
+    lines: list
+    stop: threading.Event
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def emit(self, line: str) -> None:
+        with self.cond:
+            self.lines.append(line)
+            self.cond.notify_all()
+
+    def wait_line(self, *parts: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    if all(p in line for p in parts):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"the daemon printed no line with {parts} in {timeout}s; last: {self.lines[-5:]}")
+                self.cond.wait(left)
+
+    @property
+    def containment(self):
+        return self.daemon.containment
+
+
+@pytest.fixture(scope="session")
+def contained_root(hierarchy):
+    """The agent root of the containment daemon; removed (with its pinned state) after."""
+    from ebpfmon.kernel.enforcer import remove_pins
+
+    name = f"/ebpfmon-test-{os.getpid()}-contained"
+    path = hierarchy.ensure(name)
+    yield name
+    remove_pins(hierarchy, name)
+    remove_cgroup_tree(path)
+
+
+@pytest.fixture(scope="session")
+def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_factory):
+    """ebpfmon's daemon with containment armed: agents under contained_root; GPUs for gpu-* agents only."""
+    import dataclasses
+
+    from ebpfmon.config import EnforceSettings
+    from ebpfmon.daemon import Daemon
+    from ebpfmon.rules.loader import RULES_DIR
+
+    config = Config(agent_root=contained_root, gpu_prefixes=DEFAULT_GPU_PREFIXES + (f"{fake_gpu_dir}/nvidia",),
+                    gpu_entitled=(f"{contained_root}/gpu-*",),
+                    enforce=EnforceSettings(state_dir=str(tmp_path_factory.mktemp("state")), rate_limit=50))
+    running = RunningDaemon(None, contained_root, [], threading.Event())
+    daemon = Daemon(config, [RULES_DIR], emit=running.emit)
+    running.daemon = daemon
+    daemon.start()
+    thread = threading.Thread(target=daemon.run, args=(running.stop,), daemon=True)
+    thread.start()
+    yield running
+    running.stop.set()
+    thread.join(timeout=10)
+    daemon.enforcer.detach()
+    daemon.close()
+
+
+@pytest.fixture
+def contained_agent(hierarchy, containment_daemon):
+    """A fresh agent cgroup under the containment daemon's root."""
+    cgroup = make_agent_cgroup(hierarchy, containment_daemon.root)
+    yield cgroup
+    remove_cgroup_tree(cgroup.path)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from ebpfmon import __version__
-from ebpfmon.cli import doctor, exec_cmd, rules, run, trace
+from ebpfmon.cli import doctor, exec_cmd, quarantine, rules, run, trace
 from ebpfmon.cli.common import report_error
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.rules.loader import RuleLoadError
@@ -25,6 +25,7 @@ app.command("exec", epilog=exec_cmd.EPILOG)(exec_cmd.exec_command)
 app.command("doctor", epilog=doctor.EPILOG)(doctor.doctor)
 app.command("run", epilog=run.EPILOG)(run.run)
 app.add_typer(rules.app, name="rules")
+app.add_typer(quarantine.app, name="quarantine")
 
 
 def _version(value: bool) -> None:

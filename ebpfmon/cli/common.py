@@ -29,15 +29,6 @@ def make_config(agent_root: str = DEFAULT_AGENT_ROOT, gpu_prefixes: list[str] | 
                   gpu_prefixes=tuple(gpu_prefixes) if gpu_prefixes else DEFAULT_GPU_PREFIXES)
 
 
-def rule_context(config: Config):
-    """What rule fields need from the configuration and the node."""
-    from ebpfmon.network import NetworkClassifier
-    from ebpfmon.rules.fields import Context
-
-    return Context(agent_root=config.agent_root, agent_level=config.agent_level,
-                   gpu_entitled=config.gpu_entitled, networks=NetworkClassifier(config.internal_networks))
-
-
 def report_error(error: EbpfmonError) -> None:
     """One paragraph to stderr: what is wrong, then how to fix it. A message that is
     already a list (rule problems) keeps its lines."""

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ebpfmon import events as ev
-from ebpfmon.cli.common import AgentRootOption, make_config, rule_context
+from ebpfmon.cli.common import AgentRootOption, make_config
+from ebpfmon.daemon import rule_context
 from ebpfmon.config import DEFAULT_AGENT_ROOT
 from ebpfmon.output import clock
 from ebpfmon.rules.cases import load_cases

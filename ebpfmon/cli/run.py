@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
-import threading
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from ebpfmon import output
-from ebpfmon.cgroups import Hierarchy
-from ebpfmon.cli.common import (AgentRootOption, GpuPrefixOption, make_config, rule_context, setup_logging,
-                                stop_on_signals)
+from ebpfmon.cli.common import AgentRootOption, GpuPrefixOption, make_config, setup_logging, stop_on_signals
 from ebpfmon.cli.rules import NoDefaultsOption, RulesOption, rule_paths
-from ebpfmon.config import DEFAULT_AGENT_ROOT
+from ebpfmon.config import DEFAULT_AGENT_ROOT, EnforceSettings
+from ebpfmon.daemon import Daemon, stdout_printer
 from ebpfmon.kernel.probeset import require_root
-from ebpfmon.monitor import EventStream
-from ebpfmon.rules.engine import Engine
-from ebpfmon.rules.loader import RuleLoadError, load_rules
 
 log = logging.getLogger("ebpfmon")
 
@@ -28,10 +22,16 @@ EPILOG = """\
 Example:\n\n
   sudo ebpfmon run       then, elsewhere: sudo ebpfmon exec -- ssh -R 2222:localhost:22 host\n\n
 Watches every cgroup below the agent root (created when missing), judges each
-exec, connect and GPU open of the agents with the rules, and prints alerts.
-SIGHUP reloads the rules; a rule set with problems is refused and the running
-one stays. Actions rules ask for are printed, not yet carried out.
+exec, connect and GPU open of the agents with the rules, prints alerts, and
+contains agents as the rules ask: their network cut, destinations and GPUs
+refused, processes killed or frozen. Containment outlives the daemon; see
+'ebpfmon quarantine'. SIGHUP reloads the rules; a rule set with problems is
+refused and the running one stays.
 """
+
+StateDirOption = Annotated[str, typer.Option(
+    "--state-dir", metavar="DIR", envvar="EBPFMON_STATE_DIR", show_envvar=True,
+    help="Where quarantine records and the control socket live.")]
 
 
 def run(
@@ -39,51 +39,28 @@ def run(
     gpu_prefix: GpuPrefixOption = None,
     rules: RulesOption = None,
     no_defaults: NoDefaultsOption = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Contain nothing: report what would be cut, "
+                                          "refused, killed or frozen.")] = False,
+    state_dir: StateDirOption = EnforceSettings.state_dir,
     show_events: Annotated[bool, typer.Option("--show-events", help="Print every event too, not only "
                                               "alerts.")] = False,
     alerts_json: Annotated[bool, typer.Option("--json", help="Alerts as JSON lines.")] = False,
 ) -> None:
-    """Run the monitor: watch every agent under the agent root and judge what they do."""
+    """Run the monitor: watch every agent under the agent root, judge what they do, contain them."""
     setup_logging()
     require_root()
     config = make_config(agent_root, gpu_prefix)
-    paths = rule_paths(rules, no_defaults)
-    engine = Engine(load_rules(paths), rule_context(config))
-    Hierarchy().ensure(config.agent_root)
-    stream = EventStream(config)
+    config = dataclasses.replace(config, enforce=dataclasses.replace(config.enforce, dry_run=dry_run,
+                                                                     state_dir=state_dir))
+    daemon = Daemon(config, rule_paths(rules, no_defaults), show_events, alerts_json, emit=stdout_printer)
     stop = stop_on_signals()
-    reload_requested = threading.Event()
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
-
-    def judge(event) -> None:
-        if show_events:
-            print(output.table_line(event))
-        for verdict in engine.evaluate(event):
-            print(verdict.to_json() if alerts_json else output.alert_line(verdict))
-
-    def every_second() -> None:
-        sys.stdout.flush()
-        if reload_requested.is_set():
-            reload_requested.clear()
-            reload(engine, paths)
-
-    stream.start(judge)
-    log.info("ready: watching %s and every cgroup below it (probes: %s; %d rules)", config.agent_root,
-             ", ".join(stream.probes.probes), len(engine.ruleset.rules))
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+    daemon.start()
+    log.info("ready: watching %s and every cgroup below it (probes: %s; %d rules; containment %s)",
+             config.agent_root, ", ".join(daemon.stream.probes.probes), len(daemon.engine.ruleset.rules),
+             "in dry run" if dry_run else "armed")
     try:
-        stream.run(stop, every=every_second)
+        daemon.run(stop, every=sys.stdout.flush)
     finally:
-        stream.close()
-        log.info("stopped; %s", stream.stats.summary())
-
-
-def reload(engine: Engine, paths: list[Path]) -> bool:
-    """Loads the rules again; on any problem keeps the running set and says why."""
-    try:
-        ruleset = load_rules(paths)
-    except RuleLoadError as e:
-        log.error("rules not reloaded, the running set stays: %s", e.message.replace("\n", " |"))
-        return False
-    engine.load(ruleset)
-    log.info("rules reloaded: %d rules", len(ruleset.rules))
-    return True
+        daemon.close()
+        log.info("stopped; %s; containment stays in force", daemon.stream.stats.summary())

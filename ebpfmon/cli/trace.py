@@ -63,7 +63,7 @@ def trace(
     setup_logging()
     kinds = KIND_GROUPS[kind.value]
     if print_c:
-        print(probe_source({PROBE_OF_KIND[k] for k in kinds}))
+        print(probe_source({PROBE_OF_KIND[k] for k in kinds if k in PROBE_OF_KIND}))
         return
     config = make_config(agent_root, gpu_prefix)
     stream = EventStream(config, kinds, cgroups=cgroup or (), all_cgroups=all_cgroups)

@@ -75,6 +75,8 @@ class Output:
             value = (extra or {}).get(name) if f is None else x.get(name, f, index)
             if value is None:
                 out.append("<NA>")
+            elif isinstance(value, bool):
+                out.append("true" if value else "false")
             elif isinstance(value, list):
                 out.append(safe(",".join(str(v) for v in value)))
             else:

@@ -45,7 +45,7 @@ def test_ssh_local_forward_is_not_an_alert(monitor, agent_cgroup, sshd, netns_ho
 
 
 def test_stratum_client_reaching_a_pool(monitor, agent_cgroup, stratum_pool, fake_gpu_dir):
-    host, port = stratum_pool
+    host, port = stratum_pool.host, stratum_pool.port
     client = str(REPO / "tests/servers/stratum_client.py")
     out = agent_cgroup.run([sys.executable, client, host, str(port), str(fake_gpu_dir / "nvidia0")], text=True)
     assert out.stdout.strip() == "00000000", out.stderr  # the pool answered mining.subscribe

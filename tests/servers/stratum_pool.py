@@ -42,7 +42,8 @@ def main() -> None:
     server = socket.create_server((host, port), reuse_port=False)
     print("listening", flush=True)
     while True:
-        conn, _ = server.accept()
+        conn, peer = server.accept()
+        print(f"accepted {peer[0]}:{peer[1]}", flush=True)  # the tests count these
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 

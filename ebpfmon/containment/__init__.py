@@ -1,0 +1,1 @@
+"""Containment: carrying out what rules ask for, and the quarantine records of it."""

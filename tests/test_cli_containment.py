@@ -1,0 +1,160 @@
+"""ebpfmon run with containment, and ebpfmon quarantine, as an operator uses them:
+real daemon processes, kill -9, restart, release."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import EBPFMON, REPO, make_agent_cgroup, remove_cgroup_tree
+from test_cli import ebpfmon
+
+CONNECT = """
+import socket, sys
+s = socket.socket()
+s.settimeout(3)
+print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))
+"""
+
+
+def connect_from(cgroup, host: str, port: int) -> int:
+    return int(cgroup.run([sys.executable, "-c", CONNECT, host, str(port)], text=True).stdout)
+
+
+class DaemonProcess:
+    def __init__(self, root: str, state: str):
+        self.proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", root, "--state-dir", state], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait("ready:", timeout=90)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def wait(self, *parts: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    if all(p in line for p in parts):
+                        return line
+                if time.monotonic() > deadline or self.proc.poll() is not None and not self.cond.wait(0.2):
+                    pytest.fail(f"daemon printed no {parts}; exit {self.proc.poll()}; last lines: {self.lines[-8:]}")
+                self.cond.wait(0.2)
+
+    def stop(self, sig=signal.SIGINT) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def own_root(hierarchy):
+    from ebpfmon.kernel.enforcer import remove_pins
+
+    name = f"/ebpfmon-test-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    path = hierarchy.ensure(name)
+    yield name
+    remove_pins(hierarchy, name)
+    remove_cgroup_tree(path)  # removing the cgroup detaches what was attached to it
+
+
+def test_cut_survives_kill_9_and_restart_reconciles(bpf, hierarchy, own_root, tmp_path, sshd, stratum_pool,
+                                                    netns_host):
+    state = str(tmp_path / "state")
+    holder = make_agent_cgroup(hierarchy, own_root)
+    victim = make_agent_cgroup(hierarchy, own_root)
+    # a connection to the pool, opened before any daemon ran
+    held = holder.popen([sys.executable, "-c", (
+        f"import socket, time\nc = socket.create_connection(('{stratum_pool.host}', {stratum_pool.port}))\n"
+        "print('connected', flush=True)\ntime.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    assert held.stdout.readline().strip() == "connected"
+    daemon = DaemonProcess(own_root, state)
+    try:
+        # judged at start like a new connection: the alert, and its deny_connect applied
+        daemon.wait("Connection to a mining pool port", holder.name.split("/")[-1])
+        daemon.wait("deny_connect applied", holder.name)
+        # a manual cut through the control socket
+        out = ebpfmon("quarantine", "cut", victim.name, "--reason", "test cut", "--agent-root", own_root,
+                      "--state-dir", state)
+        assert out.returncode == 0, out.stderr
+        assert "cut_network:applied" in out.stdout
+        assert connect_from(victim, netns_host.address, 22) == errno.EPERM
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        # the daemon is gone, the cut is not
+        assert connect_from(victim, netns_host.address, 22) == errno.EPERM
+        daemon = DaemonProcess(own_root, state)
+        out = ebpfmon("quarantine", "list", "--state-dir", state)
+        assert "from the running daemon" in out.stdout
+        assert victim.name in out.stdout and holder.name in out.stdout
+        assert f"held: tcp" in out.stdout and f"-> {stratum_pool.host}:{stratum_pool.port} established" in out.stdout
+        out = ebpfmon("quarantine", "release", victim.name, "--reason", "test done", "--state-dir", state)
+        assert out.returncode == 0 and "released" in out.stdout
+        # the pool's address was denied for every agent by the holder's deny_connect: still refused
+        assert connect_from(victim, netns_host.address, 22) == errno.EPERM
+        out = ebpfmon("quarantine", "release", holder.name, "--reason", "pool was a test", "--state-dir", state)
+        assert out.returncode == 0, out.stderr
+        assert connect_from(victim, netns_host.address, 22) == 0
+    finally:
+        held.kill()
+        daemon.stop()
+
+
+def test_quarantine_without_a_daemon(bpf, hierarchy, own_root, tmp_path, sshd, netns_host):
+    state = str(tmp_path / "state")
+    agent = make_agent_cgroup(hierarchy, own_root)
+    args = ["--agent-root", own_root, "--state-dir", state]
+    out = ebpfmon("quarantine", "cut", agent.name, "--reason", "by hand", *args)
+    assert out.returncode == 0, out.stderr
+    assert connect_from(agent, netns_host.address, 22) == errno.EPERM
+    out = ebpfmon("quarantine", "list", "--state-dir", state)
+    assert "no daemon running" in out.stdout and agent.name in out.stdout and "by hand" in out.stdout
+    out = ebpfmon("quarantine", "release", agent.name, "--reason", "ok", *args)
+    assert out.returncode == 0, out.stderr
+    assert connect_from(agent, netns_host.address, 22) == 0
+    out = ebpfmon("quarantine", "list", "--all", "--state-dir", state)
+    assert "released" in out.stdout and "(cli): ok" in out.stdout
+
+
+def test_quarantine_refuses_root_and_outsiders(bpf, own_root, tmp_path):
+    args = ["--agent-root", own_root, "--state-dir", str(tmp_path)]
+    for target in ("/", "/somewhere-else", own_root):
+        out = ebpfmon("quarantine", "cut", target, "--reason", "no", *args)
+        assert out.returncode == 2
+        assert "refused:" in out.stderr and "Traceback" not in out.stderr
+    out = ebpfmon("quarantine", "cut", f"{own_root}/x", *args)
+    assert out.returncode == 2 and "--reason" in out.stderr  # a manual cut needs a reason
+
+
+def test_dry_run_reports_and_lets_through(bpf, hierarchy, own_root, tmp_path, stratum_pool):
+    proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", own_root, "--state-dir", str(tmp_path), "--dry-run"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = make_agent_cgroup(hierarchy, own_root)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready:" in line:
+                break
+        assert "containment in dry run" in lines[-1]
+        assert connect_from(agent, stratum_pool.host, stratum_pool.port) == 0  # let through
+        deadline = time.monotonic() + 10
+        for line in proc.stdout:
+            lines.append(line)
+            if "Connection refused by policy" in line or time.monotonic() > deadline:
+                break
+        assert "dry_run=true" in lines[-1] and "reason=port" in lines[-1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
