@@ -21,6 +21,7 @@ from ebpfmon.containment.control import ControlServer
 from ebpfmon.containment.quarantine import QuarantineStore
 from ebpfmon.decode import CgroupChange
 from ebpfmon.kernel.enforcer import Enforcer, pin_dir
+from ebpfmon.kernel.probeset import ProbeSet
 from ebpfmon.monitor import EventStream
 from ebpfmon.network import NetworkClassifier
 from ebpfmon.rules.engine import Engine, Verdict
@@ -55,6 +56,7 @@ class Daemon:
         self.emit = emit
         self.hierarchy = Hierarchy()
         self.engine = Engine(load_rules(rule_paths), rule_context(config))
+        ProbeSet.preflight()
         self.hierarchy.ensure(config.agent_root)
         self.pins = pin_dir(self.hierarchy, config.agent_root)
         self.stream = EventStream(config, hierarchy=self.hierarchy, enforce_pins=self.pins,

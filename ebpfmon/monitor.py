@@ -88,6 +88,7 @@ class EventStream:
 
     def start(self, handler: Callable[[ev.Event], None]) -> "EventStream":
         """Loads and attaches the probes; events go to handler from poll()."""
+        self.probes.preflight()  # a user without root or bcc hears that, not a cgroup error
         ids = self.scope_ids() if not self.all_cgroups else []
         self._handler = handler
         self.tree.bootstrap()

@@ -85,6 +85,19 @@ def test_root(hierarchy):
     remove_cgroup_tree(path)
 
 
+@pytest.fixture
+def own_root(hierarchy):
+    """An agent root for one test (a daemon of its own): removed after, with what
+    enforcement pinned and attached there."""
+    from ebpfmon.kernel.enforcer import remove_pins
+
+    name = f"/ebpfmon-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    path = hierarchy.ensure(name)
+    yield name
+    remove_pins(hierarchy, name)
+    remove_cgroup_tree(path)  # removing the cgroup detaches what was attached to it
+
+
 @dataclass
 class AgentCgroup:
     name: str  # relative to the cgroup2 mount

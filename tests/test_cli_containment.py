@@ -59,17 +59,6 @@ class DaemonProcess:
         return self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def own_root(hierarchy):
-    from ebpfmon.kernel.enforcer import remove_pins
-
-    name = f"/ebpfmon-test-{os.getpid()}-{time.monotonic_ns() % 100000}"
-    path = hierarchy.ensure(name)
-    yield name
-    remove_pins(hierarchy, name)
-    remove_cgroup_tree(path)  # removing the cgroup detaches what was attached to it
-
-
 def test_cut_survives_kill_9_and_restart_reconciles(bpf, hierarchy, own_root, tmp_path, sshd, stratum_pool,
                                                     netns_host):
     state = str(tmp_path / "state")

@@ -63,14 +63,15 @@ def test_replay_a_trace_and_report_bad_lines(tmp_path):
     assert "2 events replayed, 1 verdicts, 1 bad lines" in out.stderr
 
 
-def test_run_reloads_rules_on_sighup_and_keeps_the_last_good_set(bpf, test_root, hierarchy, tmp_path):
+def test_run_reloads_rules_on_sighup_and_keeps_the_last_good_set(bpf, own_root, hierarchy, tmp_path):
     rules = tmp_path / "mine.yaml"
     good = ("- rule: Marker ran\n  desc: the test's marker program ran\n  condition: spawned_process and "
             "exec.argv = {tag}\n  output: marker %exec.argv[1]\n  priority: NOTICE\n  tags: [T0000]\n")
     tag1, tag2 = uuid.uuid4().hex, uuid.uuid4().hex
     rules.write_text(good.format(tag=tag1))
-    agent = hierarchy.ensure(f"{test_root}/reload-agent")
-    proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", test_root, "--rules", str(rules)], cwd=REPO,
+    agent = hierarchy.ensure(f"{own_root}/reload-agent")
+    proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", own_root, "--rules", str(rules), "--state-dir",
+                             str(tmp_path / "state")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
 

@@ -126,11 +126,17 @@ class ProbeSet:
             flags.append(f'-DPIN_DIR="{self.pin_dir}"')
         return flags
 
-    def load(self) -> "ProbeSet":
-        """Compiles, loads and attaches every tracepoint; scope starts empty."""
+    @staticmethod
+    def preflight():
+        """Root, bcc and tracefs, checked before anything else is touched; the bcc module."""
         require_root()
         bcc = import_bcc()
         tracefs_dir()
+        return bcc
+
+    def load(self) -> "ProbeSet":
+        """Compiles, loads and attaches every tracepoint; scope starts empty."""
+        bcc = self.preflight()
         if self.pin_dir is not None:
             bpffs_dir(self.pin_dir)
         try:
