@@ -220,60 +220,7 @@ def monitor(bpf, test_root, fake_gpu_dir):
     stream.close()
 
 
-# ---- a small "internet": a network namespace behind a veth pair ----
-
-NETNS_HOST_ADDR = "198.51.100.1"  # documentation range (RFC 5737): never a real host
-NETNS_PEER_ADDR = "198.51.100.2"
-
-
-@dataclass
-class NetnsHost:
-    name: str
-    address: str
-
-    def popen(self, argv, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
-
-
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"nothing listens on {host}:{port} after {timeout}s")
-
-
-@pytest.fixture(scope="session")
-def netns_host(bpf):
-    """A host at 198.51.100.2 in a network namespace of its own, reached over a veth pair."""
-    from pyroute2 import IPRoute, NetNS, netns
-
-    name = f"ebpfmon-test-{os.getpid()}"
-    host_if, peer_if = f"ebt{os.getpid() % 100000}h", f"ebt{os.getpid() % 100000}n"
-    netns.create(name)
-    try:
-        with IPRoute() as ip:
-            ip.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": name})
-            index = ip.link_lookup(ifname=host_if)[0]
-            ip.addr("add", index=index, address=NETNS_HOST_ADDR, prefixlen=24)
-            ip.link("set", index=index, state="up")
-        with NetNS(name) as ns:
-            index = ns.link_lookup(ifname=peer_if)[0]
-            ns.addr("add", index=index, address=NETNS_PEER_ADDR, prefixlen=24)
-            ns.link("set", index=index, state="up")
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-        yield NetnsHost(name, NETNS_PEER_ADDR)
-    finally:
-        with IPRoute() as ip:
-            if ip.link_lookup(ifname=host_if):
-                ip.link("del", ifname=host_if)
-        netns.remove(name)
-
+# ---- a small "internet" (tests/servers/internet.py) ----
 
 def stop_process(proc: subprocess.Popen) -> None:
     proc.terminate()
@@ -285,33 +232,25 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
+def netns_host(bpf):
+    """A host at 198.51.100.2 in a network namespace of its own, reached over a veth pair."""
+    from servers import internet
+
+    host = internet.create(f"ebpfmon-test-{os.getpid()}")
+    try:
+        yield host
+    finally:
+        internet.remove(host)
+
+
+@pytest.fixture(scope="session")
 def sshd(netns_host, tmp_path_factory):
     """A real OpenSSH server in the netns host, with a key for root; yields the client key path."""
-    d = tmp_path_factory.mktemp("sshd")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "id")], check=True)
-    (d / "authorized_keys").write_text((d / "id.pub").read_text())
-    (d / "sshd_config").write_text(f"""
-ListenAddress {netns_host.address}
-Port 22
-HostKey {d}/host_key
-PidFile {d}/sshd.pid
-AuthorizedKeysFile {d}/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-AllowTcpForwarding yes
-PermitTunnel no
-LogLevel ERROR
-""")
-    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
-    server = netns_host.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                              stderr=subprocess.PIPE)
+    from servers import internet
+
+    server, key = internet.start_sshd(netns_host, tmp_path_factory.mktemp("sshd"))
     try:
-        wait_for_port(netns_host.address, 22)
-        yield d / "id"
+        yield key
     finally:
         stop_process(server)
 

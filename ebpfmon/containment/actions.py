@@ -111,12 +111,15 @@ class Containment:
                 return [Notice("CRITICAL", f"containment rate limit: more than {self.settings.rate_limit} agents "
                                            f"in {self.settings.rate_seconds:.0f}s; not acting on {agent} for rule "
                                            f"{verdict.rule!r}. Check the rule; contain by hand if needed.")]
-            if record is None:
+            new = record is None
+            if new:
                 record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=verdict.rule,
-                                priority=verdict.priority, opened_ns=now, event=verdict.event.to_dict(),
-                                connections=self._connections(agent))
-                self.store.add(record)
+                                priority=verdict.priority, opened_ns=now, event=verdict.event.to_dict())
+            # act first: a tunnel is being set up while we write things down
             notices = [self._act(record, action, verdict.event, dry, now) for action in verdict.actions]
+            if new:
+                record.connections = self._connections(agent)  # still listed: a cut blocks, not closes
+                self.store.add(record)
             self.store.save()
             return [n for n in notices if n]
 

@@ -1,0 +1,92 @@
+"""A small "internet" for tests and benchmarks: a network namespace behind a veth
+pair, at documentation addresses (RFC 5737), and real servers inside it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST_ADDR = "198.51.100.1"  # this side of the veth
+PEER_ADDR = "198.51.100.2"  # the host in the namespace: never a real machine
+
+
+@dataclass
+class NetnsHost:
+    name: str
+    address: str
+    host_if: str
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
+
+
+def create(name: str) -> NetnsHost:
+    from pyroute2 import IPRoute, NetNS, netns
+
+    tag = str(abs(hash(name)) % 100000)
+    host_if, peer_if = f"ebt{tag}h", f"ebt{tag}n"
+    netns.create(name)
+    with IPRoute() as ip:
+        ip.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": name})
+        index = ip.link_lookup(ifname=host_if)[0]
+        ip.addr("add", index=index, address=HOST_ADDR, prefixlen=24)
+        ip.link("set", index=index, state="up")
+    with NetNS(name) as ns:
+        index = ns.link_lookup(ifname=peer_if)[0]
+        ns.addr("add", index=index, address=PEER_ADDR, prefixlen=24)
+        ns.link("set", index=index, state="up")
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+    return NetnsHost(name, PEER_ADDR, host_if)
+
+
+def remove(host: NetnsHost) -> None:
+    from pyroute2 import IPRoute, netns
+
+    with IPRoute() as ip:
+        if ip.link_lookup(ifname=host.host_if):
+            ip.link("del", ifname=host.host_if)
+    netns.remove(host.name)
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def start_sshd(host: NetnsHost, directory: Path) -> tuple[subprocess.Popen, Path]:
+    """A real OpenSSH server on host:22 with a key for root; the server and the client key."""
+    for key in ("host_key", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / key)], check=True)
+    (directory / "authorized_keys").write_text((directory / "id.pub").read_text())
+    (directory / "sshd_config").write_text(f"""
+ListenAddress {host.address}
+Port 22
+HostKey {directory}/host_key
+PidFile {directory}/sshd.pid
+AuthorizedKeysFile {directory}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+PermitTunnel no
+LogLevel ERROR
+""")
+    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
+    server = host.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
+                        stderr=subprocess.PIPE)
+    if not wait_for_port(host.address, 22):
+        server.kill()
+        raise RuntimeError(f"sshd did not start: {server.communicate()[1]}")
+    return server, directory / "id"
