@@ -114,8 +114,8 @@ class Daemon:
             self.emit(output.table_line(event))
         for verdict in self.engine.evaluate(event):
             self.verdicts += 1
+            self.contain(verdict)  # before anything is written: containment is a race
             self.emit(verdict.to_json() if self.json_alerts else output.alert_line(verdict))
-            self.contain(verdict)
 
     def contain(self, verdict: Verdict) -> None:
         if self.containment is None or not verdict.actions:

@@ -114,10 +114,11 @@ class Containment:
             new = record is None
             if new:
                 record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=verdict.rule,
-                                priority=verdict.priority, opened_ns=now, event=verdict.event.to_dict())
+                                priority=verdict.priority, opened_ns=now)
             # act first: a tunnel is being set up while we write things down
             notices = [self._act(record, action, verdict.event, dry, now) for action in verdict.actions]
             if new:
+                record.event = verdict.event.to_dict()
                 record.connections = self._connections(agent)  # still listed: a cut blocks, not closes
                 self.store.add(record)
             self.store.save()
