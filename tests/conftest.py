@@ -338,7 +338,7 @@ def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_fa
                     gpu_entitled=(f"{contained_root}/gpu-*",),
                     enforce=EnforceSettings(state_dir=str(tmp_path_factory.mktemp("state")), rate_limit=50))
     running = RunningDaemon(None, contained_root, [], threading.Event())
-    daemon = Daemon(config, [RULES_DIR], emit=running.emit)
+    daemon = Daemon(config, [RULES_DIR], show_events=True, emit=running.emit)
     running.daemon = daemon
     daemon.start()
     thread = threading.Thread(target=daemon.run, args=(running.stop,), daemon=True)

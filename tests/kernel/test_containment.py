@@ -138,6 +138,12 @@ def test_gpu_refused_by_number_whatever_the_path(containment_daemon, contained_a
             time.sleep(0.05)
         assert containment_daemon.daemon.enforcer.gpu_policies()[entitled.id] == (True, None)
         assert gpu_open(entitled, twin) == str(errno.ENXIO)
+        # a relative open (dirfd) escapes the path probes; the device hook still reports it
+        code = ("import os, sys\nd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n"
+                "    os.open('twin', os.O_RDONLY, dir_fd=d)\nexcept OSError as e:\n    print(e.errno)")
+        assert entitled.run([sys.executable, "-c", code, str(tmp_path)], text=True).stdout.strip() == \
+            str(errno.ENXIO)
+        containment_daemon.wait_line(entitled.name.split("/")[-1], "device 195:0 (nvidia) r (cgroup hook)")
     finally:
         remove_cgroup_tree(entitled.path)
 
