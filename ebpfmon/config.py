@@ -54,6 +54,8 @@ class Config:
     agent_level: int = 1
     # cgroup globs of agents allowed to use GPUs; every agent by default
     gpu_entitled: tuple[str, ...] = ("*",)
+    # entitled agents limited to some GPUs: (cgroup glob, device minors), first match wins
+    gpu_minors: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # destinations counted as internal (fd.is_internal), besides what the
     # node's own routes reach other than by the default route
     internal_networks: tuple[str, ...] = DEFAULT_INTERNAL_NETWORKS

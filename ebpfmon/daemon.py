@@ -133,16 +133,20 @@ class Daemon:
             self.grant_gpus([change.path])
 
     def grant_gpus(self, paths: list[str] | None = None) -> None:
-        """Entitled agents (gpu_entitled globs) get an allow entry when GPUs are denied by default."""
-        if "*" in self.config.gpu_entitled or self.enforcer is None:
+        """Entitled agents get an allow entry when GPUs are denied by default (gpu_entitled),
+        or one limited to their minors (gpu_minors)."""
+        if self.enforcer is None or ("*" in self.config.gpu_entitled and not self.config.gpu_minors):
             return
         context = self.engine.context
         for path in paths if paths is not None else self.agent_paths():
             agent = context.agent_cgroup(path)
-            if agent == path and any(fnmatch.fnmatchcase(agent, g) for g in self.config.gpu_entitled):
-                agent_id = self.hierarchy.cgroup_id_or_none(agent)
-                if agent_id is not None and not (self.containment and self.containment.store.active_for(agent)):
-                    self.enforcer.set_gpu(agent_id, allow=True)
+            if agent != path or not any(fnmatch.fnmatchcase(agent, g) for g in self.config.gpu_entitled):
+                continue
+            agent_id = self.hierarchy.cgroup_id_or_none(agent)
+            if agent_id is None or (self.containment and self.containment.store.active_for(agent)):
+                continue  # gone, or contained: a deny_gpu stays
+            minors = next((list(m) for glob, m in self.config.gpu_minors if fnmatch.fnmatchcase(agent, glob)), None)
+            self.enforcer.set_gpu(agent_id, allow=True, minors=minors)
 
     def agent_paths(self) -> list[str]:
         return self.containment._agent_paths() if self.containment else []

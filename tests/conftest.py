@@ -336,6 +336,7 @@ def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_fa
 
     config = Config(agent_root=contained_root, gpu_prefixes=DEFAULT_GPU_PREFIXES + (f"{fake_gpu_dir}/nvidia",),
                     gpu_entitled=(f"{contained_root}/gpu-*",),
+                    gpu_minors=((f"{contained_root}/gpu-limited-*", (1,)),),
                     enforce=EnforceSettings(state_dir=str(tmp_path_factory.mktemp("state")), rate_limit=50))
     running = RunningDaemon(None, contained_root, [], threading.Event())
     daemon = Daemon(config, [RULES_DIR], show_events=True, emit=running.emit)

@@ -193,3 +193,84 @@ def test_rate_limit_stops_a_misfiring_rule(containment_daemon, hierarchy):
             if containment.store.active_for(agent.name):
                 containment.release(agent.name, "test", "done")
             remove_cgroup_tree(agent.path)
+
+
+def fake_program(tmp_path, name: str):
+    """A harmless program under a telling name: a copy of sleep."""
+    path = tmp_path / name
+    path.write_bytes(open("/bin/sleep", "rb").read())
+    path.chmod(0o755)
+    return path
+
+
+def test_kill_and_cut_a_miner(containment_daemon, contained_agent, tmp_path):
+    miner = contained_agent.popen([str(fake_program(tmp_path, "xmrig")), "30"])
+    assert miner.wait(timeout=10) == -9  # SIGKILL from the Miner program started rule
+    containment_daemon.wait_line("kill applied on", contained_agent.name)
+    record = containment_daemon.containment.store.active_for(contained_agent.name)
+    assert record.rule == "Miner program started" and record.cut
+    containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_freeze_and_thaw(containment_daemon, contained_agent, tmp_path):
+    tool = contained_agent.popen([str(fake_program(tmp_path, "bpftool")), "30"])
+    try:
+        containment_daemon.wait_line("freeze applied on", contained_agent.name)
+        events = (contained_agent.path / "cgroup.events").read_text()
+        deadline = time.monotonic() + 5
+        while "frozen 1" not in events and time.monotonic() < deadline:
+            time.sleep(0.05)
+            events = (contained_agent.path / "cgroup.events").read_text()
+        assert "frozen 1" in events
+        containment_daemon.containment.release(contained_agent.name, "test", "thaw")
+        assert (contained_agent.path / "cgroup.freeze").read_text().strip() == "0"
+    finally:
+        tool.kill()
+
+
+def test_enforce_false_only_records(containment_daemon, contained_agent):
+    from ebpfmon.rules.cases import make_event
+    from ebpfmon.rules.engine import Verdict
+
+    event = make_event({"exec": {"argv": ["nmap", "x"], "cgroup": contained_agent.name}}, 0)
+    verdict = Verdict("Network scanner started", "ERROR", "scan", [], ["cut_network"], False, contained_agent.name,
+                      event)
+    notices = containment_daemon.containment.apply(verdict)
+    assert "cut_network dry run" in notices[0].message
+    assert contained_agent.id not in containment_daemon.daemon.enforcer.cut_agents()
+    containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_reconcile_closes_records_of_removed_agents_and_adopts_unrecorded_cuts(containment_daemon, hierarchy):
+    c = containment_daemon.containment
+    gone = make_agent_cgroup(hierarchy, containment_daemon.root)
+    c.cut(gone.name, "test", "will vanish")
+    remove_cgroup_tree(gone.path)
+    stray = make_agent_cgroup(hierarchy, containment_daemon.root)
+    c.enforcer.cut(stray.id, time.time_ns())  # in the kernel, no record: another ebpfmon, a crash...
+    try:
+        notices = [n.message for n in c.reconcile()]
+        assert any("closed the quarantine of " + gone.name in m for m in notices)
+        assert any(stray.name in m and "without a record" in m for m in notices)
+        assert gone.id not in c.enforcer.cut_agents()
+        assert c.store.active_for(stray.name).rule == "found cut in the kernel without a record"
+    finally:
+        c.release(stray.name, "test", "done")
+        remove_cgroup_tree(stray.path)
+
+
+def test_entitled_agent_limited_to_its_own_gpu(containment_daemon, hierarchy, tmp_path):
+    own, other = tmp_path / "nvidia1", tmp_path / "nvidia0"
+    os.mknod(own, 0o666 | 0o020000, os.makedev(195, 1))
+    os.mknod(other, 0o666 | 0o020000, os.makedev(195, 0))
+    name = f"{containment_daemon.root}/gpu-limited-{uuid.uuid4().hex[:6]}"
+    agent = AgentCgroup(name, hierarchy.ensure(name), hierarchy.cgroup_id(name))
+    try:
+        deadline = time.monotonic() + 5
+        while agent.id not in containment_daemon.daemon.enforcer.gpu_policies() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert containment_daemon.daemon.enforcer.gpu_policies()[agent.id] == (True, 1 << 1)
+        assert gpu_open(agent, own) == str(errno.ENXIO)  # its GPU: through to the (absent) driver
+        assert gpu_open(agent, other) == str(errno.EPERM)  # another's
+    finally:
+        remove_cgroup_tree(agent.path)
