@@ -32,10 +32,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from ebpfmon.cgroups import Hierarchy  # noqa: E402
-from ebpfmon.config import Config, EnforceSettings  # noqa: E402
+from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings  # noqa: E402
 from ebpfmon.daemon import Daemon  # noqa: E402
 from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
-from ebpfmon.rules.loader import RULES_DIR  # noqa: E402
 from servers import internet  # noqa: E402
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
@@ -70,9 +69,10 @@ def main() -> None:
     pool.stdout.readline()
     accepted = []
     threading.Thread(target=lambda: [accepted.append(l) for l in pool.stdout], daemon=True).start()
-    config = Config(agent_root=root, gpu_entitled=(f"{root}/gpu-*",),
-                    enforce=EnforceSettings(state_dir=str(work / "state"), rate_limit=10 ** 6))
-    daemon = Daemon(config, [RULES_DIR], emit=lambda line: None)
+    config = Config(agent_root=root, gpu_entitled=(f"{root}/gpu-*",), state_dir=str(work / "state"),
+                    enforce=EnforceSettings(rate_limit=10 ** 6), alerts=AlertSettings(sinks=()),
+                    metrics=MetricsSettings(enabled=False))
+    daemon = Daemon(config)
     cut_at: dict[int, int] = {}
     daemon.start()
     original_cut = daemon.enforcer.cut

@@ -1,9 +1,23 @@
-"""Built-in defaults: what ebpfmon does when nobody configured anything."""
+"""Configuration: built-in defaults, and one YAML file that overrides them.
+
+Every setting is a field of a frozen dataclass below; the YAML file uses the
+same names. Loading validates every value against the field's type and
+refuses unknown keys, naming the key path and its line: a typo is an error,
+never silently ignored.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import yaml
+
+from ebpfmon.errors import ConfigError
 from ebpfmon.network import DEFAULT_INTERNAL_NETWORKS
 
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
@@ -19,6 +33,9 @@ DEFAULT_GPU_PREFIXES = (
 # cgroup (relative to the cgroup2 mount) under which every agent runs, one
 # child cgroup per agent. Not a .slice: systemd owns those names.
 DEFAULT_AGENT_ROOT = "/ebpfmon-agents"
+DEFAULT_CONFIG = "/etc/ebpfmon/config.yaml"
+PRIORITIES = ("EMERGENCY", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFORMATIONAL", "DEBUG")
+SINK_TYPES = ("console", "jsonl", "webhook", "slack", "pagerduty", "alertmanager")
 
 
 @dataclass(frozen=True)
@@ -36,22 +53,63 @@ class EnforceSettings:
     # past that, containment stops and says so (a misfiring rule must not cut the fleet)
     rate_limit: int = 5
     rate_seconds: float = 60.0
-    state_dir: str = "/var/lib/ebpfmon"
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    defaults: bool = True  # load the shipped packs first
+    files: tuple[str, ...] = ()  # your rule files and directories, loaded after them
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """One alert destination. Secrets come from *_file or *_env, or inline (then masked when shown)."""
+
+    type: str
+    name: str = ""  # for metrics and logs; the type by default
+    min_priority: str = "DEBUG"  # alerts less severe than this are not sent here
+    path: str = ""  # jsonl
+    url: str = ""  # webhook, slack, alertmanager (base URL), pagerduty (events API)
+    url_file: str = ""
+    url_env: str = ""
+    routing_key: str = ""  # pagerduty
+    routing_key_file: str = ""
+    routing_key_env: str = ""
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    # a verdict for the same (rule, agent) within this many seconds is counted on the
+    # open incident, not sent again
+    dedup_seconds: float = 60.0
+    # alerts kept on disk until every sink took them; past this, the oldest go (counted)
+    spool_max: int = 100_000
+    sinks: tuple[SinkSettings, ...] = (SinkSettings(type="console"),)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Every agent event and refusal as JSON lines, rotated, under the state directory."""
+
+    enabled: bool = True
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 5
 
 
 @dataclass(frozen=True)
 class Config:
     agent_root: str = DEFAULT_AGENT_ROOT
-    gpu_prefixes: tuple[str, ...] = field(default=DEFAULT_GPU_PREFIXES)
-    # 4 MiB: a Python reader keeps up with ~500k events/s; a 900k/s producer
-    # was seen to overflow a ring of this size (DESIGN.md)
-    ringbuf_pages: int = 1024
-    # longest a no-wakeup event waits in the ring before the reader drains it
-    drain_interval_ms: int = 50
-    # ancestors (parent, grandparent...) attached to every event
-    ancestry_depth: int = 8
     # the agent is the cgroup this many levels below the agent root
     agent_level: int = 1
+    state_dir: str = "/var/lib/ebpfmon"
+    gpu_prefixes: tuple[str, ...] = field(default=DEFAULT_GPU_PREFIXES)
     # cgroup globs of agents allowed to use GPUs; every agent by default
     gpu_entitled: tuple[str, ...] = ("*",)
     # entitled agents limited to some GPUs: (cgroup glob, device minors), first match wins
@@ -59,4 +117,163 @@ class Config:
     # destinations counted as internal (fd.is_internal), besides what the
     # node's own routes reach other than by the default route
     internal_networks: tuple[str, ...] = DEFAULT_INTERNAL_NETWORKS
+    # 4 MiB: a Python reader keeps up with ~500k events/s; a 900k/s producer
+    # was seen to overflow a ring of this size (DESIGN.md)
+    ringbuf_pages: int = 1024
+    # longest a no-wakeup event waits in the ring before the reader drains it
+    drain_interval_ms: int = 50
+    # ancestors (parent, grandparent...) attached to every event
+    ancestry_depth: int = 8
+    rules: RuleSettings = field(default_factory=RuleSettings)
     enforce: EnforceSettings = field(default_factory=EnforceSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+
+
+# ---- loading ----
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "a whole number"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return str(hint)
+
+
+class _Loader:
+    def __init__(self, source: str, lines: dict[str, int]):
+        self.source = source
+        self.lines = lines  # key path -> line in the file
+
+    def error(self, path: str, message: str) -> ConfigError:
+        line = self.lines.get(path)
+        where = f"{self.source}:{line}" if line else self.source
+        return ConfigError(f"{where}: {path}: {message}.", "See 'ebpfmon config show' for every key and its default.")
+
+    def value(self, hint, raw, path: str):
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            args = typing.get_args(hint)
+            if raw is None and type(None) in args:
+                return None
+            hint = next(a for a in args if a is not type(None))
+            origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            return self.dataclass(hint, raw, path)
+        if origin is tuple:
+            item = typing.get_args(hint)[0]
+            if path.endswith("gpu_minors") and isinstance(raw, dict):
+                return tuple((str(k), self.value(tuple[int, ...], v, f"{path}.{k}")) for k, v in raw.items())
+            if not isinstance(raw, list):
+                raise self.error(path, f"expected {_describe(hint)}, got {raw!r}")
+            return tuple(self.value(item, v, f"{path}[{i}]") for i, v in enumerate(raw))
+        if hint is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if hint in (int, str, bool) and type(raw) is hint:
+            return raw
+        raise self.error(path, f"expected {_describe(hint)}, got {raw!r}")
+
+    def dataclass(self, cls, raw, path: str):
+        if not isinstance(raw, dict):
+            raise self.error(path or "(top level)", f"expected a mapping, got {raw!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, item in raw.items():
+            key_path = f"{path}.{key}" if path else str(key)
+            if key not in known:
+                raise self.error(key_path, f"unknown key (known here: {', '.join(sorted(known))})")
+            values[key] = self.value(hints[key], item, key_path)
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise self.error(path or "(top level)", f"missing a required key ({e})") from None
+
+
+def _key_lines(node, prefix: str = "", lines: dict[str, int] | None = None) -> dict[str, int]:
+    lines = {} if lines is None else lines
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}.{key.value}" if prefix else str(key.value)
+            lines[path] = key.start_mark.line + 1
+            _key_lines(value, path, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            path = f"{prefix}[{i}]"
+            lines[path] = value.start_mark.line + 1
+            _key_lines(value, path, lines)
+    return lines
+
+
+def load_config(path: str | Path) -> Config:
+    """The configuration in a YAML file, over the built-in defaults; ConfigError names what is wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the configuration {path}: {e.strerror}.",
+                          "Give an existing file with --config, or none for the built-in defaults.") from e
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}.", "Fix the YAML syntax.") from e
+    loader = _Loader(str(path), _key_lines(node) if node is not None else {})
+    config = loader.dataclass(Config, raw or {}, "")
+    validate(config, loader)
+    return config
+
+
+def validate(config: Config, loader: _Loader | None = None) -> None:
+    """Checks of meaning, beyond types."""
+    loader = loader or _Loader("configuration", {})
+    if not config.agent_root.startswith("/") or config.agent_root.rstrip("/") == "":
+        raise loader.error("agent_root", "must be an absolute cgroup path below the root, such as /ebpfmon-agents")
+    if config.agent_level < 1:
+        raise loader.error("agent_level", "must be 1 or more")
+    if config.ringbuf_pages <= 0 or config.ringbuf_pages & (config.ringbuf_pages - 1):
+        raise loader.error("ringbuf_pages", "must be a power of two")
+    for i, sink in enumerate(config.alerts.sinks):
+        where = f"alerts.sinks[{i}]"
+        if sink.type not in SINK_TYPES:
+            raise loader.error(f"{where}.type", f"{sink.type!r} is not one of {', '.join(SINK_TYPES)}")
+        if sink.min_priority.upper() not in PRIORITIES:
+            raise loader.error(f"{where}.min_priority", f"{sink.min_priority!r} is not one of {', '.join(PRIORITIES)}")
+        if sink.type == "jsonl" and not sink.path:
+            raise loader.error(f"{where}.path", "a jsonl sink needs a path")
+        if sink.type in ("webhook", "slack", "alertmanager") and not (sink.url or sink.url_file or sink.url_env):
+            raise loader.error(f"{where}.url", f"a {sink.type} sink needs url, url_file or url_env")
+        if sink.type == "pagerduty" and not (sink.routing_key or sink.routing_key_file or sink.routing_key_env):
+            raise loader.error(f"{where}.routing_key", "a pagerduty sink needs routing_key, routing_key_file or "
+                                                       "routing_key_env")
+    host, _, port = config.metrics.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise loader.error("metrics.listen", f"expected host:port, got {config.metrics.listen!r}")
+
+
+SECRET_FIELDS = ("url", "routing_key")
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """The configuration as a plain mapping, inline secrets masked (config show)."""
+    data = dataclasses.asdict(config)
+    for sink in data["alerts"]["sinks"]:
+        for key in SECRET_FIELDS:
+            if sink.get(key) and (key == "routing_key" or sink["type"] in ("slack", "webhook")):
+                sink[key] = "***"
+    data["gpu_minors"] = {glob: list(minors) for glob, minors in config.gpu_minors}
+    return data

@@ -1,42 +1,55 @@
-"""The daemon: probes, rules, containment and the control socket, started and
-stopped as one. `ebpfmon run` is a thin wrapper; tests start it the same way.
+"""The daemon: probes, rules, containment, alerts, metrics, audit and the control
+socket, started and stopped as one. `ebpfmon run` is a thin wrapper; the tests
+and benchmarks start it the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ebpfmon import events as ev
-from ebpfmon import output
+from ebpfmon import output, sdnotify
+from ebpfmon.alerts.incidents import Alerting
+from ebpfmon.audit import AuditLog
 from ebpfmon.cgroups import Hierarchy
-from ebpfmon.config import Config
+from ebpfmon.config import Config, load_config
 from ebpfmon.containment import sockets
 from ebpfmon.containment.actions import Containment, Notice
 from ebpfmon.containment.control import ControlServer
 from ebpfmon.containment.quarantine import QuarantineStore
 from ebpfmon.decode import CgroupChange
+from ebpfmon.errors import EbpfmonError
 from ebpfmon.kernel.enforcer import Enforcer, pin_dir
 from ebpfmon.kernel.probeset import ProbeSet
+from ebpfmon.metrics import Metrics
 from ebpfmon.monitor import EventStream
 from ebpfmon.network import NetworkClassifier
 from ebpfmon.rules.engine import Engine, Verdict
 from ebpfmon.rules.fields import Context
-from ebpfmon.rules.loader import RuleLoadError, load_rules
+from ebpfmon.rules.loader import RULES_DIR, RuleLoadError, load_rules
 
 log = logging.getLogger("ebpfmon")
 
 Printer = Callable[[str], None]
+# what cannot change without a restart (probes and pins depend on them)
+RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics")
 
 
 def rule_context(config: Config) -> Context:
     """What rule fields need from the configuration and the node."""
     return Context(agent_root=config.agent_root, agent_level=config.agent_level,
                    gpu_entitled=config.gpu_entitled, networks=NetworkClassifier(config.internal_networks))
+
+
+def rule_paths(config: Config) -> list[Path]:
+    return ([RULES_DIR] if config.rules.defaults else []) + [Path(f) for f in config.rules.files]
 
 
 def deny_ports(config: Config, lists: dict[str, list[str]]) -> tuple[int, ...]:
@@ -47,48 +60,65 @@ def deny_ports(config: Config, lists: dict[str, list[str]]) -> tuple[int, ...]:
 
 
 class Daemon:
-    def __init__(self, config: Config, rule_paths: list[Path], show_events: bool = False, json_alerts: bool = False,
-                 emit: Printer = print):
+    def __init__(self, config: Config, config_path: Path | None = None, show_events: Printer | None = None,
+                 echo: Printer | None = None):
+        """show_events prints every event; echo gets a copy of every alert and containment line
+        (for embedding: the sinks are where alerts go)."""
         self.config = config
-        self.rule_paths = rule_paths
+        self.config_path = config_path
         self.show_events = show_events
-        self.json_alerts = json_alerts
-        self.emit = emit
+        self.echo = echo or (lambda line: None)
         self.hierarchy = Hierarchy()
-        self.engine = Engine(load_rules(rule_paths), rule_context(config))
+        self.engine = Engine(load_rules(rule_paths(config)), rule_context(config))
         ProbeSet.preflight()
         self.hierarchy.ensure(config.agent_root)
         self.pins = pin_dir(self.hierarchy, config.agent_root)
         self.stream = EventStream(config, hierarchy=self.hierarchy, enforce_pins=self.pins,
                                   on_cgroup=self.cgroup_changed)
+        self.metrics = Metrics()
+        self.metrics.rules_loaded.set(len(self.engine.ruleset.rules))
+        self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered)
+        self.audit = AuditLog(config.audit, config.state_dir) if config.audit.enabled else None
         self.enforcer: Enforcer | None = None
         self.containment: Containment | None = None
         self.control: ControlServer | None = None
         self.reload_requested = threading.Event()
-        self.verdicts = 0
+        self.watchdog = sdnotify.watchdog_interval()
+        self.started_ns = time.monotonic_ns()
+        self.ready_ns = 0
 
     # ---- start and stop ----
 
     def start(self) -> "Daemon":
-        """Probes, enforcement, reconciliation, control socket, then what agents already hold."""
+        """Probes, enforcement, reconciliation, alerts, metrics, control socket; then READY."""
         self.stream.start(self.judge)
         self.enforcer = Enforcer(self.stream.probes, self.hierarchy, self.config.agent_root, self.config.agent_level)
         self.configure_enforcement()
         self.enforcer.attach()
         self.containment = Containment(self.enforcer, self.hierarchy, self.config,
-                                       QuarantineStore(self.config.enforce.state_dir))
+                                       QuarantineStore(self.config.state_dir), on_release=self.released,
+                                       on_action=lambda a, r: self.metrics.actions.labels(a, r).inc())
+        self.alerting.start()
         self.grant_gpus()
         for notice in self.containment.reconcile():
             self.notify(notice)
-        self.control = ControlServer(self.containment, self.config.enforce.state_dir).start()
+        self.metrics.watch(self.snapshot)
+        if self.config.metrics.enabled:
+            try:
+                self.metrics.serve(self.config.metrics.listen)
+            except OSError as e:  # watching matters more than the exporter: go on, loudly
+                log.error("metrics not served: cannot listen on %s: %s", self.config.metrics.listen, e.strerror)
+        self.control = ControlServer(self.containment, self.config.state_dir, reload=self.reload).start()
         self.judge_existing_connections()
+        self.ready_ns = time.monotonic_ns()
+        sdnotify.notify("READY=1")
         return self
 
     def configure_enforcement(self) -> None:
         settings = self.config.enforce
         self.enforcer.configure(dry_run=settings.dry_run, gpu_default_deny="*" not in self.config.gpu_entitled,
-                                keep_open=settings.keep_open, deny_ports=deny_ports(self.config,
-                                                                                    self.engine.ruleset.lists),
+                                keep_open=settings.keep_open,
+                                deny_ports=deny_ports(self.config, self.engine.ruleset.lists),
                                 deny_networks=settings.deny_networks)
 
     def run(self, stop: threading.Event, every: Callable[[], None] | None = None) -> None:
@@ -96,26 +126,43 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            self.alerting.tick()
+            if self.watchdog:
+                sdnotify.notify("WATCHDOG=1")  # from the event loop: a stuck loop gets restarted
             if every:
                 every()
 
         self.stream.run(stop, every=each_second)
 
     def close(self) -> None:
-        """Stops watching. Enforcement stays attached: cuts outlive the daemon."""
+        """Stops watching; alerts not yet delivered stay in the spool. Enforcement stays attached:
+        cuts outlive the daemon."""
+        sdnotify.notify("STOPPING=1")
         if self.control:
             self.control.stop()
         self.stream.close()
+        self.alerting.close()
+        self.metrics.close()
+        if self.audit:
+            self.audit.close()
 
     # ---- events ----
 
     def judge(self, event: ev.Event) -> None:
+        if self.audit:
+            self.audit.write(event)
         if self.show_events:
-            self.emit(output.table_line(event))
-        for verdict in self.engine.evaluate(event):
-            self.verdicts += 1
+            self.show_events(output.table_line(event))
+        started = time.perf_counter()
+        verdicts = self.engine.evaluate(event)
+        self.metrics.rule_evaluation.observe(time.perf_counter() - started)
+        for verdict in verdicts:
+            self.metrics.rule_matches.labels(verdict.rule, verdict.priority).inc()
             self.contain(verdict)  # before anything is written: containment is a race
-            self.emit(verdict.to_json() if self.json_alerts else output.alert_line(verdict))
+            self.metrics.event_to_verdict.observe(max(0, time.time_ns() - event.time_ns) / 1e9)
+            self.echo(output.alert_line(verdict))
+            record = self.containment.store.active_for(verdict.agent or "") if self.containment else None
+            self.alerting.verdict(verdict, dataclasses.asdict(record) if record else None)
 
     def contain(self, verdict: Verdict) -> None:
         if self.containment is None or not verdict.actions:
@@ -124,9 +171,22 @@ class Daemon:
             self.notify(notice)
 
     def notify(self, notice: Notice) -> None:
-        line = f"{output.clock(self.containment.clock() if self.containment else 0)} {notice.priority:<8} " \
-               f"ebpfmon containment: {notice.message}"
-        self.emit(line)
+        """Containment notices go to the log; critical ones (refusals, rate limit) are alerts too."""
+        level = logging.ERROR if notice.priority == "CRITICAL" else logging.INFO
+        log.log(level, "containment: %s", notice.message)
+        self.echo(f"{notice.priority} ebpfmon containment: {notice.message}")
+        if notice.priority == "CRITICAL":
+            synthetic = Verdict("ebpfmon containment", "CRITICAL", notice.message, ["ebpfmon"], [], False, None,
+                                ev.ExitEvent(time_ns=time.time_ns(), cgroup_id=0, cgroup=None,
+                                             proc=ev.Process(0, 0, 0, 0, 0, "ebpfmon")))
+            self.alerting.verdict(synthetic)
+
+    def released(self, record) -> None:
+        resolved = self.alerting.resolve_agent(record.agent, record.release_reason or "")
+        log.info("released %s by %s; %d incident(s) resolved", record.agent, record.released_by, resolved)
+
+    def delivered(self, sink: str, ok: bool) -> None:
+        (self.metrics.alerts_delivered if ok else self.metrics.alerts_failed).labels(sink).inc()
 
     def cgroup_changed(self, change: CgroupChange) -> None:
         if change.created:
@@ -157,37 +217,76 @@ class Daemon:
             for conn in sockets.connections(self.hierarchy.path(agent)):
                 if conn["protocol"] != "tcp" or conn["state"] not in ("established", "syn-sent"):
                     continue
-                event = self.connection_event(agent, conn)
-                if event is not None:
-                    self.judge(event)
+                self.judge(self.connection_event(agent, conn))
 
-    def connection_event(self, agent: str, conn: dict) -> ev.ConnectEvent | None:
+    def connection_event(self, agent: str, conn: dict) -> ev.ConnectEvent:
         host, _, port = conn["remote"].rpartition(":")
         pid = conn["pid"] or 0
         node = self.stream.tree.get(pid) if pid else None
         proc = ev.Process(pid=pid, tid=pid, ppid=node.ppid if node else 0, uid=0, gid=0,
                           comm=conn["comm"] or "?", exe=node.exe if node else None,
                           argv=node.argv if node else None)
-        return ev.ConnectEvent(time_ns=self.containment.clock(), cgroup_id=self.hierarchy.cgroup_id(agent),
+        return ev.ConnectEvent(time_ns=time.time_ns(), cgroup_id=self.hierarchy.cgroup_id(agent),
                                cgroup=agent, proc=proc, ancestry=self.stream.tree.ancestry(pid, 8) if pid else [],
                                family="inet6" if ":" in host else "inet", address=host.strip("[]"),
                                port=int(port), sock_type="stream", protocol="tcp", retval=0,
                                source="existing")
 
-    # ---- rules ----
+    def snapshot(self) -> dict:
+        """Metrics read at scrape time from the kernel counters and the daemon's state."""
+        self.stream.refresh_counters()
+        stats = self.stream.stats
+        kinds = sorted(set(stats.events) | set(stats.lost))
+        refusals = self.enforcer.counters() if self.enforcer else {}
+        return {
+            "ebpfmon_events": ("counter", "Events delivered, by kind.", ["kind"],
+                               {(k,): stats.events.get(k, 0) for k in kinds}),
+            "ebpfmon_events_lost": ("counter", "Events the kernel could not deliver (ring full), by kind.",
+                                    ["kind"], {(k,): stats.lost.get(k, 0) for k in kinds}),
+            "ebpfmon_events_truncated": ("counter", "Events delivered with a field cut, by kind.", ["kind"],
+                                         {(k,): stats.truncated.get(k, 0) for k in kinds}),
+            "ebpfmon_events_malformed": ("counter", "Records that did not decode.", [], {(): stats.malformed}),
+            "ebpfmon_refusals": ("counter", "Refusals by the kernel enforcement programs, by reason.", ["reason"],
+                                 {(k,): v for k, v in refusals.items() if k != "skb_dropped"}),
+            "ebpfmon_cut_packets_dropped": ("counter", "Packets of cut agents dropped.", [],
+                                            {(): refusals.get("skb_dropped", 0)}),
+            "ebpfmon_quarantined_agents": ("gauge", "Agents in quarantine.", [],
+                                           {(): len(self.containment.store.active()) if self.containment else 0}),
+            "ebpfmon_alert_spool_depth": ("gauge", "Alerts waiting for a sink.", [], {(): self.alerting.spool.depth()}),
+            "ebpfmon_alert_spool_dropped": ("counter", "Alerts dropped because the spool was full.", [],
+                                            {(): self.alerting.spool.dropped}),
+            "ebpfmon_probes_attached": ("gauge", "Probes attached.", [], {(): len(self.stream.probes.probes)}),
+        }
 
-    def reload(self) -> bool:
-        """Loads the rules again; on any problem keeps the running set and says why."""
+    # ---- reload ----
+
+    def reload(self) -> tuple[bool, str]:
+        """Configuration (when a file is in use) and rules, atomically: on any problem the running
+        set stays, and says why."""
         try:
-            ruleset = load_rules(self.rule_paths)
-        except RuleLoadError as e:
-            log.error("rules not reloaded, the running set stays: %s", e.message.replace("\n", " |"))
-            return False
+            config = load_config(self.config_path) if self.config_path else self.config
+            changed = [k for k in RESTART_KEYS if getattr(config, k) != getattr(self.config, k)]
+            if changed:
+                raise EbpfmonError(f"{', '.join(changed)} changed: that needs a restart", "")
+            ruleset = load_rules(rule_paths(config))
+        except (RuleLoadError, EbpfmonError) as e:
+            self.metrics.reload_failures.inc()
+            message = f"not reloaded, the running set stays: {e.message.replace(chr(10), ' |')}"
+            log.error("%s", message)
+            return False, message
+        if config.alerts != self.config.alerts:
+            self.alerting.close()
+            self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered).start()
+        self.config = config
+        self.engine.context = rule_context(config)
         self.engine.load(ruleset)
         if self.enforcer:
             self.configure_enforcement()
-        log.info("rules reloaded: %d rules", len(ruleset.rules))
-        return True
+        self.metrics.reloads.inc()
+        self.metrics.rules_loaded.set(len(ruleset.rules))
+        message = f"reloaded: {len(ruleset.rules)} rules"
+        log.info("%s", message)
+        return True, message
 
 
 def stdout_printer(line: str) -> None:

@@ -330,16 +330,16 @@ def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_fa
     """ebpfmon's daemon with containment armed: agents under contained_root; GPUs for gpu-* agents only."""
     import dataclasses
 
-    from ebpfmon.config import EnforceSettings
+    from ebpfmon.config import AlertSettings, EnforceSettings, MetricsSettings
     from ebpfmon.daemon import Daemon
-    from ebpfmon.rules.loader import RULES_DIR
 
     config = Config(agent_root=contained_root, gpu_prefixes=DEFAULT_GPU_PREFIXES + (f"{fake_gpu_dir}/nvidia",),
                     gpu_entitled=(f"{contained_root}/gpu-*",),
                     gpu_minors=((f"{contained_root}/gpu-limited-*", (1,)),),
-                    enforce=EnforceSettings(state_dir=str(tmp_path_factory.mktemp("state")), rate_limit=50))
+                    state_dir=str(tmp_path_factory.mktemp("state")), enforce=EnforceSettings(rate_limit=50),
+                    alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
     running = RunningDaemon(None, contained_root, [], threading.Event())
-    daemon = Daemon(config, [RULES_DIR], show_events=True, emit=running.emit)
+    daemon = Daemon(config, show_events=running.emit, echo=running.emit)
     running.daemon = daemon
     daemon.start()
     thread = threading.Thread(target=daemon.run, args=(running.stop,), daemon=True)

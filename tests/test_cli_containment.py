@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -29,13 +30,24 @@ def connect_from(cgroup, host: str, port: int) -> int:
 
 
 class DaemonProcess:
-    def __init__(self, root: str, state: str):
-        self.proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", root, "--state-dir", state], cwd=REPO,
+    """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many)."""
+
+    def __init__(self, root: str, state: str, *extra: str):
+        config = Path(state) / "config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        if not config.exists():
+            config.write_text("metrics: {enabled: false}\n")
+        self.proc = subprocess.Popen([*EBPFMON, "run", "--config", str(config), "--agent-root", root,
+                                      "--state-dir", state, *extra], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        self.wait("ready:", timeout=90)
+        try:
+            self.wait("ready:", timeout=90)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -55,8 +67,13 @@ class DaemonProcess:
                 self.cond.wait(0.2)
 
     def stop(self, sig=signal.SIGINT) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
 
 
 def test_cut_survives_kill_9_and_restart_reconciles(bpf, hierarchy, own_root, tmp_path, sshd, stratum_pool,
@@ -127,23 +144,12 @@ def test_quarantine_refuses_root_and_outsiders(bpf, own_root, tmp_path):
 
 
 def test_dry_run_reports_and_lets_through(bpf, hierarchy, own_root, tmp_path, stratum_pool):
-    proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", own_root, "--state-dir", str(tmp_path), "--dry-run"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    daemon = DaemonProcess(own_root, str(tmp_path), "--dry-run")
     agent = make_agent_cgroup(hierarchy, own_root)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "ready:" in line:
-                break
-        assert "containment in dry run" in lines[-1]
+        assert "containment in dry run" in daemon.wait("ready:")
         assert connect_from(agent, stratum_pool.host, stratum_pool.port) == 0  # let through
-        deadline = time.monotonic() + 10
-        for line in proc.stdout:
-            lines.append(line)
-            if "Connection refused by policy" in line or time.monotonic() > deadline:
-                break
-        assert "dry_run=true" in lines[-1] and "reason=port" in lines[-1]
+        line = daemon.wait("Connection refused by policy", agent.name.split("/")[-1])
+        assert "dry_run=true" in line and "reason=port" in line
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        daemon.stop()

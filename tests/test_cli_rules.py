@@ -69,9 +69,12 @@ def test_run_reloads_rules_on_sighup_and_keeps_the_last_good_set(bpf, own_root, 
             "exec.argv = {tag}\n  output: marker %exec.argv[1]\n  priority: NOTICE\n  tags: [T0000]\n")
     tag1, tag2 = uuid.uuid4().hex, uuid.uuid4().hex
     rules.write_text(good.format(tag=tag1))
-    agent = hierarchy.ensure(f"{own_root}/reload-agent")
-    proc = subprocess.Popen([*EBPFMON, "run", "--agent-root", own_root, "--rules", str(rules), "--state-dir",
-                             str(tmp_path / "state")], cwd=REPO,
+    # a fresh agent each time: alerts of one (rule, agent) within a minute are one incident
+    agents = [hierarchy.ensure(f"{own_root}/reload-agent-{i}") for i in range(3)]
+    config = tmp_path / "config.yaml"
+    config.write_text("metrics: {enabled: false}\n")
+    proc = subprocess.Popen([*EBPFMON, "run", "--config", str(config), "--agent-root", own_root, "--rules",
+                             str(rules), "--state-dir", str(tmp_path / "state")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
 
@@ -86,26 +89,26 @@ def test_run_reloads_rules_on_sighup_and_keeps_the_last_good_set(bpf, own_root, 
                 break
         raise AssertionError(f"never saw {text!r}; got {lines}")
 
-    def run_marker(tag):
+    def run_marker(tag, agent):
         subprocess.run(["/bin/echo", tag], stdout=subprocess.DEVNULL, check=True,
                        preexec_fn=lambda: (agent / "cgroup.procs").write_text(str(__import__("os").getpid())))
 
     try:
         wait_line(proc.stderr, "ready:")
-        run_marker(tag1)
+        run_marker(tag1, agents[0])
         wait_line(proc.stdout, f"marker {tag1}")
         # a broken file: refused, the running set stays
         rules.write_text("- rule: Marker ran\n  condition: (\n")
         proc.send_signal(signal.SIGHUP)
-        line = wait_line(proc.stderr, "rules not reloaded")
+        line = wait_line(proc.stderr, "not reloaded, the running set stays")
         assert str(rules) in line
-        run_marker(tag1)
+        run_marker(tag1, agents[1])
         wait_line(proc.stdout, f"marker {tag1}")
         # a good new file: taken
         rules.write_text(good.format(tag=tag2))
         proc.send_signal(signal.SIGHUP)
-        wait_line(proc.stderr, "rules reloaded")
-        run_marker(tag2)
+        wait_line(proc.stderr, "reloaded: ")
+        run_marker(tag2, agents[2])
         wait_line(proc.stdout, f"marker {tag2}")
     finally:
         proc.send_signal(signal.SIGINT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -40,9 +41,27 @@ def report_error(error: EbpfmonError) -> None:
     print(paragraph, file=sys.stderr)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="ebpfmon: %(levelname)s: %(message)s")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: agent text inside stays one escaped string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                           "logger": record.name, "message": record.getMessage()})
+
+
+class SafeFormatter(logging.Formatter):
+    """Text lines with control characters escaped, so an agent's argv cannot forge log lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from ebpfmon.output import safe
+
+        return safe(super().format(record))
+
+
+def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else SafeFormatter("ebpfmon: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def stop_on_signals() -> threading.Event:

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import pwd
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,8 +16,10 @@ import typer
 from ebpfmon.cgroups import Hierarchy
 from ebpfmon.cli.common import AgentRootOption, make_config
 from ebpfmon.cli.run import StateDirOption
-from ebpfmon.config import DEFAULT_AGENT_ROOT, EnforceSettings
+from ebpfmon.config import DEFAULT_AGENT_ROOT, Config
 from ebpfmon.containment import control
+from ebpfmon.alerts.incidents import Alerting
+from ebpfmon.alerts.spool import Spool
 from ebpfmon.containment.quarantine import QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
 
@@ -45,7 +48,7 @@ def _offline(agent_root: str, state_dir: str):
 
     require_root()
     config = make_config(agent_root)
-    config = dataclasses.replace(config, enforce=dataclasses.replace(config.enforce, state_dir=state_dir))
+    config = dataclasses.replace(config, state_dir=state_dir)
     hierarchy = Hierarchy()
     probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
     enforcer = Enforcer(probes, hierarchy, config.agent_root, config.agent_level)
@@ -55,7 +58,15 @@ def _offline(agent_root: str, state_dir: str):
     enforcer.configure(dry_run=False, gpu_default_deny="*" not in config.gpu_entitled,
                        keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, load_rules().lists))
     enforcer.attach()
-    return Containment(enforcer, hierarchy, config, QuarantineStore(state_dir))
+    spool = Spool(Path(state_dir) / "alerts.db")
+
+    def released(record: Record) -> None:
+        # no daemon to page: the resolves wait in the spool for the next one to deliver
+        pending = Alerting.resolves_for(spool, record.agent, record.release_reason or "")
+        if pending:
+            print(f"ebpfmon: {pending} incident resolve(s) spooled for the daemon to deliver")
+
+    return Containment(enforcer, hierarchy, config, QuarantineStore(state_dir), on_release=released)
 
 
 def _when(ns: int | None) -> str:
@@ -84,9 +95,10 @@ def _answer(answer: dict) -> dict:
 def list_records(
     all_records: Annotated[bool, typer.Option("--all", help="Released and closed records too.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Records as JSON.")] = False,
-    state_dir: StateDirOption = EnforceSettings.state_dir,
+    state_dir: StateDirOption = None,
 ) -> None:
     """Show contained agents: the rule, the actions, the connections they held."""
+    state_dir = state_dir or Config.state_dir
     answer = control.request(state_dir, {"cmd": "list"})
     if answer is None:
         records = [dataclasses.asdict(r) for r in QuarantineStore(state_dir).records]
@@ -103,7 +115,8 @@ def list_records(
         _show(record)
 
 
-def _change(cmd: str, agent: str, reason: str, agent_root: str, state_dir: str) -> None:
+def _change(cmd: str, agent: str, reason: str, agent_root: str, state_dir: str | None) -> None:
+    state_dir = state_dir or Config.state_dir
     answer = control.request(state_dir, {"cmd": cmd, "agent": agent, "reason": reason})
     if answer is not None:
         record = _answer(answer)["record"]
@@ -120,7 +133,7 @@ def release(
     agent: Annotated[str, typer.Argument(help="The agent's cgroup, as listed.")],
     reason: Annotated[str, typer.Option("--reason", help="Why; kept in the record.")] = "",
     agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
-    state_dir: StateDirOption = EnforceSettings.state_dir,
+    state_dir: StateDirOption = None,
 ) -> None:
     """Give an agent its network and GPUs back, thaw it, and close its record."""
     _change("release", agent, reason, agent_root, state_dir)
@@ -131,7 +144,7 @@ def cut(
     agent: Annotated[str, typer.Argument(help="The agent's cgroup, below the agent root.")],
     reason: Annotated[str, typer.Option("--reason", help="Why; required, kept in the record.")] = ...,
     agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
-    state_dir: StateDirOption = EnforceSettings.state_dir,
+    state_dir: StateDirOption = None,
 ) -> None:
     """Cut an agent's network by hand (loopback stays open)."""
     _change("cut", agent, reason, agent_root, state_dir)

@@ -1,64 +1,96 @@
-"""ebpfmon run: the monitor on built-in defaults."""
+"""ebpfmon run: the daemon."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from ebpfmon.cli.common import AgentRootOption, GpuPrefixOption, make_config, setup_logging, stop_on_signals
-from ebpfmon.cli.rules import NoDefaultsOption, RulesOption, rule_paths
-from ebpfmon.config import DEFAULT_AGENT_ROOT, EnforceSettings
+from ebpfmon.cli.common import setup_logging, stop_on_signals
+from ebpfmon.config import DEFAULT_CONFIG, Config, load_config
 from ebpfmon.daemon import Daemon, stdout_printer
 from ebpfmon.kernel.probeset import require_root
 
 log = logging.getLogger("ebpfmon")
 
 EPILOG = """\
-Example:\n\n
-  sudo ebpfmon run       then, elsewhere: sudo ebpfmon exec -- ssh -R 2222:localhost:22 host\n\n
+Examples:\n\n
+  sudo ebpfmon run                             built-in defaults (or /etc/ebpfmon/config.yaml)\n\n
+  sudo ebpfmon run --config /etc/ebpfmon/config.yaml --dry-run\n\n
+  then, elsewhere: sudo ebpfmon exec -- ssh -R 2222:localhost:22 host\n\n
 Watches every cgroup below the agent root (created when missing), judges each
-exec, connect and GPU open of the agents with the rules, prints alerts, and
-contains agents as the rules ask: their network cut, destinations and GPUs
-refused, processes killed or frozen. Containment outlives the daemon; see
-'ebpfmon quarantine'. SIGHUP reloads the rules; a rule set with problems is
-refused and the running one stays.
+exec, connect and GPU open of the agents with the rules, sends alerts to the
+configured sinks (console by default) through an on-disk spool, contains
+agents as the rules ask, serves Prometheus metrics (127.0.0.1:9464) and
+writes the audit log. Containment outlives the daemon; see 'ebpfmon
+quarantine'. SIGHUP or 'ebpfmon reload' reloads rules and configuration; a
+set with problems is refused and the running one stays.
 """
 
-StateDirOption = Annotated[str, typer.Option(
+StateDirOption = Annotated[Optional[str], typer.Option(
     "--state-dir", metavar="DIR", envvar="EBPFMON_STATE_DIR", show_envvar=True,
-    help="Where quarantine records and the control socket live.")]
+    help="Where quarantine records, the alert spool, the audit log and the control socket live "
+         "(default: the configuration's state_dir, /var/lib/ebpfmon).")]
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", "-f", metavar="FILE", envvar="EBPFMON_CONFIG", show_envvar=True,
+    help=f"Configuration file (YAML). Default: {DEFAULT_CONFIG} when it exists, else built-in defaults.")]
+
+
+def effective_config(config_file: Path | None) -> tuple[Config, Path | None]:
+    """The configuration file given, or the default one when present, or the built-in defaults."""
+    if config_file is None and os.path.exists(DEFAULT_CONFIG):
+        config_file = Path(DEFAULT_CONFIG)
+    return (load_config(config_file), config_file) if config_file else (Config(), None)
 
 
 def run(
-    agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
-    gpu_prefix: GpuPrefixOption = None,
-    rules: RulesOption = None,
-    no_defaults: NoDefaultsOption = False,
+    config_file: ConfigOption = None,
+    agent_root: Annotated[Optional[str], typer.Option(
+        "--agent-root", envvar="EBPFMON_AGENT_ROOT", show_envvar=True,
+        help="cgroup under which agents run (overrides the configuration).")] = None,
+    rules: Annotated[Optional[list[Path]], typer.Option(
+        "--rules", "-r", metavar="PATH", help="Rule file or directory loaded after the configured ones.")] = None,
+    no_defaults: Annotated[bool, typer.Option("--no-defaults", help="Leave out the shipped packs.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Contain nothing: report what would be cut, "
                                           "refused, killed or frozen.")] = False,
-    state_dir: StateDirOption = EnforceSettings.state_dir,
-    show_events: Annotated[bool, typer.Option("--show-events", help="Print every event too, not only "
-                                              "alerts.")] = False,
-    alerts_json: Annotated[bool, typer.Option("--json", help="Alerts as JSON lines.")] = False,
+    state_dir: StateDirOption = None,
+    show_events: Annotated[bool, typer.Option("--show-events", help="Print every event too.")] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log records as JSON lines (journald, "
+                                           "collectors).")] = False,
 ) -> None:
-    """Run the monitor: watch every agent under the agent root, judge what they do, contain them."""
-    setup_logging()
+    """Run the monitor: watch every agent, judge what they do, alert, contain."""
+    setup_logging(json_lines=log_json)
     require_root()
-    config = make_config(agent_root, gpu_prefix)
-    config = dataclasses.replace(config, enforce=dataclasses.replace(config.enforce, dry_run=dry_run,
-                                                                     state_dir=state_dir))
-    daemon = Daemon(config, rule_paths(rules, no_defaults), show_events, alerts_json, emit=stdout_printer)
+    config, path = effective_config(config_file)
+    overrides = {}
+    if agent_root:
+        overrides["agent_root"] = agent_root
+    if state_dir:
+        overrides["state_dir"] = state_dir
+    if rules or no_defaults:
+        overrides["rules"] = dataclasses.replace(config.rules, defaults=config.rules.defaults and not no_defaults,
+                                                 files=config.rules.files + tuple(str(r) for r in rules or ()))
+    if dry_run:
+        overrides["enforce"] = dataclasses.replace(config.enforce, dry_run=True)
+    config = dataclasses.replace(config, **overrides)
+    daemon = Daemon(config, path if not overrides else None,
+                    show_events=stdout_printer if show_events else None)
+    if overrides and path:
+        log.info("command-line options override %s: reload re-reads the rule files only", path)
     stop = stop_on_signals()
     signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
     daemon.start()
-    log.info("ready: watching %s and every cgroup below it (probes: %s; %d rules; containment %s)",
-             config.agent_root, ", ".join(daemon.stream.probes.probes), len(daemon.engine.ruleset.rules),
-             "in dry run" if dry_run else "armed")
+    log.info("ready: in %.2fs, watching %s and below (probes: %s; %d rules; containment %s; metrics %s)",
+             (daemon.ready_ns - daemon.started_ns) / 1e9, config.agent_root,
+             ", ".join(daemon.stream.probes.probes), len(daemon.engine.ruleset.rules),
+             "in dry run" if config.enforce.dry_run else "armed",
+             config.metrics.listen if config.metrics.enabled else "off")
     try:
         daemon.run(stop, every=sys.stdout.flush)
     finally:

@@ -45,7 +45,7 @@ class Notice:
 
 class Containment:
     def __init__(self, enforcer: Enforcer, hierarchy: Hierarchy, config: Config, store: QuarantineStore,
-                 clock=time.time_ns):
+                 clock=time.time_ns, on_release=None, on_action=None):
         self.enforcer = enforcer
         self.hierarchy = hierarchy
         self.config = config
@@ -54,6 +54,8 @@ class Containment:
         self.clock = clock
         self.agent_root = enforcer.agent_root
         self.own_cgroup = cgroup_of(os.getpid()) or "/"
+        self.on_release = on_release or (lambda record: None)  # e.g. resolve the pager's incidents
+        self.on_action = on_action or (lambda action, result: None)  # e.g. count it
         self._recent: deque[tuple[int, str]] = deque()  # (time, agent) of automatic containments
         self.lock = threading.RLock()
 
@@ -165,6 +167,7 @@ class Containment:
         except OSError as e:
             result, detail = "failed", str(e)
         record.actions.append(ActionResult(action, result, now, detail))
+        self.on_action(action, result)
         priority = "CRITICAL" if result == "failed" else "NOTICE"
         return Notice(priority, f"{action} {result} on {record.agent}" + (f" ({detail})" if detail else "")
                       + f" for rule {record.rule!r}")
@@ -205,7 +208,8 @@ class Containment:
             record.status, record.released_ns, record.released_by = "released", now, by
             record.release_reason = reason
             self.store.save()
-            return record
+        self.on_release(record)
+        return record
 
     # ---- start-up ----
 

@@ -1,9 +1,9 @@
-"""The daemon's control socket: `ebpfmon quarantine ...` talks to a running daemon here.
+"""The daemon's control socket: `ebpfmon quarantine ...` and `ebpfmon reload` talk to it here.
 
 A Unix stream socket in the state directory (itself 0700), 0600, root only
 (checked again with SO_PEERCRED). One JSON request per connection, one JSON
 answer: {"cmd": "list"} | {"cmd": "release", "agent": ..., "reason": ...} |
-{"cmd": "cut", "agent": ..., "reason": ...}.
+{"cmd": "cut", "agent": ..., "reason": ...} | {"cmd": "reload"}.
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
-def handle(containment: Containment, request: dict, by: str) -> dict:
+def handle(containment: Containment, request: dict, by: str, reload=None) -> dict:
     """One request against the containment; the answer to send back."""
     cmd = request.get("cmd")
     try:
+        if cmd == "reload" and reload is not None:
+            ok, message = reload()
+            return {"ok": ok, "message": message} if ok else {"ok": False, "error": message}
         if cmd == "list":
             return {"ok": True, "records": [asdict(r) for r in containment.store.records]}
         if cmd in ("release", "cut"):
@@ -57,11 +60,11 @@ def handle(containment: Containment, request: dict, by: str) -> dict:
             return {"ok": True, "record": asdict(record)}
     except ContainmentRefused as e:
         return {"ok": False, "error": e.message}
-    return {"ok": False, "error": f"unknown command {cmd!r}; known: list, release, cut"}
+    return {"ok": False, "error": f"unknown command {cmd!r}; known: list, release, cut, reload"}
 
 
 class ControlServer:
-    def __init__(self, containment: Containment, state_dir: str | Path):
+    def __init__(self, containment: Containment, state_dir: str | Path, reload=None):
         self.path = socket_path(state_dir)
         containment_ = containment
 
@@ -73,7 +76,7 @@ class ControlServer:
                 else:
                     try:
                         request = json.loads(self.rfile.readline())
-                        answer = handle(containment_, request, f"{user_name(uid)} (control socket)")
+                        answer = handle(containment_, request, f"{user_name(uid)} (control socket)", reload)
                     except ValueError as e:
                         answer = {"ok": False, "error": f"not a JSON request: {e}"}
                 self.wfile.write(json.dumps(answer).encode() + b"\n")

@@ -78,7 +78,7 @@ def test_reverse_tunnel_is_cut_before_it_carries_anything(containment_daemon, co
     # release (as `ebpfmon quarantine release` does through the socket) restores it
     from ebpfmon.containment import control
 
-    answer = control.request(containment_daemon.daemon.config.enforce.state_dir,
+    answer = control.request(containment_daemon.daemon.config.state_dir,
                              {"cmd": "release", "agent": agent, "reason": "test over"})
     assert answer["ok"] and answer["record"]["status"] == "released"
     assert connect_from(contained_agent, netns_host.address, 22) == 0

@@ -1,0 +1,1 @@
+"""Alerts: verdicts to incidents, incidents to sinks, through an on-disk spool."""

@@ -1,0 +1,161 @@
+"""Verdicts become incidents, incidents become alerts, alerts go to the sinks.
+
+One incident per (rule, agent): the first verdict triggers it; more verdicts
+within dedup_seconds are counted on it, and the count goes out at most once
+per window as an update of the same incident (same dedup key), so a thousand
+identical events in a second page once. Releasing an agent's quarantine
+resolves its incidents. Every alert is in the spool (SQLite, on disk) before
+any sink is tried; each remote sink has a worker that delivers in order,
+retrying with exponential backoff and jitter, across restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ebpfmon.alerts.sinks import DeliveryError, Sink, make_sink
+from ebpfmon.alerts.spool import Spool
+from ebpfmon.config import AlertSettings
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+
+
+def incident_key(node: str, rule: str, agent: str | None) -> str:
+    digest = hashlib.sha256(f"{node}\0{rule}\0{agent or ''}".encode()).hexdigest()[:24]
+    return f"ebpfmon-{digest}"
+
+
+class Alerting:
+    def __init__(self, settings: AlertSettings, state_dir: str | Path, node: str | None = None,
+                 clock=time.time_ns, on_delivery=None):
+        self.settings = settings
+        self.node = node or socket.gethostname()
+        self.clock = clock
+        self.sinks: list[Sink] = [make_sink(s, self.node) for s in settings.sinks]
+        self.spool = Spool(Path(state_dir) / "alerts.db", settings.spool_max)
+        self.on_delivery = on_delivery or (lambda sink, ok: None)
+        self.wake = threading.Condition()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.workers = [threading.Thread(target=self._work, args=(s,), name=f"sink-{s.name}", daemon=True)
+                        for s in self.sinks if s.remote]
+
+    def start(self) -> "Alerting":
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def close(self) -> None:
+        """Stops the workers; what is undelivered stays in the spool for next time."""
+        self.stopping.set()
+        with self.wake:
+            self.wake.notify_all()
+        for worker in self.workers:
+            worker.join(timeout=5)
+        self.spool.close()
+
+    # ---- from the daemon ----
+
+    def verdict(self, verdict, quarantine: dict[str, Any] | None = None) -> None:
+        now = self.clock()
+        key = incident_key(self.node, verdict.rule, verdict.agent)
+        with self.lock:
+            inc = self.spool.incident(key)
+            alert = {"action": "trigger", "incident": key, "rule": verdict.rule, "priority": verdict.priority,
+                     "output": verdict.output, "tags": verdict.tags, "actions": verdict.actions,
+                     "agent": verdict.agent, "node": self.node, "time_ns": now,
+                     "opened_ns": inc["opened_ns"] if inc else now, "count": (inc["count"] if inc else 0) + 1,
+                     "event": verdict.event.to_dict(), "quarantine": quarantine}
+            if inc is None:
+                inc = {"key": key, "rule": verdict.rule, "priority": verdict.priority, "agent": verdict.agent,
+                       "opened_ns": now, "last_sent_ns": 0, "count": 0, "sent_count": 0, "last_alert": alert,
+                       "sinks": [s.name for s in self.sinks if s.remote and s.wants(alert)]}
+            inc["count"] += 1
+            inc["last_alert"] = alert
+            due = now - inc["last_sent_ns"] >= self.settings.dedup_seconds * 1e9
+            if due:
+                inc["last_sent_ns"], inc["sent_count"] = now, inc["count"]
+            self.spool.save_incident(inc)
+        if due:
+            self.send(alert)
+
+    def tick(self) -> None:
+        """Sends the counts that grew on open incidents once their window passed."""
+        now = self.clock()
+        for inc in self.spool.incidents():
+            if inc["count"] > inc["sent_count"] and now - inc["last_sent_ns"] >= self.settings.dedup_seconds * 1e9:
+                with self.lock:
+                    inc["last_sent_ns"], inc["sent_count"] = now, inc["count"]
+                    self.spool.save_incident(inc)
+                self.send({**inc["last_alert"], "count": inc["count"], "time_ns": now})
+
+    def resolve_agent(self, agent: str, reason: str = "") -> int:
+        """Resolves every open incident of an agent (its quarantine was released); how many."""
+        count = self.resolves_for(self.spool, agent, reason)
+        with self.wake:
+            self.wake.notify_all()
+        return count
+
+    @staticmethod
+    def resolves_for(spool: Spool, agent: str, reason: str) -> int:
+        """Spools a resolve of every open incident of the agent, for the sinks its trigger went to;
+        also without a running daemon (the next one delivers them)."""
+        incidents = spool.incidents(agent)
+        now = time.time_ns()
+        for inc in incidents:
+            alert = {**inc["last_alert"], "action": "resolve", "time_ns": now,
+                     "output": f"released: {reason}" if reason else "released"}
+            if inc["sinks"]:
+                spool.put(alert, inc["sinks"], now)
+            spool.close_incident(inc["key"])
+        return len(incidents)
+
+    def send(self, alert: dict[str, Any]) -> None:
+        """To the spool first (committed), then local sinks at once; remote workers are woken."""
+        remote = [s.name for s in self.sinks if s.remote and s.wants(alert)]
+        if remote:
+            self.spool.put(alert, remote, self.clock())
+            with self.wake:
+                self.wake.notify_all()
+        for sink in self.sinks:
+            if not sink.remote and sink.wants(alert):
+                try:
+                    sink.deliver(alert)
+                    self.on_delivery(sink.name, True)
+                except OSError as e:
+                    self.on_delivery(sink.name, False)
+                    log.error("alert sink %s failed: %s", sink.name, e)
+
+    # ---- delivery ----
+
+    def _work(self, sink: Sink) -> None:
+        while not self.stopping.is_set():
+            item = self.spool.next_for(sink.name)
+            now = self.clock()
+            if item is None or item[3] > now:
+                wait = 1.0 if item is None else min(1.0, (item[3] - now) / 1e9)
+                with self.wake:
+                    self.wake.wait(wait)
+                continue
+            alert_id, alert, attempts, _ = item
+            try:
+                sink.deliver(alert)
+            except DeliveryError as e:
+                backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** attempts) * random.uniform(0.5, 1.0)
+                self.spool.failed(alert_id, sink.name, str(e), now + int(backoff * 1e9))
+                self.on_delivery(sink.name, False)
+                if attempts in (0, 5, 10) or attempts % 50 == 0:
+                    log.warning("alert %d to %s failed (attempt %d), retrying in %.1fs: %s", alert_id, sink.name,
+                                attempts + 1, backoff, e)
+                continue
+            self.spool.delivered(alert_id, sink.name)
+            self.on_delivery(sink.name, True)

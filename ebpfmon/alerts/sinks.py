@@ -1,0 +1,184 @@
+"""Where alerts go: console, JSON lines file, webhook, Slack, PagerDuty, Alertmanager.
+
+Each sink turns an alert (a dict, see incidents.py) into its own wire format.
+Local sinks (console, file) cannot be down and write at once; remote sinks
+raise DeliveryError and are retried from the spool. HTTP with urllib, the
+standard library's client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ebpfmon.config import SinkSettings
+from ebpfmon.errors import ConfigError
+from ebpfmon.output import clock
+
+# Falco priority -> PagerDuty severity
+PD_SEVERITY = {"EMERGENCY": "critical", "ALERT": "critical", "CRITICAL": "critical", "ERROR": "error",
+               "WARNING": "warning", "NOTICE": "info", "INFORMATIONAL": "info", "DEBUG": "info"}
+PRIORITY_RANK = {p: i for i, p in enumerate(PD_SEVERITY)}
+COLOURS = {"critical": "\x1b[1;31m", "error": "\x1b[31m", "warning": "\x1b[33m", "info": "\x1b[36m"}
+
+
+class DeliveryError(Exception):
+    """A remote sink did not take the alert; it will be tried again."""
+
+
+def secret(inline: str, file: str, env: str, what: str) -> str:
+    """A secret from a file, the environment, or inline, in that order of preference."""
+    if file:
+        try:
+            return Path(file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the {what} from {file}: {e.strerror}.",
+                              "The file must exist and be readable by ebpfmon.") from e
+    if env:
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(f"the {what} should be in ${env}, which is not set.", f"Set {env} for the daemon.")
+        return value
+    return inline
+
+
+class Sink:
+    remote = True
+
+    def __init__(self, settings: SinkSettings, node: str):
+        self.settings = settings
+        self.name = settings.name or settings.type
+        self.node = node
+        self.min_rank = PRIORITY_RANK[settings.min_priority.upper()]
+
+    def wants(self, alert: dict[str, Any]) -> bool:
+        return PRIORITY_RANK.get(alert["priority"], 0) <= self.min_rank
+
+    def deliver(self, alert: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def post(self, url: str, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
+                if response.status >= 300:
+                    raise DeliveryError(f"{self.name}: HTTP {response.status}")
+        except urllib.error.HTTPError as e:
+            raise DeliveryError(f"{self.name}: HTTP {e.code} {e.read()[:200]!r}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise DeliveryError(f"{self.name}: {getattr(e, 'reason', e)}") from e
+
+
+def summary(alert: dict[str, Any]) -> str:
+    verb = "resolved" if alert["action"] == "resolve" else alert["priority"]
+    count = f" (x{alert['count']})" if alert.get("count", 1) > 1 else ""
+    return f"[{verb}] {alert['rule']}{count}: {alert['output']}"
+
+
+class ConsoleSink(Sink):
+    remote = False
+
+    def deliver(self, alert: dict[str, Any]) -> None:
+        line = f"{clock(alert['time_ns'])} {summary(alert)}"
+        if sys.stdout.isatty():
+            colour = COLOURS.get(PD_SEVERITY.get(alert["priority"], "info"), "")
+            line = f"{colour}{line}\x1b[0m"
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+class JsonlSink(Sink):
+    remote = False
+
+    def deliver(self, alert: dict[str, Any]) -> None:
+        path = Path(self.settings.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(alert, separators=(",", ":")) + "\n")
+
+
+class WebhookSink(Sink):
+    def __init__(self, settings: SinkSettings, node: str):
+        super().__init__(settings, node)
+        self.url = secret(settings.url, settings.url_file, settings.url_env, f"URL of sink {self.name}")
+
+    def deliver(self, alert: dict[str, Any]) -> None:
+        self.post(self.url, alert)
+
+
+class SlackSink(WebhookSink):
+    def deliver(self, alert: dict[str, Any]) -> None:
+        self.post(self.url, {"text": f"ebpfmon on {self.node}: {summary(alert)}"})
+
+
+class PagerDutySink(Sink):
+    """PagerDuty Events API v2: one incident per (rule, agent), by dedup_key."""
+
+    DEFAULT_URL = "https://events.pagerduty.com/v2/enqueue"
+
+    def __init__(self, settings: SinkSettings, node: str):
+        super().__init__(settings, node)
+        self.url = secret(settings.url, settings.url_file, settings.url_env, "PagerDuty URL") or self.DEFAULT_URL
+        self.routing_key = secret(settings.routing_key, settings.routing_key_file, settings.routing_key_env,
+                                  f"routing key of sink {self.name}")
+
+    def body(self, alert: dict[str, Any]) -> dict[str, Any]:
+        body = {"routing_key": self.routing_key, "event_action": alert["action"], "dedup_key": alert["incident"]}
+        if alert["action"] == "trigger":
+            body["payload"] = {
+                "summary": summary(alert)[:1024],
+                "source": self.node,
+                "severity": PD_SEVERITY.get(alert["priority"], "info"),
+                "timestamp": dt.datetime.fromtimestamp(alert["time_ns"] / 1e9, dt.timezone.utc).isoformat(),
+                "component": alert.get("agent") or "ebpfmon",
+                "group": alert["rule"],
+                "class": "ebpfmon",
+                "custom_details": {k: alert.get(k) for k in ("rule", "priority", "output", "agent", "count",
+                                                             "actions", "event", "quarantine")},
+            }
+        return body
+
+    def deliver(self, alert: dict[str, Any]) -> None:
+        self.post(self.url, self.body(alert))
+
+
+class AlertmanagerSink(Sink):
+    """Prometheus Alertmanager API v2; a resolve sets endsAt."""
+
+    def __init__(self, settings: SinkSettings, node: str):
+        super().__init__(settings, node)
+        self.base = secret(settings.url, settings.url_file, settings.url_env, "Alertmanager URL").rstrip("/")
+
+    def body(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
+        starts = dt.datetime.fromtimestamp(alert["opened_ns"] / 1e9, dt.timezone.utc).isoformat()
+        item = {
+            "labels": {"alertname": "ebpfmon", "rule": alert["rule"], "severity": PD_SEVERITY.get(
+                alert["priority"], "info"), "priority": alert["priority"], "node": self.node,
+                "agent_cgroup": alert.get("agent") or "", "incident": alert["incident"]},
+            "annotations": {"summary": summary(alert)[:1024],
+                            "details": json.dumps({k: alert.get(k) for k in ("output", "count", "actions")})},
+            "startsAt": starts,
+        }
+        if alert["action"] == "resolve":
+            item["endsAt"] = dt.datetime.fromtimestamp(alert["time_ns"] / 1e9, dt.timezone.utc).isoformat()
+        return [item]
+
+    def deliver(self, alert: dict[str, Any]) -> None:
+        self.post(f"{self.base}/api/v2/alerts", self.body(alert))
+
+
+SINKS = {"console": ConsoleSink, "jsonl": JsonlSink, "webhook": WebhookSink, "slack": SlackSink,
+         "pagerduty": PagerDutySink, "alertmanager": AlertmanagerSink}
+
+
+def make_sink(settings: SinkSettings, node: str) -> Sink:
+    return SINKS[settings.type](settings, node)
+

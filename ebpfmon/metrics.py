@@ -1,0 +1,66 @@
+"""Prometheus metrics (prometheus-client), served on metrics.listen (127.0.0.1:9464).
+
+Counters the daemon increments live here; numbers that are kept elsewhere
+(the kernel's lost/truncated/refusal counters, the spool, the quarantine) are
+read when Prometheus scrapes, by a collector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ebpfmon import __version__
+
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rule_matches = Counter("ebpfmon_rule_matches", "Verdicts, by rule and priority.",
+                                    ["rule", "priority"], registry=r)
+        self.actions = Counter("ebpfmon_actions", "Containment actions, by action and result.",
+                               ["action", "result"], registry=r)
+        self.alerts_delivered = Counter("ebpfmon_alerts_delivered", "Alerts a sink took.", ["sink"], registry=r)
+        self.alerts_failed = Counter("ebpfmon_alerts_failed", "Failed delivery attempts, by sink.", ["sink"],
+                                     registry=r)
+        self.rule_evaluation = Histogram("ebpfmon_rule_evaluation_seconds", "Time to judge one event.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.event_to_verdict = Histogram("ebpfmon_event_to_verdict_seconds",
+                                          "From the kernel's timestamp of an event to its verdict.",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.reload_failures = Counter("ebpfmon_rules_reload_failures", "Reloads refused (bad rules or config).",
+                                       registry=r)
+        self.reloads = Counter("ebpfmon_rules_reloads", "Reloads taken.", registry=r)
+        self.rules_loaded = Gauge("ebpfmon_rules_loaded", "Rules in force.", registry=r)
+        Info("ebpfmon_build", "Build of ebpfmon.", registry=r).info({"version": __version__})
+        self._server = None
+
+    def watch(self, read: Callable[[], dict]) -> None:
+        """Registers a collector reading {name: (type, help, labelnames, {labels: value})} at scrape time."""
+        self.registry.register(_Snapshot(read))
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _Snapshot:
+    def __init__(self, read: Callable[[], dict]):
+        self.read = read
+
+    def collect(self):
+        for name, (kind, help_text, labels, values) in self.read().items():
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_text, labels=labels)
+            for label_values, value in values.items():
+                family.add_metric(list(label_values), value)
+            yield family
