@@ -48,6 +48,8 @@ class Alerting:
         self.lock = threading.Lock()
         self.workers = [threading.Thread(target=self._work, args=(s,), name=f"sink-{s.name}", daemon=True)
                         for s in self.sinks if s.remote]
+        # open incidents; counts live here, the spool has them as of their last send
+        self.open: dict[str, dict[str, Any]] = {inc["key"]: inc for inc in self.spool.incidents()}
 
     def start(self) -> "Alerting":
         for worker in self.workers:
@@ -56,6 +58,9 @@ class Alerting:
 
     def close(self) -> None:
         """Stops the workers; what is undelivered stays in the spool for next time."""
+        with self.lock:
+            for inc in self.open.values():
+                self.spool.save_incident(inc)
         self.stopping.set()
         with self.wake:
             self.wake.notify_all()
@@ -66,58 +71,71 @@ class Alerting:
     # ---- from the daemon ----
 
     def verdict(self, verdict, quarantine: dict[str, Any] | None = None) -> None:
+        """Counts the verdict on its incident; sends the incident when it is new or its window passed.
+        Counting stays in memory (a flood costs no disk writes); what is sent is written first."""
         now = self.clock()
         key = incident_key(self.node, verdict.rule, verdict.agent)
         with self.lock:
-            inc = self.spool.incident(key)
+            inc = self.open.get(key)
             alert = {"action": "trigger", "incident": key, "rule": verdict.rule, "priority": verdict.priority,
                      "output": verdict.output, "tags": verdict.tags, "actions": verdict.actions,
                      "agent": verdict.agent, "node": self.node, "time_ns": now,
                      "opened_ns": inc["opened_ns"] if inc else now, "count": (inc["count"] if inc else 0) + 1,
                      "event": verdict.event.to_dict(), "quarantine": quarantine}
             if inc is None:
-                inc = {"key": key, "rule": verdict.rule, "priority": verdict.priority, "agent": verdict.agent,
-                       "opened_ns": now, "last_sent_ns": 0, "count": 0, "sent_count": 0, "last_alert": alert,
-                       "sinks": [s.name for s in self.sinks if s.remote and s.wants(alert)]}
+                inc = self.open[key] = {
+                    "key": key, "rule": verdict.rule, "priority": verdict.priority, "agent": verdict.agent,
+                    "opened_ns": now, "last_sent_ns": 0, "count": 0, "sent_count": 0, "last_alert": alert,
+                    "sinks": [s.name for s in self.sinks if s.remote and s.wants(alert)]}
             inc["count"] += 1
             inc["last_alert"] = alert
             due = now - inc["last_sent_ns"] >= self.settings.dedup_seconds * 1e9
             if due:
                 inc["last_sent_ns"], inc["sent_count"] = now, inc["count"]
-            self.spool.save_incident(inc)
+                self.spool.save_incident(inc)
         if due:
             self.send(alert)
 
     def tick(self) -> None:
         """Sends the counts that grew on open incidents once their window passed."""
         now = self.clock()
-        for inc in self.spool.incidents():
-            if inc["count"] > inc["sent_count"] and now - inc["last_sent_ns"] >= self.settings.dedup_seconds * 1e9:
-                with self.lock:
+        due = []
+        with self.lock:
+            for inc in self.open.values():
+                if inc["count"] > inc["sent_count"] and \
+                        now - inc["last_sent_ns"] >= self.settings.dedup_seconds * 1e9:
                     inc["last_sent_ns"], inc["sent_count"] = now, inc["count"]
                     self.spool.save_incident(inc)
-                self.send({**inc["last_alert"], "count": inc["count"], "time_ns": now})
+                    due.append({**inc["last_alert"], "count": inc["count"], "time_ns": now})
+        for alert in due:
+            self.send(alert)
 
     def resolve_agent(self, agent: str, reason: str = "") -> int:
         """Resolves every open incident of an agent (its quarantine was released); how many."""
-        count = self.resolves_for(self.spool, agent, reason)
+        with self.lock:
+            for key in [k for k, inc in self.open.items() if inc["agent"] == agent]:
+                self.spool.save_incident(self.open.pop(key))
+        alerts = self.resolves_for(self.spool, agent, reason)
+        for alert in alerts:
+            self.deliver_local(alert)
         with self.wake:
             self.wake.notify_all()
-        return count
+        return len(alerts)
 
     @staticmethod
-    def resolves_for(spool: Spool, agent: str, reason: str) -> int:
+    def resolves_for(spool: Spool, agent: str, reason: str) -> list[dict[str, Any]]:
         """Spools a resolve of every open incident of the agent, for the sinks its trigger went to;
-        also without a running daemon (the next one delivers them)."""
-        incidents = spool.incidents(agent)
+        also without a running daemon (the next one delivers them). The resolves."""
         now = time.time_ns()
-        for inc in incidents:
+        alerts = []
+        for inc in spool.incidents(agent):
             alert = {**inc["last_alert"], "action": "resolve", "time_ns": now,
                      "output": f"released: {reason}" if reason else "released"}
             if inc["sinks"]:
                 spool.put(alert, inc["sinks"], now)
             spool.close_incident(inc["key"])
-        return len(incidents)
+            alerts.append(alert)
+        return alerts
 
     def send(self, alert: dict[str, Any]) -> None:
         """To the spool first (committed), then local sinks at once; remote workers are woken."""
@@ -126,6 +144,9 @@ class Alerting:
             self.spool.put(alert, remote, self.clock())
             with self.wake:
                 self.wake.notify_all()
+        self.deliver_local(alert)
+
+    def deliver_local(self, alert: dict[str, Any]) -> None:
         for sink in self.sinks:
             if not sink.remote and sink.wants(alert):
                 try:

@@ -1,0 +1,78 @@
+"""The configuration file: defaults, overrides, errors that name the key and line."""
+
+import textwrap
+
+import pytest
+
+from conftest import REPO
+from ebpfmon.config import Config, effective, load_config
+from ebpfmon.errors import ConfigError
+from test_cli import ebpfmon
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_empty_file_is_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_overrides_and_nested_settings(tmp_path):
+    config = load_config(write(tmp_path, """\
+        agent_root: /agents
+        gpu_entitled: ["/agents/train-*"]
+        gpu_minors: {"/agents/train-a*": [0, 1]}
+        enforce: {dry_run: true, rate_limit: 2, rate_seconds: 30}
+        alerts:
+          dedup_seconds: 5
+          sinks:
+            - type: pagerduty
+              routing_key_file: /etc/ebpfmon/pd.key
+              min_priority: critical
+        metrics: {listen: "127.0.0.1:9999"}
+        """))
+    assert config.agent_root == "/agents" and config.enforce.dry_run and config.enforce.rate_seconds == 30.0
+    assert config.gpu_minors == (("/agents/train-a*", (0, 1)),)
+    assert config.alerts.sinks[0].routing_key_file == "/etc/ebpfmon/pd.key"
+    assert config.metrics.listen == "127.0.0.1:9999"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("enforce:\n  dryrun: true\n", "config.yaml:2: enforce.dryrun: unknown key (known here: deny_networks, "),
+    ("enforce:\n  rate_limit: five\n", "config.yaml:2: enforce.rate_limit: expected a whole number, got 'five'"),
+    ("agent_root: relative\n", "agent_root: must be an absolute cgroup path"),
+    ("gpu_entitled: '*'\n", "gpu_entitled: expected a list of a string, got '*'"),
+    ("alerts:\n  sinks:\n    - type: pager\n", "alerts.sinks[0].type: 'pager' is not one of console, jsonl"),
+    ("alerts:\n  sinks:\n    - type: pagerduty\n", "alerts.sinks[0].routing_key: a pagerduty sink needs"),
+    ("alerts:\n  sinks:\n    - {path: /x}\n", "alerts.sinks[0]: missing a required key"),
+    ("metrics: {listen: nowhere}\n", "metrics.listen: expected host:port"),
+    ("agent_root: [unclosed\n", "not valid YAML"),
+])
+def test_errors_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_check_and_show_commands(tmp_path):
+    good = write(tmp_path, "alerts:\n  sinks:\n    - {type: slack, url: 'https://hooks.example.com/SECRET'}\n")
+    out = ebpfmon("config", "check", str(good))
+    assert out.returncode == 0 and "sinks: slack" in out.stdout
+    out = ebpfmon("config", "show", "--config", str(good))
+    assert out.returncode == 0 and "SECRET" not in out.stdout and "url: '***'" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("enforce: {dry_run: maybe}\n")
+    out = ebpfmon("config", "check", str(bad))
+    assert out.returncode == 2 and "enforce.dry_run: expected true or false, got 'maybe'" in out.stderr
+
+
+def test_the_example_configuration_is_valid_and_documents_every_key():
+    example = REPO / "deploy/config.example.yaml"
+    load_config(example)
+    text = example.read_text()
+    shown = effective(Config())
+    for key in shown:
+        assert f"{key}:" in text, f"deploy/config.example.yaml does not show {key}"
