@@ -24,9 +24,22 @@ class NetnsHost:
         return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
 
 
+def remove_stale() -> None:
+    """Namespaces an earlier run left behind (named after a process that is gone): they would
+    hold 198.51.100.0/24 too."""
+    from pyroute2 import netns
+
+    for name in netns.listnetns():
+        prefix, _, pid = name.rpartition("-")
+        if prefix in ("ebpfmon-test", "ebpfmon-bench") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            netns.remove(name)
+    time.sleep(0.2)  # the kernel tears the veth down asynchronously
+
+
 def create(name: str) -> NetnsHost:
     from pyroute2 import IPRoute, NetNS, netns
 
+    remove_stale()
     tag = str(abs(hash(name)) % 100000)
     host_if, peer_if = f"ebt{tag}h", f"ebt{tag}n"
     netns.create(name)

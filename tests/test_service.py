@@ -1,0 +1,133 @@
+"""The daemon as a service: end to end through the CLI, with a pager, metrics,
+the audit log, systemd's notify protocol and the unit file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import EBPFMON, REPO, make_agent_cgroup
+from servers.pagerduty import FakePagerDuty
+from test_alerts import free_port
+from test_cli import ebpfmon
+from test_cli_containment import DaemonProcess
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=3"]
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(metrics, name, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_rogue_agent_end_to_end(bpf, hierarchy, own_root, tmp_path, sshd, netns_host, stratum_pool):
+    pagerduty = FakePagerDuty()
+    port = free_port()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.yaml").write_text(f"""
+metrics: {{listen: "127.0.0.1:{port}"}}
+alerts:
+  dedup_seconds: 60
+  sinks:
+    - {{type: console}}
+    - {{type: pagerduty, url: "{pagerduty.url}", routing_key: TESTKEY, min_priority: WARNING}}
+""")
+    daemon = DaemonProcess(own_root, str(state))
+    agent = make_agent_cgroup(hierarchy, own_root)
+    try:
+        # the rogue agent: a reverse tunnel, then a pool
+        agent.run(["ssh", "-i", str(sshd), *SSH_OPTS, "-N", "-R", "2222:127.0.0.1:22", f"root@{netns_host.address}"],
+                  timeout=30)
+        agent.run([sys.executable, str(REPO / "tests/servers/stratum_client.py"), stratum_pool.host,
+                   str(stratum_pool.port)])
+        triggers = pagerduty.wait(2)
+        tunnel = next(b for b in triggers if "Reverse SSH tunnel" in b["payload"]["summary"])
+        assert tunnel["payload"]["custom_details"]["quarantine"]["agent"] == agent.name
+        assert tunnel["payload"]["severity"] == "critical"
+        daemon.wait("cut_network applied on", agent.name)
+        out = ebpfmon("quarantine", "list", "--state-dir", str(state))
+        assert agent.name in out.stdout and "cut_network:applied" in out.stdout
+        # metrics: present and moving
+        metrics = scrape(port)
+        assert value(metrics, "ebpfmon_events_total", kind="exec") > 0
+        assert value(metrics, "ebpfmon_rule_matches_total", rule="Reverse SSH tunnel", priority="CRITICAL") == 1
+        assert value(metrics, "ebpfmon_actions_total", action="cut_network", result="applied") == 1
+        assert value(metrics, "ebpfmon_quarantined_agents") == 1
+        assert value(metrics, "ebpfmon_alerts_delivered_total", sink="pagerduty") >= 2
+        assert value(metrics, "ebpfmon_events_lost_total", kind="exec") == 0
+        assert value(metrics, "ebpfmon_build_info", version=__import__("ebpfmon").__version__) == 1
+        assert value(metrics, "ebpfmon_rule_evaluation_seconds_count") > 0
+        # release: the network comes back, the incident is resolved
+        out = ebpfmon("quarantine", "release", agent.name, "--reason", "e2e done", "--state-dir", str(state))
+        assert out.returncode == 0, out.stderr
+        resolves = [b for b in pagerduty.wait(len(triggers) + 1) if b["event_action"] == "resolve"]
+        assert tunnel["dedup_key"] in {r["dedup_key"] for r in resolves}
+        assert pagerduty.rejected == []
+        # the audit log: every agent event, replayable
+        audit = state / "audit" / "events.jsonl"
+        kinds = {json.loads(line)["kind"] for line in audit.read_text().splitlines()}
+        assert {"exec", "connect", "refused"} <= kinds
+        out = ebpfmon("rules", "test", "--events", str(audit))
+        assert out.returncode == 0 and "Reverse SSH tunnel" in out.stdout
+        # reload through the control socket
+        out = ebpfmon("reload", "--state-dir", str(state))
+        assert out.returncode == 0 and out.stdout.startswith("reloaded:")
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        daemon.stop()
+        pagerduty.close()
+
+
+def test_systemd_notify_ready_watchdog_stopping(bpf, own_root, tmp_path):
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(60)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.yaml").write_text("metrics: {enabled: false}\n")
+    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen([*EBPFMON, "run", "--config", str(state / "config.yaml"), "--agent-root", own_root,
+                             "--state-dir", str(state)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "stderr", "w"))
+    try:
+        env["WATCHDOG_PID"] = str(proc.pid)
+        try:
+            got = [listener.recv(100).decode() for _ in range(2)]
+        except TimeoutError:
+            raise AssertionError((tmp_path / "stderr").read_text()[-2000:]) from None
+        assert got == ["READY=1", "WATCHDOG=1"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        rest = []
+        while "STOPPING=1" not in rest:  # after any last watchdog pings
+            rest.append(listener.recv(100).decode())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        listener.close()
+
+
+def test_systemd_unit_verifies(tmp_path):
+    unit = (REPO / "deploy/ebpfmon.service").read_text()
+    unit = unit.replace("/opt/ebpfmon/venv", str(REPO / ".venv"))  # verify checks ExecStart exists
+    (tmp_path / "ebpfmon.service").write_text(unit)
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "ebpfmon.service")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Type=notify" in unit and "Restart=on-failure" in unit and "StartLimitBurst" in unit
