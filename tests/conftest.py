@@ -72,8 +72,15 @@ def remove_cgroup_tree(path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def hierarchy(bpf) -> Hierarchy:
-    return Hierarchy()
+def hierarchy(bpf):
+    """The cgroup2 hierarchy; at the end, any enforcement state this session pinned is removed."""
+    import shutil
+
+    pins = Path("/sys/fs/bpf/ebpfmon")
+    before = set(pins.iterdir()) if pins.is_dir() else set()
+    yield Hierarchy()
+    for leftover in (set(pins.iterdir()) if pins.is_dir() else set()) - before:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
