@@ -33,8 +33,22 @@ def error_name(retval: int) -> str | None:
     return errno.errorcode.get(-retval, f"E{-retval}")
 
 
+_ANCESTRY_JSON: dict[int, tuple[list, str]] = {}
+
+
+def _ancestry_json(chain: list) -> str:
+    cached = _ANCESTRY_JSON.get(id(chain))
+    if cached is not None and cached[0] is chain:
+        return cached[1]
+    text = json.dumps([vars_of(a) for a in chain], separators=(",", ":"))
+    if len(_ANCESTRY_JSON) > 4096:
+        _ANCESTRY_JSON.clear()
+    _ANCESTRY_JSON[id(chain)] = (chain, text)  # the reference keeps the id from being reused
+    return text
+
+
 def vars_of(obj) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return dict(obj.__dict__)  # the dataclass's fields, copied at C speed
 
 
 @dataclass
@@ -86,7 +100,17 @@ class Event:
         return names
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        # the ancestry is the bulk of an event and shared by every event of a process
+        # (proctree caches it): serialise it once per list
+        data = {"kind": self.kind}
+        for name in self._field_names():
+            if name != "ancestry":
+                data[name] = getattr(self, name)
+        data["proc"] = vars_of(self.proc)
+        head = json.dumps(data, separators=(",", ":"))
+        return f'{head[:-1]},"ancestry":{_ancestry_json(self.ancestry)}}}'
+
+
 
     @property
     def error(self) -> str | None:

@@ -27,6 +27,8 @@ from ebpfmon.proctree import ProcessTree
 
 log = logging.getLogger(__name__)
 
+BATCH_DELAY = 0.001  # seconds
+
 # event kinds -> the probe that produces them
 PROBE_OF_KIND = {"exec": "exec", "connect": "connect", "udp_send": "connect", "gpu_open": "gpu"}
 
@@ -37,6 +39,7 @@ class Stats:
     lost: Counter = field(default_factory=Counter)  # counted in the kernel, by kind
     truncated: Counter = field(default_factory=Counter)
     malformed: int = 0  # records that did not decode
+    records: int = 0  # records taken off the ring buffer
     handler_errors: int = 0
 
     def summary(self) -> str:
@@ -104,6 +107,7 @@ class EventStream:
         # called from bcc through ctypes, which would print and swallow an
         # exception: every error is counted and logged here instead
         with self._lock:
+            self.stats.records += 1
             try:
                 item = self.decoder.decode(record)
             except DecodeError as e:
@@ -138,12 +142,20 @@ class EventStream:
             self.stats.truncated[name] = counters[abi.Counter.TRUNCATED]
 
     def run(self, stop: threading.Event, duration: float | None = None,
-            every: Callable[[], None] | None = None) -> None:
-        """Polls until stop is set or duration seconds passed; calls every() once a second."""
+            every: Callable[[], None] | None = None, after_poll: Callable[[], None] | None = None) -> None:
+        """Polls until stop is set or duration seconds passed; calls after_poll() after each
+        batch and every() once a second."""
         deadline = time.monotonic() + duration if duration else None
         next_tick = time.monotonic() + 1.0
         while not stop.is_set():
+            delivered = self.stats.records
             self.poll()
+            if after_poll:
+                after_poll()
+            if self.stats.records - delivered > 1:
+                # busy: let records gather for a moment instead of waking per event (each
+                # wakeup costs more than handling one); adds at most BATCH_DELAY of latency
+                time.sleep(BATCH_DELAY)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + 1.0

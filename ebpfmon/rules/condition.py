@@ -16,6 +16,7 @@ mean the literal string.
 from __future__ import annotations
 
 import difflib
+import functools
 import fnmatch
 import ipaddress
 import re
@@ -291,12 +292,17 @@ def _typed(field: Field, tok: Token) -> Any:
     return text
 
 
-def _ip_in(value: str, networks: list) -> bool:
+@functools.lru_cache(maxsize=65536)
+def _ip(value: str):
     try:
-        ip = ipaddress.ip_address(value)
+        return ipaddress.ip_address(value)
     except ValueError:
-        return False
-    return any(ip in n for n in networks)
+        return None
+
+
+def _ip_in(value: str, networks: list) -> bool:
+    ip = _ip(value)
+    return ip is not None and any(ip in n for n in networks)
 
 
 def _pmatcher(prefixes: list[str]) -> Callable[[str], bool]:
