@@ -156,7 +156,7 @@ class Daemon:
         if self.show_events:
             self.show_events(output.table_line(event))
         self.judged += 1
-        if self.judged % EVALUATION_SAMPLE:
+        if (self.judged - 1) % EVALUATION_SAMPLE:
             verdicts = self.engine.evaluate(event)
         else:  # timing every event would cost as much as judging it: one in EVALUATION_SAMPLE
             started = time.perf_counter()
