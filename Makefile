@@ -26,3 +26,24 @@ doctor: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---- on a host: the service (see README, "Running it as a service") ----
+PREFIX ?= /opt/ebpfmon
+UNIT_DIR ?= /etc/systemd/system
+
+.PHONY: install uninstall
+
+install:
+	VENV=$(PREFIX)/venv sh deploy/setup.sh
+	install -d -m 0755 /etc/ebpfmon $(UNIT_DIR)/ebpfmon.service.d
+	[ -e /etc/ebpfmon/config.yaml ] || install -m 0600 deploy/config.example.yaml /etc/ebpfmon/config.yaml
+	sed 's#/opt/ebpfmon/venv#$(PREFIX)/venv#' deploy/ebpfmon.service > $(UNIT_DIR)/ebpfmon.service
+	install -m 0644 deploy/systemd/ebpfmon.service.d/limits.conf $(UNIT_DIR)/ebpfmon.service.d/limits.conf
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now ebpfmon; \
+	else echo "install: systemd is not running here: unit installed, not started"; fi
+
+uninstall:
+	if [ -d /run/systemd/system ]; then systemctl disable --now ebpfmon || true; fi
+	rm -f $(UNIT_DIR)/ebpfmon.service
+	rm -rf $(UNIT_DIR)/ebpfmon.service.d $(PREFIX)/venv
+	@echo "uninstall: /etc/ebpfmon and /var/lib/ebpfmon (quarantine records, spool, audit) are kept"
