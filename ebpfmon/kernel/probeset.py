@@ -15,8 +15,8 @@ from pathlib import Path
 from ebpfmon.errors import (BccMissingError, NotRootError, ProbeCompileError,
                             ProbeLoadError, TracefsError)
 from ebpfmon.kernel import abi
+from ebpfmon.paths import PROBES_DIR
 
-PROBES_DIR = Path(__file__).resolve().parent.parent.parent / "probes"
 
 # probe name -> source; "proc" (fork, exit, cgroups) keeps user-space state
 # current and is loaded with every set

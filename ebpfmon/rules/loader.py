@@ -17,12 +17,12 @@ from typing import Any
 import yaml
 
 from ebpfmon.errors import EbpfmonError
+from ebpfmon.paths import RULES_DIR
 from ebpfmon.rules.condition import ConditionError, Macros, compile_condition, fields_in, resolve_field, Token
 from ebpfmon.rules.fields import FIELDS
 from ebpfmon.rules.ruleset import (ACTIONS, PRIORITIES, CompiledRule, Output, RuleSet, SequenceSpec,
                                    WindowSpec)
 
-RULES_DIR = Path(__file__).resolve().parent.parent.parent / "rules"
 
 RULE_KEYS = {"rule", "desc", "condition", "output", "priority", "tags", "enabled", "actions", "enforce",
              "exceptions", "window", "sequence", "source", "override", "append"}
