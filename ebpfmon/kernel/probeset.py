@@ -59,6 +59,10 @@ def tracefs_dir() -> str:
     for d in TRACEFS_DIRS:
         if os.path.isdir(os.path.join(d, "events")):
             return d
+    # not mounted (after a reboot, say): mount it, as setup does, when we can
+    if os.geteuid() == 0 and os.path.isdir(TRACEFS_DIRS[0]) and \
+            os.system(f"mount -t tracefs tracefs {TRACEFS_DIRS[0]} 2>/dev/null") == 0:
+        return TRACEFS_DIRS[0]
     raise TracefsError(
         "tracefs is not mounted, so the kernel's tracepoints cannot be found.",
         "Mount it: 'mount -t tracefs tracefs /sys/kernel/tracing'.",
