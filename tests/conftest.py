@@ -290,20 +290,20 @@ def stratum_pool(netns_host):
 
 # ---- a daemon with containment armed, on an agent root of its own ----
 
-@dataclass
-class RunningDaemon:
-    daemon: object
-    root: str
-    lines: list
-    stop: threading.Event
-    cond: threading.Condition = field(default_factory=threading.Condition)
+class Lines:
+    """Lines something prints, gathered from another thread, waited for by content."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
 
     def emit(self, line: str) -> None:
         with self.cond:
             self.lines.append(line)
             self.cond.notify_all()
 
-    def wait_line(self, *parts: str, timeout: float = 10.0) -> str:
+    def wait_line(self, *parts: str, timeout: float = 10.0, alive=lambda: True) -> str:
+        """The first line holding every part; fails the test after timeout or once alive() is false."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -311,9 +311,19 @@ class RunningDaemon:
                     if all(p in line for p in parts):
                         return line
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(f"the daemon printed no line with {parts} in {timeout}s; last: {self.lines[-5:]}")
-                self.cond.wait(left)
+                if left <= 0 or not alive():
+                    pytest.fail(f"no line with {parts} (after {timeout}s or exit); last: {self.lines[-8:]}")
+                self.cond.wait(min(left, 0.2))
+
+
+@dataclass
+class RunningDaemon(Lines):
+    daemon: object
+    root: str
+    stop: threading.Event
+
+    def __post_init__(self):
+        Lines.__init__(self)
 
     @property
     def containment(self):
@@ -345,7 +355,7 @@ def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_fa
                     gpu_minors=((f"{contained_root}/gpu-limited-*", (1,)),),
                     state_dir=str(tmp_path_factory.mktemp("state")), enforce=EnforceSettings(rate_limit=50),
                     alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
-    running = RunningDaemon(None, contained_root, [], threading.Event())
+    running = RunningDaemon(None, contained_root, threading.Event())
     daemon = Daemon(config, show_events=running.emit, echo=running.emit)
     running.daemon = daemon
     daemon.start()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import EBPFMON, REPO, make_agent_cgroup, remove_cgroup_tree
+from conftest import EBPFMON, REPO, Lines, make_agent_cgroup, remove_cgroup_tree
 from test_cli import ebpfmon
 
 CONNECT = """
@@ -29,7 +29,7 @@ def connect_from(cgroup, host: str, port: int) -> int:
     return int(cgroup.run([sys.executable, "-c", CONNECT, host, str(port)], text=True).stdout)
 
 
-class DaemonProcess:
+class DaemonProcess(Lines):
     """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many)."""
 
     def __init__(self, root: str, state: str, *extra: str):
@@ -40,8 +40,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen([*EBPFMON, "run", "--config", str(config), "--agent-root", root,
                                       "--state-dir", state, *extra], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
+        Lines.__init__(self)
         threading.Thread(target=self._read, daemon=True).start()
         try:
             self.wait("ready:", timeout=90)
@@ -51,20 +50,10 @@ class DaemonProcess:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            with self.cond:
-                self.lines.append(line)
-                self.cond.notify_all()
+            self.emit(line)
 
     def wait(self, *parts: str, timeout: float = 15) -> str:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for line in self.lines:
-                    if all(p in line for p in parts):
-                        return line
-                if time.monotonic() > deadline or self.proc.poll() is not None and not self.cond.wait(0.2):
-                    pytest.fail(f"daemon printed no {parts}; exit {self.proc.poll()}; last lines: {self.lines[-8:]}")
-                self.cond.wait(0.2)
+        return self.wait_line(*parts, timeout=timeout, alive=lambda: self.proc.poll() is None)
 
     def stop(self, sig=signal.SIGINT) -> int:
         if self.proc.poll() is None:
