@@ -68,6 +68,7 @@ class EventStream:
             probes.add("enforce")
         self.probes = ProbeSet(probes, config.ringbuf_pages, pin_dir=enforce_pins)
         self.on_cgroup = on_cgroup
+        self.urgent = False  # an exec was in the last batch
         self.decoder = Decoder()
         self.tree = ProcessTree()
         self.enricher = Enricher(CgroupNames(self.hierarchy), self.tree, DeviceResolver(),
@@ -108,6 +109,8 @@ class EventStream:
         # exception: every error is counted and logged here instead
         with self._lock:
             self.stats.records += 1
+            if record[0] == abi.EventKind.EXEC:
+                self.urgent = True
             try:
                 item = self.decoder.decode(record)
             except DecodeError as e:
@@ -149,12 +152,14 @@ class EventStream:
         next_tick = time.monotonic() + 1.0
         while not stop.is_set():
             delivered = self.stats.records
+            self.urgent = False
             self.poll()
             if after_poll:
                 after_poll()
-            if self.stats.records - delivered > 1:
+            if self.stats.records - delivered > 1 and not self.urgent:
                 # busy: let records gather for a moment instead of waking per event (each
-                # wakeup costs more than handling one); adds at most BATCH_DELAY of latency
+                # wakeup costs more than handling one); adds at most BATCH_DELAY of latency,
+                # never right after an exec (a tunnel may be starting: containment is a race)
                 time.sleep(BATCH_DELAY)
             now = time.monotonic()
             if now >= next_tick:
