@@ -1,8 +1,8 @@
 /* Maps and helpers every probe uses. Included once, before the probe sources,
  * by the loader (ebpfmon/kernel/probeset.py), which defines RINGBUF_PAGES.
+ * No kernel headers beyond what bcc brings: the probes read no kernel structs,
+ * and <linux/sched.h> alone cost half a second of compiling at every start.
  */
-#include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 #include "events.h"
 
 #ifndef RINGBUF_PAGES
