@@ -50,6 +50,8 @@ apt_install() {
 }
 if [ -n "$missing" ]; then
     say "installing Debian packages:$missing"
+    # word splitting wanted: one argument per package
+    # shellcheck disable=SC2086
     apt_install $missing
 fi
 
@@ -64,7 +66,13 @@ if [ ! -d "$modules/build/include" ]; then
     else
         arch=$(dpkg --print-architecture)
         apt_install "linux-headers-$arch" >/dev/null 2>&1 || apt_install linux-headers-generic
-        other=$(ls -d /lib/modules/*/build 2>/dev/null | grep -v "/$release/" | sort -V | tail -n 1)
+        other=""
+        for build in /lib/modules/*/build; do
+            case "$build" in
+                "/lib/modules/$release/build") ;;
+                *) [ -d "$build" ] && other=$(printf '%s\n%s\n' "$other" "$build" | sort -V | tail -n 1) ;;
+            esac
+        done
         if [ -z "$other" ]; then
             echo "setup: no kernel headers could be installed for $release, nor any other version." >&2
             exit 1
@@ -93,7 +101,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 stamp="$VENV/.ebpfmon-installed"
-want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"$PIP_EXTRAS"
+want=$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"$PIP_EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing ebpfmon into $VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$PIP_EXTRAS"
