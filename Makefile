@@ -5,7 +5,7 @@
 VENV ?= $(CURDIR)/.venv
 EBPFMON := $(VENV)/bin/ebpfmon
 # test servers and tools the tests talk to
-TEST_PACKAGES := procps util-linux openssh-client openssh-server prometheus-alertmanager systemd shellcheck
+TEST_PACKAGES := procps util-linux openssh-client openssh-server prometheus-alertmanager systemd shellcheck vagrant
 
 .PHONY: setup setup-test run test doctor clean
 
