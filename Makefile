@@ -30,14 +30,16 @@ clean:
 # ---- on a host: the service (see README, "Running it as a service") ----
 PREFIX ?= /opt/ebpfmon
 UNIT_DIR ?= /etc/systemd/system
+CONFIG_DIR ?= /etc/ebpfmon
 
 .PHONY: install uninstall
 
 install:
-	VENV=$(PREFIX)/venv sh deploy/setup.sh
-	install -d -m 0755 /etc/ebpfmon $(UNIT_DIR)/ebpfmon.service.d
-	[ -e /etc/ebpfmon/config.yaml ] || install -m 0600 deploy/config.example.yaml /etc/ebpfmon/config.yaml
-	sed 's#/opt/ebpfmon/venv#$(PREFIX)/venv#' deploy/ebpfmon.service > $(UNIT_DIR)/ebpfmon.service
+	VENV=$(PREFIX)/venv PIP_MODE=install sh deploy/setup.sh
+	install -d -m 0755 $(CONFIG_DIR) $(UNIT_DIR)/ebpfmon.service.d
+	[ -e $(CONFIG_DIR)/config.yaml ] || install -m 0600 deploy/config.example.yaml $(CONFIG_DIR)/config.yaml
+	sed -e 's#/opt/ebpfmon/venv#$(PREFIX)/venv#' -e 's#/etc/ebpfmon/config.yaml#$(CONFIG_DIR)/config.yaml#' \
+		deploy/ebpfmon.service > $(UNIT_DIR)/ebpfmon.service
 	install -m 0644 deploy/systemd/ebpfmon.service.d/limits.conf $(UNIT_DIR)/ebpfmon.service.d/limits.conf
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now ebpfmon; \
 	else echo "install: systemd is not running here: unit installed, not started"; fi
@@ -46,4 +48,4 @@ uninstall:
 	if [ -d /run/systemd/system ]; then systemctl disable --now ebpfmon || true; fi
 	rm -f $(UNIT_DIR)/ebpfmon.service
 	rm -rf $(UNIT_DIR)/ebpfmon.service.d $(PREFIX)/venv
-	@echo "uninstall: /etc/ebpfmon and /var/lib/ebpfmon (quarantine records, spool, audit) are kept"
+	@echo "uninstall: $(CONFIG_DIR) and /var/lib/ebpfmon (quarantine records, spool, audit) are kept"

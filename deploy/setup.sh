@@ -11,6 +11,8 @@ set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
 PIP_EXTRAS=${PIP_EXTRAS:-}
+# editable: the venv runs the checkout (development); install: a copy (make install)
+PIP_MODE=${PIP_MODE:-editable}
 PACKAGES="python3 python3-venv python3-pip python3-bpfcc iproute2 ${EXTRA_PACKAGES:-}"
 
 say() { echo "setup: $*"; }
@@ -101,10 +103,15 @@ if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 stamp="$VENV/.ebpfmon-installed"
-want=$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"$PIP_EXTRAS"
+want=$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"$PIP_EXTRAS$PIP_MODE"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing ebpfmon into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$PIP_EXTRAS"
+    if [ "$PIP_MODE" = install ]; then
+        "$VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$ROOT"
+        "$VENV/bin/pip" install -q --disable-pip-version-check "$ROOT$PIP_EXTRAS"
+    else
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$PIP_EXTRAS"
+    fi
     echo "$want" > "$stamp"
 fi
 say "ready ($VENV/bin/ebpfmon)"

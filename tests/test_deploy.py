@@ -20,3 +20,26 @@ def test_vagrantfile_validates():
 def test_vagrant_provisioning_is_make_install():
     # the VM is set up by the same steps as a host, not by a script of its own
     assert "make -C /ebpfmon install" in (REPO / "vagrant/Vagrantfile").read_text()
+
+
+def test_make_install_and_uninstall(tmp_path):
+    dirs = {"PREFIX": tmp_path / "opt", "UNIT_DIR": tmp_path / "units", "CONFIG_DIR": tmp_path / "etc"}
+    args = [f"{k}={v}" for k, v in dirs.items()]
+    out = subprocess.run(["make", "-s", "install", *args], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ebpfmon = dirs["PREFIX"] / "venv/bin/ebpfmon"
+    listed = subprocess.run([str(ebpfmon), "rules", "list"], cwd="/", capture_output=True, text=True)
+    assert listed.returncode == 0 and "Reverse SSH tunnel" in listed.stdout  # a copy, not the checkout
+    assert str(dirs["PREFIX"] / "venv/share/ebpfmon/rules") in listed.stdout
+    unit = dirs["UNIT_DIR"] / "ebpfmon.service"
+    assert f"ExecStart={ebpfmon} run --config {dirs['CONFIG_DIR']}/config.yaml" in unit.read_text()
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    config = dirs["CONFIG_DIR"] / "config.yaml"
+    config.write_text("agent_root: /mine\n")  # an operator's edit survives a second install
+    assert subprocess.run(["make", "-s", "install", *args], cwd=REPO, capture_output=True).returncode == 0
+    assert config.read_text() == "agent_root: /mine\n"
+    out = subprocess.run(["make", "-s", "uninstall", *args], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0
+    assert not unit.exists() and not (dirs["PREFIX"] / "venv").exists()
+    assert config.exists()  # configuration (and state) are kept
