@@ -7,7 +7,10 @@ EBPFMON := $(VENV)/bin/ebpfmon
 # test servers and tools the tests talk to
 TEST_PACKAGES := procps util-linux openssh-client openssh-server prometheus-alertmanager systemd shellcheck vagrant
 
-.PHONY: setup setup-test run test doctor clean
+# what bench/compare.py runs side by side with ebpfmon, and the plot
+BENCH_PACKAGES := $(TEST_PACKAGES) gcc bpftrace auditd bpfcc-tools python3-matplotlib
+
+.PHONY: setup setup-test run test doctor bench clean
 
 setup:
 	VENV=$(VENV) sh deploy/setup.sh
@@ -23,6 +26,11 @@ test: setup-test
 
 doctor: setup
 	$(EBPFMON) doctor
+
+# every benchmark (bench/all.py, ~20 min), results in bench/RESULTS.md; not part of the tests
+bench:
+	VENV=$(VENV) PIP_EXTRAS='[test]' EXTRA_PACKAGES='$(BENCH_PACKAGES)' sh deploy/setup.sh
+	$(VENV)/bin/python bench/all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,7 +22,7 @@ from ebpfmon.devices import DeviceResolver
 from ebpfmon.enrich import Enricher
 from ebpfmon.errors import CgroupError, DecodeError
 from ebpfmon.kernel import abi
-from ebpfmon.kernel.probeset import ProbeSet
+from ebpfmon.kernel.probeset import URGENT_WAKE_WINDOW_MS, ProbeSet
 from ebpfmon.proctree import ProcessTree
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,11 @@ class EventStream:
                 log.exception("handler failed on %r", arg)
 
     def poll(self) -> None:
-        """Delivers what is in the ring buffer, waiting at most one drain interval."""
-        self.probes.poll(self.config.drain_interval_ms)
+        """Delivers what is in the ring buffer, waiting at most one drain interval, or,
+        right after an exec, at most the kernel's urgent wakeup window (plus a millisecond
+        of margin): an exec that came within the window did not wake us."""
+        urgent_before, self.urgent = self.urgent, False
+        self.probes.poll(URGENT_WAKE_WINDOW_MS + 1 if urgent_before else self.config.drain_interval_ms)
 
     def refresh_counters(self) -> None:
         """Copies the kernel's lost/truncated counters into stats."""
@@ -152,7 +155,6 @@ class EventStream:
         next_tick = time.monotonic() + 1.0
         while not stop.is_set():
             delivered = self.stats.records
-            self.urgent = False
             self.poll()
             if after_poll:
                 after_poll()

@@ -16,17 +16,39 @@
  * up, so a storm costs few wakeups. A record that follows an unconsumed
  * no-wakeup record does not wake the reader either (the kernel wakes only when
  * the consumer position equals the new record's), which bounds its latency by
- * the drain interval, not by the next event: hence WAKE_NOW for execs.
+ * the drain interval, not by the next event: hence urgent_wake() for execs.
  */
 #define WAKE_BULK BPF_RB_NO_WAKEUP
 #define WAKE_ALERT 0
-/* An exec can start a tunnel a few milliseconds later; containment must not
- * wait for the drain timer behind an unconsumed fork record. Execs are rare
- * enough that waking the reader for each costs little. */
-#define WAKE_NOW BPF_RB_FORCE_WAKEUP
+
+#ifndef URGENT_WAKE_WINDOW_NS
+#define URGENT_WAKE_WINDOW_NS 2000000
+#endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(config, struct probe_config, 1);
+BPF_ARRAY(last_urgent_wake, u64, 1);
+
+/* An exec can start a tunnel a few milliseconds later: containment must not
+ * wait for the drain timer behind an unconsumed fork record, so an exec wakes
+ * the reader at once, unless another exec did less than URGENT_WAKE_WINDOW_NS
+ * ago. The reader, after a batch with an exec, polls again within the window
+ * (ebpfmon/monitor.py), so the execs that did not wake it wait at most that
+ * long. One wakeup per exec made an exec storm (a build, a shell loop) half
+ * again as slow on a 2-core machine: the woken reader shares the storm's CPU.
+ */
+static __always_inline u64 urgent_wake(void)
+{
+	u32 zero = 0;
+	u64 now = bpf_ktime_get_ns();
+	u64 *last = last_urgent_wake.lookup(&zero);
+	if (!last)
+		return BPF_RB_FORCE_WAKEUP;
+	if (now - *last < URGENT_WAKE_WINDOW_NS)
+		return BPF_RB_NO_WAKEUP;
+	*last = now;  /* racing CPUs: at worst one extra wakeup */
+	return BPF_RB_FORCE_WAKEUP;
+}
 BPF_HASH(scope_cgroups, u64, u8, 4096);
 BPF_PERCPU_ARRAY(counters, u64, EVENT_KIND_MAX * COUNTER_MAX);
 /* task id -> parent tgid, from every fork on the host (a map update, no

@@ -87,7 +87,7 @@ static __always_inline int exec_exit(long ret)
 	/* after a successful exec: the new comm, as a user expects to see */
 	fill_header(&e->hdr, EVENT_EXEC, size);
 	e->retval = ret;
-	submit(&e->hdr, size, sizeof(*e), WAKE_NOW);
+	submit(&e->hdr, size, sizeof(*e), urgent_wake());
 	exec_pending.delete(&tid);
 	return 0;
 }

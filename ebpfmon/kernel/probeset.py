@@ -28,6 +28,8 @@ PROBES = {
     "enforce": "enforce.bpf.c",  # cgroup programs; uses the connect and gpu probes' state
 }
 REQUIRES = {"enforce": {"connect", "gpu"}}
+# an exec wakes the reader unless another did less than this ago (probes/common.h, urgent_wake)
+URGENT_WAKE_WINDOW_MS = 5
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
@@ -134,7 +136,8 @@ class ProbeSet:
     def cflags(self) -> list[str]:
         if self.ringbuf_pages <= 0 or self.ringbuf_pages & (self.ringbuf_pages - 1):
             raise ValueError(f"ring buffer pages must be a power of two, not {self.ringbuf_pages}")
-        flags = [f"-I{self.probes_dir}", f"-DRINGBUF_PAGES={self.ringbuf_pages}"]
+        flags = [f"-I{self.probes_dir}", f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+                 f"-DURGENT_WAKE_WINDOW_NS={URGENT_WAKE_WINDOW_MS * 1_000_000}"]
         if self.pin_dir is not None:
             flags.append(f'-DPIN_DIR="{self.pin_dir}"')
         return flags

@@ -7,10 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 
 import pytest
 
+from ebpfmon.config import Config
 from ebpfmon.events import ExecEvent, raw_bytes, text
 
 PY = sys.executable
@@ -254,6 +257,33 @@ def test_process_tree_gives_the_ppid_chain(monitor, agent_cgroup):
     assert chain[:2] == [outer_pid, os.getpid()]
     assert true.ancestry[0].argv[:2] == ["sh", "-c"]
     assert true.proc.exe == "/bin/true"
+
+
+def test_execs_that_do_not_wake_the_reader_still_arrive_within_the_window(agent_cgroup):
+    # Execs less than URGENT_WAKE_WINDOW_MS apart wake the reader once; the others must
+    # not wait for the drain timer (2 s here): containment would be late by that much.
+    from ebpfmon.kernel.probeset import URGENT_WAKE_WINDOW_MS
+    from ebpfmon.monitor import EventStream
+
+    stream = EventStream(Config(drain_interval_ms=2000), kinds=["exec"], cgroups=[agent_cgroup.name])
+    delays_ms = {}  # filename -> ms from the kernel's timestamp to the handler, per exec
+    stream.start(lambda e: delays_ms.setdefault(e.filename, []).append((time.time_ns() - e.time_ns) / 1e6))
+    stop = threading.Event()
+    reader = threading.Thread(target=stream.run, args=(stop,))
+    reader.start()
+    try:
+        time.sleep(0.5)  # past the window of any exec before
+        agent_cgroup.run(["/bin/sh", "-c", "/bin/true; /bin/true; /bin/true"], check=True)
+        deadline = time.monotonic() + 5
+        while len(delays_ms.get("/bin/true", [])) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        reader.join()
+        stream.close()
+    assert len(delays_ms["/bin/sh"]) == 1 and len(delays_ms.get("/bin/true", [])) == 3, delays_ms
+    # the window plus scheduling on a busy 2-core VM; a drain-timer wait would be ~2000 ms
+    assert max(delays_ms["/bin/true"]) < URGENT_WAKE_WINDOW_MS + 300, delays_ms
 
 
 def test_nothing_was_lost(monitor):

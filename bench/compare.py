@@ -1,0 +1,217 @@
+"""ebpfmon side by side with what people run today, on the same storms. Run by hand, as root:
+
+    .venv/bin/python bench/compare.py [--rounds 5]    # writes bench/RESULTS-compare.md and compare.png
+
+Tools, each started alone, then the same exec / connect / open storms run
+inside an agent cgroup: no monitoring; ebpfmon (`ebpfmon run`: shipped rules
+evaluated, enforcement armed, audit log on); a bpftrace script tracing the same
+syscalls with tracepoints (execve with argv, connect, openat), output to
+/dev/null; auditd with rules for execve and connect; bcc's execsnoop and
+tcpconnect (kprobes: where the kernel has none, the row says so). Figures are
+wall-time ratios to no monitoring (median of rounds, with min and max) and the
+operations per second each storm reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from ebpfmon.cgroups import Hierarchy  # noqa: E402
+from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
+
+WORKLOADS = {"exec": 2000, "connect": 50_000, "open": 200_000}
+
+BPFTRACE = r"""
+tracepoint:syscalls:sys_enter_execve { printf("%d %s %s\n", pid, comm, str(args->filename)); join(args->argv); }
+tracepoint:syscalls:sys_exit_execve { printf("%d exec %d\n", pid, args->ret); }
+tracepoint:syscalls:sys_enter_connect { printf("%d connect %d\n", pid, args->fd); }
+tracepoint:syscalls:sys_exit_connect { printf("%d connect = %d\n", pid, args->ret); }
+tracepoint:syscalls:sys_enter_openat { @path[tid] = args->filename; }
+tracepoint:syscalls:sys_exit_openat /@path[tid]/ { printf("%d open %s = %d\n", pid, str(@path[tid]), args->ret); delete(@path[tid]); }
+"""
+
+
+class Tool:
+    """A monitor started before the storms and stopped after."""
+
+    def __init__(self, name: str, argv: list[str] | None, ready: str | None = None, ready_check=None, teardown=None):
+        # ready: a line the tool prints once attached; ready_check: polled when it prints nothing useful
+        self.name, self.argv, self.ready, self.ready_check, self.teardown = name, argv, ready, ready_check, teardown
+        self.proc = None
+        self.problem = ""
+
+    def start(self) -> bool:
+        if self.argv is None:
+            return True
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 60
+        last = ""
+        while self.ready and time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                self.problem = (last or f"exited with {self.proc.returncode}")[:200]
+                return False
+            if self.ready in line:
+                break
+            last = line.strip() or last
+        # the tool's own output goes on being read (as a terminal or a log shipper would) and dropped
+        subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)
+        while self.ready_check and not self.ready_check():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.problem = f"not ready (exit code {self.proc.poll()})"
+                return False
+            time.sleep(0.2)
+        time.sleep(1)
+        return True
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.teardown:
+            self.teardown()
+
+
+def auditd_ready() -> bool:
+    """auditd has registered with the kernel: `auditctl -s` shows its pid."""
+    status = subprocess.run(["auditctl", "-s"], capture_output=True, text=True).stdout
+    return any(line.split() not in (["pid", "0"], ["pid"]) for line in status.splitlines() if line.startswith("pid"))
+
+
+def storm(exe: Path, mode: str, n: int, cgroup: Path) -> float:
+    out = subprocess.run([str(exe), mode, str(n)], capture_output=True, text=True, check=True,
+                         preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
+    return float(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    hierarchy = Hierarchy()
+    root = f"/ebpfmon-bench-{os.getpid()}"
+    hierarchy.ensure(root)
+    agent = hierarchy.ensure(f"{root}/storm")
+    work = Path(tempfile.mkdtemp())
+    exe = work / "storm"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "storm.c")], check=True)
+    (work / "config.yaml").write_text("metrics: {enabled: false}\nalerts: {sinks: []}\n")
+    (work / "trace.bt").write_text(BPFTRACE)
+    audit_rules = ["auditctl", "-a", "always,exit", "-F", "arch=b64", "-S", "execve", "-S", "connect", "-k", "ebpfmonbench"]
+    tools = [
+        Tool("no monitoring", None),
+        Tool("ebpfmon", [str(REPO / ".venv/bin/ebpfmon"), "run", "--config", str(work / "config.yaml"),
+                         "--agent-root", root, "--state-dir", str(work / "state")], ready="ready:"),
+        Tool("bpftrace (tracepoints)", ["bpftrace", str(work / "trace.bt")], ready="Attaching"),
+        # auditd writes its log (/var/log/audit/audit.log) as in production; -n: stay in the foreground
+        Tool("auditd (execve, connect)", ["auditd", "-n"], ready_check=auditd_ready,
+             teardown=lambda: subprocess.run(["auditctl", "-D"], capture_output=True)),
+        Tool("bcc execsnoop", ["execsnoop-bpfcc"], ready="PCOMM"),
+        Tool("bcc tcpconnect", ["tcpconnect-bpfcc"], ready="PID"),
+    ]
+    # no monitoring runs first and again last: its rounds bracket the others against drift
+    tools.append(tools[0])
+    results: dict[str, dict] = {}
+    try:
+        for tool in tools:
+            if tool.name.startswith("auditd") and auditd_ready():
+                results[tool.name] = {"problem": "auditd already runs on this host: stop it (systemctl stop auditd) "
+                                                 "so its rules and log are the bench's alone"}
+                continue
+            if not tool.start():
+                results[tool.name] = {"problem": tool.problem}
+                print(tool.name, "unavailable:", tool.problem, flush=True)
+                tool.stop()
+                continue
+            if tool.name.startswith("auditd"):
+                subprocess.run(audit_rules, check=True, capture_output=True)
+            rounds = results.setdefault(tool.name, {mode: [] for mode in WORKLOADS})
+            for mode, n in WORKLOADS.items():
+                rounds[mode] += [storm(exe, mode, n, agent) for _ in range(args.rounds)]
+            tool.stop()
+            print(tool.name, {m: statistics.median(v) for m, v in results[tool.name].items()}, flush=True)
+    finally:
+        for tool in tools:
+            tool.stop()
+        remove_pins(hierarchy, root)
+        os.rmdir(agent)
+        os.rmdir(hierarchy.path(root))
+        shutil.rmtree(work, ignore_errors=True)
+    write(results, args.rounds)
+
+
+def write(results: dict[str, dict], rounds: int) -> None:
+    base = {m: statistics.median(results["no monitoring"][m]) for m in WORKLOADS}
+    lines = [
+        "# Side by side: ebpfmon and the tools people run today",
+        "",
+        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs (VM)",
+        f"- {rounds} rounds per tool and storm ({2 * rounds} for no monitoring: first and last), inside an agent cgroup; ratio = wall time / no monitoring "
+        "(median, min–max); ops/s = storm operations per second reached (median)",
+        "- storms: " + ", ".join(f"{m} ×{n}" for m, n in WORKLOADS.items()),
+        "",
+        "| tool | " + " | ".join(f"{m} ratio | {m} ops/s" for m in WORKLOADS) + " |",
+        "|---|" + "---|---|" * len(WORKLOADS),
+    ]
+    for tool, data in results.items():
+        if "problem" in data:
+            lines.append(f"| {tool} | " + " | ".join(["unavailable", "—"] * len(WORKLOADS))
+                         + f" |\n|  | {data['problem']} |")
+            continue
+        cells = []
+        for m, n in WORKLOADS.items():
+            ratios = [t / base[m] for t in data[m]]
+            cells += [f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})",
+                      f"{n / statistics.median(data[m]):,.0f}"]
+        lines.append(f"| {tool} | " + " | ".join(cells) + " |")
+    (HERE / "RESULTS-compare.md").write_text("\n".join(lines) + "\n\n![overhead](compare.png)\n")
+    plot(results, base)
+    print((HERE / "RESULTS-compare.md").read_text())
+
+
+def plot(results: dict[str, dict], base: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tools = [t for t, d in results.items() if "problem" not in d]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(WORKLOADS)
+    for i, mode in enumerate(WORKLOADS):
+        xs = [j + i * width for j in range(len(tools))]
+        axes[0].bar(xs, [statistics.median(results[t][mode]) / base[mode] for t in tools], width, label=mode)
+        axes[1].bar(xs, [WORKLOADS[mode] / statistics.median(results[t][mode]) for t in tools], width, label=mode)
+    for ax, title in zip(axes, ("wall time / no monitoring (lower is better)", "operations per second")):
+        ax.set_xticks([j + width * (len(WORKLOADS) - 1) / 2 for j in range(len(tools))])
+        ax.set_xticklabels(tools, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    axes[0].axhline(1.0, color="grey", linewidth=0.8)
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(HERE / "compare.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
