@@ -44,6 +44,15 @@ def test_non_utf8_bytes_survive_json():
     assert event.to_json().isascii()
 
 
+def test_non_ascii_text_is_escaped_not_written_raw():
+    # a right-to-left override in an agent's argv must not reach a responder's terminal as is
+    event = sample_events()[0]
+    event.argv = ["sh", "-c", "echo \u202egnp.exe", "caf\u00e9"]
+    line = event.to_json()
+    assert line.isascii() and "\\u202e" in line
+    assert ev.from_json(line) == event
+
+
 def test_error_names():
     assert ev.error_name(0) is None
     assert ev.error_name(-2) == "ENOENT"

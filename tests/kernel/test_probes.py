@@ -291,3 +291,26 @@ def test_nothing_was_lost(monitor):
     monitor.stream.refresh_counters()
     assert sum(monitor.stream.stats.lost.values()) == 0
     assert monitor.stream.stats.malformed == 0
+
+
+def resident_kib(library_names) -> int:
+    total, counting = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0]:
+                counting = any(name in line for name in library_names)
+            elif counting and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_compiling_the_probes_leaves_the_compiler_paged_out(bpf):
+    # LLVM and clang are needed for the 2 s of compiling, then never again: a daemon that
+    # runs for months must not keep ~80 MiB of their pages resident
+    from ebpfmon.kernel.probeset import COMPILER_LIBRARIES, ProbeSet
+
+    probes = ProbeSet({"exec"}).load()
+    try:
+        assert resident_kib(COMPILER_LIBRARIES) < 24 * 1024
+    finally:
+        probes.close()
