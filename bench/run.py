@@ -65,7 +65,7 @@ class Monitor:
         self.proc.send_signal(signal.SIGINT)
         err = self.proc.communicate(timeout=120)[1]
         summary = re.search(r"stopped; (.*)", err).group(1)
-        parts = dict(p.split(": ", 1) for p in summary.split("; "))
+        parts = dict(p.split(": ", 1) for p in summary.split("; ") if ": " in p)
         return {name: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", parts.get(name, ""))}
                 for name in ("events", "lost", "truncated")}
 

@@ -181,8 +181,31 @@ def test_no_cgroup2_is_explained(bpf):
     assert "Traceback" not in out.stderr
 
 
+def every_command(group, path=()):
+    yield path
+    if hasattr(group, "commands"):  # a group (typer vendors its own click)
+        for name, command in group.commands.items():
+            yield from every_command(command, (*path, name))
+
+
 def test_help_teaches_with_examples():
     out = ebpfmon("trace", "--help")
     assert out.returncode == 0
     assert "--all-cgroups" in out.stdout and "Examples" in out.stdout
     assert "ebpfmon " in ebpfmon("--version").stdout
+
+
+def test_every_command_and_group_has_an_example_in_its_help():
+    import typer.main
+
+    from ebpfmon.cli import app
+
+    paths = list(every_command(typer.main.get_command(app)))
+    assert len(paths) > 15  # the walk found the commands
+    without = []
+    for path in paths:
+        out = ebpfmon(*path, "--help")
+        assert out.returncode == 0, (path, out.stderr)
+        if "Example" not in out.stdout or f"ebpfmon {' '.join(path)}".strip() not in " ".join(out.stdout.split()):
+            without.append(" ".join(path) or "(top level)")
+    assert not without, f"--help without an example of itself: {without}"

@@ -17,6 +17,13 @@ app = typer.Typer(
     help="Watch autonomous AI agents from the kernel: what they run, where they connect, "
          "which GPUs they open.",
     no_args_is_help=True,
+    epilog="Examples, in the order a newcomer meets them:\n\n"
+           "  sudo ebpfmon doctor                        # can this machine run it?\n\n"
+           "  sudo ebpfmon trace all --all-cgroups --duration 10\n\n"
+           "  sudo ebpfmon exec -- python3 agent.py      # run something as an agent\n\n"
+           "  sudo ebpfmon run                           # the monitor, on built-in defaults\n\n"
+           "  sudo ebpfmon quarantine list\n\n"
+           "Each command has --help with its own examples.",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
