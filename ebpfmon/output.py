@@ -37,6 +37,12 @@ def result(event: ev.Event) -> str:
     return event.error or "ok"
 
 
+def transport(event: ev.ConnectEvent) -> str:
+    """'tcp ' or 'udp ' when known (the daemon's cgroup hooks tell), else nothing."""
+    known = event.protocol or event.sock_type
+    return f"{known} " if known else ""
+
+
 def endpoint(event: ev.ConnectEvent) -> str:
     host = f"[{event.address}]" if ":" in event.address else event.address
     return f"{host}:{event.port}"
@@ -50,13 +56,13 @@ def describe(event: ev.Event) -> str:
             what += " [argv truncated]"
         return f"{what}  = {result(event)}"
     if isinstance(event, ev.UdpSendEvent):
-        what = f"send {event.protocol or event.sock_type or '?'} {endpoint(event)} {event.length}B"
+        what = f"send {transport(event)}{endpoint(event)} {event.length}B"
         if event.dns_query:
             what += f" dns={safe(event.dns_query)}"
         return f"{what}  = {result(event)}"
     if isinstance(event, ev.ConnectEvent):
         outcome = "(cgroup hook, result unknown)" if event.source == "cgroup_hook" else f"= {result(event)}"
-        return f"connect {event.protocol or event.sock_type or '?'} {endpoint(event)}  {outcome}"
+        return f"connect {transport(event)}{endpoint(event)}  {outcome}"
     if isinstance(event, ev.GpuOpenEvent):
         device = f" ({event.device} {event.vendor or 'unknown vendor'})" if event.device else ""
         return f"open {safe(event.path)}{device} {event.access}  = {result(event)}"

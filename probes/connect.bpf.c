@@ -1,18 +1,22 @@
 /* connect: connect() to IPv4/IPv6 destinations, and datagrams sent with a
  * destination (sendto/sendmsg/sendmmsg), each with the return value.
  *
- * The socket type cannot be read from connect's arguments without walking
- * kernel structs, so socket() results are remembered per (tgid, fd) for tasks
- * in scope. A socket created before the monitor started, or passed in from
- * outside, has type 0 (unknown).
+ * Only the syscalls that carry an address are traced: socket() and close()
+ * are not, because their tracepoints would run for every close on the host
+ * (an open+close loop anywhere paid ~20% for it). So the socket type is known
+ * only when the daemon's cgroup hooks run (enforce.bpf.c fills it into the
+ * pending event); `ebpfmon trace` alone reports it as unknown.
  *
  * glibc's resolver connects its UDP socket to port 53 and then sends without
- * an address, so sends on a socket connected to port 53 are reported too,
- * with the head of the query (user space decodes the name).
+ * an address, so a connect to port 53 is remembered per (tgid, fd) and sends
+ * without an address on that fd are reported too, with the head of the query
+ * (user space decodes the name). Without close() the entry can outlive the
+ * socket: a later socket on the same fd number that is never connected (an
+ * accepted one) would have its sends taken for DNS; user space reports a
+ * query name only when the payload parses as a DNS query.
  */
 #define AF_INET_ 2
 #define AF_INET6_ 10
-#define SOCK_TYPE_MASK 0xf
 #define DNS_PORT 53
 #define EINPROGRESS_ 115
 
@@ -21,22 +25,13 @@ struct socket_key {
 	s32 fd;
 };
 
-struct socket_info {
+struct dns_socket {
 	u16 family;
-	u16 type;
-	u16 protocol;
-	u16 dport;   /* set once connected */
+	u16 dport;
 	u8 addr[16];
 };
 
-struct socket_args {
-	u16 family;
-	u16 type;
-	u16 protocol;
-};
-
-BPF_TABLE("lru_hash", struct socket_key, struct socket_info, sockets, 16384);
-BPF_TABLE("lru_hash", u32, struct socket_args, socket_pending, 1024);
+BPF_TABLE("lru_hash", struct socket_key, struct dns_socket, dns_sockets, 4096);
 BPF_PERCPU_ARRAY(sockaddr_scratch, struct sockaddr_event, 1);
 BPF_TABLE("lru_hash", u32, struct sockaddr_event, sockaddr_pending, 1024);
 
@@ -52,47 +47,6 @@ struct user_iovec {
 	void *base;
 	u64 len;
 };
-
-TRACEPOINT_PROBE(syscalls, sys_enter_socket)
-{
-	if (!in_scope())
-		return 0;
-	if (args->family != AF_INET_ && args->family != AF_INET6_)
-		return 0;
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct socket_args sa = {
-		.family = args->family,
-		.type = args->type & SOCK_TYPE_MASK,
-		.protocol = args->protocol,
-	};
-	socket_pending.update(&tid, &sa);
-	return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_socket)
-{
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct socket_args *sa = socket_pending.lookup(&tid);
-	if (!sa)
-		return 0;
-	if (args->ret >= 0) {
-		struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = args->ret};
-		struct socket_info info = {.family = sa->family, .type = sa->type, .protocol = sa->protocol};
-		sockets.update(&key, &info);
-	}
-	socket_pending.delete(&tid);
-	return 0;
-}
-
-/* A closed fd number may come back as another socket: forget what we knew. */
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
-{
-	if (!in_scope())
-		return 0;
-	struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = args->fd};
-	sockets.delete(&key);
-	return 0;
-}
 
 /* Starts an event in sockaddr_pending for this thread. */
 static __always_inline struct sockaddr_event *sockaddr_begin(int fd)
@@ -112,10 +66,8 @@ static __always_inline struct sockaddr_event *sockaddr_begin(int fd)
 	e->length = 0;
 	e->payload_len = 0;
 	__builtin_memset(e->addr, 0, sizeof(e->addr));
-	struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd};
-	struct socket_info *info = sockets.lookup(&key);
-	e->sock_type = info ? info->type : 0;
-	e->protocol = info ? info->protocol : 0;
+	e->sock_type = 0;  /* unknown, unless a cgroup hook fills it in */
+	e->protocol = 0;
 	return e;
 }
 
@@ -154,12 +106,12 @@ static __always_inline int read_sockaddr(struct sockaddr_event *e, const void *u
 static __always_inline int use_connected_dns(struct sockaddr_event *e, int fd)
 {
 	struct socket_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd};
-	struct socket_info *info = sockets.lookup(&key);
-	if (!info || info->dport != DNS_PORT)
+	struct dns_socket *dns = dns_sockets.lookup(&key);
+	if (!dns)
 		return -1;
-	e->family = info->family;
-	e->dport = info->dport;
-	__builtin_memcpy(e->addr, info->addr, sizeof(e->addr));
+	e->family = dns->family;
+	e->dport = dns->dport;
+	__builtin_memcpy(e->addr, dns->addr, sizeof(e->addr));
 	return 0;
 }
 
@@ -189,10 +141,12 @@ static __always_inline int sockaddr_exit(u16 kind, long ret)
 	e->retval = ret;
 	if (kind == EVENT_CONNECT && (ret == 0 || ret == -EINPROGRESS_)) {
 		struct socket_key key = {.tgid = e->hdr.pid, .fd = e->fd};
-		struct socket_info *info = sockets.lookup(&key);
-		if (info) {
-			info->dport = e->dport;
-			__builtin_memcpy(info->addr, e->addr, sizeof(info->addr));
+		if (e->dport == DNS_PORT) {
+			struct dns_socket dns = {.family = e->family, .dport = e->dport};
+			__builtin_memcpy(dns.addr, e->addr, sizeof(dns.addr));
+			dns_sockets.update(&key, &dns);
+		} else if (dns_sockets.lookup(&key)) {
+			dns_sockets.delete(&key);  /* the fd now leads elsewhere */
 		}
 	}
 	submit(&e->hdr, size, sizeof(*e), WAKE_ALERT);

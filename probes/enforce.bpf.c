@@ -136,12 +136,20 @@ static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, 
 	submit(&e.hdr, sizeof(e), sizeof(e), WAKE_ALERT);
 }
 
-/* A connect the connect tracepoint did not see (no pending entry for this
- * thread: io_uring, for one) is reported from here, without a result. */
-static __always_inline void connect_seen(struct bpf_sock_addr *ctx, u8 *addr, u32 addr_len)
+/* The connect or send the syscall probe is building (a pending entry for this
+ * thread) gets the socket type and protocol, which only this hook can read
+ * without kernel structs. A connect the tracepoint did not see (io_uring, for
+ * one) is reported from here, without a result. */
+static __always_inline void sockaddr_seen(struct bpf_sock_addr *ctx, u32 op, u8 *addr, u32 addr_len)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
-	if (sockaddr_pending.lookup(&tid))
+	struct sockaddr_event *pending = sockaddr_pending.lookup(&tid);
+	if (pending) {
+		pending->sock_type = ctx->type;
+		pending->protocol = ctx->protocol;
+		return;
+	}
+	if (op != OP_CONNECT)
 		return;
 	u32 zero = 0;
 	struct sockaddr_event *e = sockaddr_scratch.lookup(&zero);
@@ -187,8 +195,7 @@ static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v
 		u32 ip4 = ctx->user_ip4;
 		__builtin_memcpy(addr, &ip4, 4);
 	}
-	if (op == OP_CONNECT)
-		connect_seen(ctx, addr, addr_len);
+	sockaddr_seen(ctx, op, addr, addr_len);
 	/* what a cut leaves open (loopback) is not subject to the deny lists either:
 	 * a local dev server on a "pool port" is not a pool */
 	if (v4 ? v4_in(ALLOWED, v4) : v6_in(ALLOWED, addr))

@@ -28,6 +28,23 @@ def connect_from(cgroup, host: str, port: int) -> int:
     return int(out.stdout)
 
 
+SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"
+
+
+def test_the_daemons_hooks_give_connects_and_sends_their_socket_type(containment_daemon, contained_agent):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        assert connect_from(contained_agent, "127.0.0.1", port) == 0
+        contained_agent.run([sys.executable, "-c", SEND, str(port + 1)], check=True)
+    finally:
+        listener.close()
+    containment_daemon.wait_line("connect tcp", f"127.0.0.1:{port} ")
+    containment_daemon.wait_line("send udp", f"127.0.0.1:{port + 1} ")
+
+
 def test_pool_connect_refused_for_agents_only(containment_daemon, contained_agent, agent_cgroup, stratum_pool):
     client = str(REPO / "tests/servers/stratum_client.py")
     before = len(stratum_pool.accepted)

@@ -133,7 +133,9 @@ def test_connect_to_listener_and_closed_port(monitor, agent_cgroup, listener, fa
     assert e.address == host
     assert e.family == ("inet" if family == socket.AF_INET else "inet6")
     assert e.retval == 0
-    assert e.sock_type == "stream" and e.protocol == "tcp"
+    # socket() is not traced (its tracepoint would tax every process): without the
+    # daemon's cgroup hooks the type is unknown (test_containment checks it with them)
+    assert e.sock_type is None and e.protocol is None
     assert e.proc.comm.startswith("python")
 
     dead = closed_port(host, family)
@@ -189,7 +191,6 @@ def test_udp_datagrams_and_dns_names(monitor, agent_cgroup):
     mine = lambda e: e.kind == "udp_send" and e.cgroup_id == agent_cgroup.id  # noqa: E731
     e = monitor.wait_for(lambda e: mine(e) and e.port == port)
     assert e.address == "127.0.0.1" and e.length == 13 and e.retval == 13
-    assert e.sock_type == "dgram" and e.protocol == "udp"
     assert e.dns_query is None
     e = monitor.wait_for(lambda e: mine(e) and e.dns_query == "pool.example.com")
     assert e.port == 53
@@ -197,7 +198,7 @@ def test_udp_datagrams_and_dns_names(monitor, agent_cgroup):
     assert e.port == 53 and e.address == "127.0.0.1"
     # the connect of the UDP socket is an event of its own
     c = monitor.wait_for(lambda e: e.kind == "connect" and e.cgroup_id == agent_cgroup.id and e.port == 53)
-    assert c.sock_type == "dgram"
+    assert c.retval == 0
 
 
 def test_gpu_open_of_fake_nvidia_node(monitor, agent_cgroup, fake_gpu_dir):
