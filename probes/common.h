@@ -66,22 +66,13 @@ static __always_inline void count(u32 kind, u32 counter)
 		(*value)++;
 }
 
-/* True when the current task is one we watch: its cgroup or one of its
- * ancestors is in scope_cgroups. Ancestors, not only the cgroup itself, so a
- * cgroup created under an agent root is covered from its first instruction,
- * before user space has heard of it.
+/* The walk behind in_scope(): the cgroup or one of its ancestors is in
+ * scope_cgroups. Ancestors, not only the cgroup itself, so a cgroup created
+ * under an agent root is covered from its first instruction, before user
+ * space has heard of it.
  */
-static __always_inline int in_scope(void)
+static __always_inline int scope_walk(u64 id)
 {
-	u32 zero = 0;
-	struct probe_config *cfg = config.lookup(&zero);
-	if (!cfg)
-		return 0;
-	if ((bpf_get_current_pid_tgid() >> 32) == cfg->ignore_tgid)
-		return 0;
-	if (cfg->all_cgroups)
-		return 1;
-	u64 id = bpf_get_current_cgroup_id();
 	if (scope_cgroups.lookup(&id))
 		return 1;
 	for (int level = 1; level < SCOPE_MAX_DEPTH; level++) {
@@ -93,6 +84,42 @@ static __always_inline int in_scope(void)
 			return 1;
 	}
 	return 0;
+}
+
+/* The last verdict on each CPU. Syscalls come in runs from the same cgroup,
+ * and these probes run on every open and connect on the host: a hit costs an
+ * array read instead of a hash lookup per cgroup level. A cgroup's ancestors
+ * never change, so only a change of scope (a new generation) invalidates. */
+struct scope_verdict {
+	u64 cgroup_id;
+	u32 generation;
+	u32 in_scope;
+};
+BPF_PERCPU_ARRAY(scope_cache, struct scope_verdict, 1);
+
+/* True when the current task is one we watch. */
+static __always_inline int in_scope(void)
+{
+	u32 zero = 0;
+	struct probe_config *cfg = config.lookup(&zero);
+	if (!cfg)
+		return 0;
+	if ((bpf_get_current_pid_tgid() >> 32) == cfg->ignore_tgid)
+		return 0;
+	if (cfg->all_cgroups)
+		return 1;
+	u32 generation = cfg->scope_generation;  /* read before the walk: see scope_verdict */
+	u64 id = bpf_get_current_cgroup_id();
+	struct scope_verdict *cached = scope_cache.lookup(&zero);
+	if (!cached)
+		return scope_walk(id);
+	if (cached->cgroup_id == id && cached->generation == generation)
+		return cached->in_scope;
+	int verdict = scope_walk(id);
+	cached->cgroup_id = id;
+	cached->generation = generation;
+	cached->in_scope = verdict;
+	return verdict;
 }
 
 /* Fills all of the header but flags, which the probe sets as it goes. */

@@ -189,6 +189,7 @@ struct lpm_v6 {
 struct probe_config {
 	__u32 all_cgroups;          /* 1: ignore scope, trace everything */
 	__u32 ignore_tgid;          /* the monitor itself, never traced */
+	__u32 scope_generation;     /* bumped at every change of scope: drops cached verdicts */
 };
 
 struct gpu_prefix {

@@ -192,7 +192,7 @@ class LpmV6(ctypes.Structure):
 
 
 class ProbeConfig(ctypes.Structure):
-    _fields_ = [("all_cgroups", u32), ("ignore_tgid", u32)]
+    _fields_ = [("all_cgroups", u32), ("ignore_tgid", u32), ("scope_generation", u32)]
 
 
 class GpuPrefix(ctypes.Structure):

@@ -151,6 +151,8 @@ class ProbeSet:
             raise ValueError("the enforce probe keeps its state in pinned maps: give pin_dir")
         self.pin_dir = pin_dir
         self._bpf = None
+        self._all_cgroups = False
+        self._scope_generation = 0
 
     def source(self) -> str:
         return probe_source(self.probes, self.probes_dir)
@@ -199,8 +201,14 @@ class ProbeSet:
         return self._bpf
 
     def _write_config(self, all_cgroups: bool) -> None:
+        """Writes the probes' settings with a new scope generation: verdicts the probes cached
+        (common.h, in_scope) under the old scope no longer count. Called after every change
+        of scope_cgroups, so a probe that reads the new generation also sees the new scope."""
+        self._all_cgroups = all_cgroups
+        self._scope_generation += 1
         table = self.bpf[b"config"]
-        table[ctypes.c_int(0)] = abi.ProbeConfig(all_cgroups=int(all_cgroups), ignore_tgid=os.getpid())
+        table[ctypes.c_int(0)] = abi.ProbeConfig(all_cgroups=int(all_cgroups), ignore_tgid=os.getpid(),
+                                                 scope_generation=self._scope_generation)
 
     def set_all_cgroups(self, enabled: bool) -> None:
         """Trace every cgroup (ad-hoc tracing), except this process itself."""
@@ -209,12 +217,14 @@ class ProbeSet:
     def add_scope(self, cgroup_id: int) -> None:
         """Watches a cgroup and everything created below it."""
         self.bpf[b"scope_cgroups"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
+        self._write_config(self._all_cgroups)
 
     def remove_scope(self, cgroup_id: int) -> None:
         try:
             del self.bpf[b"scope_cgroups"][ctypes.c_uint64(cgroup_id)]
         except KeyError:
-            pass
+            return
+        self._write_config(self._all_cgroups)
 
     def scope(self) -> list[int]:
         return [k.value for k in self.bpf[b"scope_cgroups"].keys()]

@@ -315,3 +315,27 @@ def test_compiling_the_probes_leaves_the_compiler_paged_out(bpf):
         assert resident_kib(COMPILER_LIBRARIES) < 24 * 1024
     finally:
         probes.close()
+
+
+def test_scope_changes_take_effect_at_once_despite_cached_verdicts(agent_cgroup):
+    # the probes cache their last scope verdict per CPU: a change of scope must void it
+    from ebpfmon.monitor import EventStream
+
+    stream = EventStream(Config(), kinds=["exec"], cgroups=[agent_cgroup.name])
+    seen = []
+    stream.start(lambda e: seen.append(e.argv[-1]) if e.cgroup_id == agent_cgroup.id else None)
+
+    def run(tag: str) -> None:
+        for _ in range(3):  # a warm cache on every CPU it may run on
+            agent_cgroup.run(["/bin/true", tag], check=True)
+        stream.poll()
+
+    try:
+        run("watched")
+        stream.probes.remove_scope(agent_cgroup.id)
+        run("unwatched")
+        stream.probes.add_scope(agent_cgroup.id)
+        run("watched-again")
+    finally:
+        stream.close()
+    assert seen == ["watched"] * 3 + ["watched-again"] * 3
