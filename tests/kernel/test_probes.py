@@ -262,11 +262,11 @@ def test_process_tree_gives_the_ppid_chain(monitor, agent_cgroup):
 
 def test_execs_that_do_not_wake_the_reader_still_arrive_within_the_window(agent_cgroup):
     # Execs less than URGENT_WAKE_WINDOW_MS apart wake the reader once; the others must
-    # not wait for the drain timer (2 s here): containment would be late by that much.
+    # not wait for the drain timer (5 s here): containment would be late by that much.
     from ebpfmon.kernel.probeset import URGENT_WAKE_WINDOW_MS
     from ebpfmon.monitor import EventStream
 
-    stream = EventStream(Config(drain_interval_ms=2000), kinds=["exec"], cgroups=[agent_cgroup.name])
+    stream = EventStream(Config(drain_interval_ms=5000), kinds=["exec"], cgroups=[agent_cgroup.name])
     delays_ms = {}  # filename -> ms from the kernel's timestamp to the handler, per exec
     stream.start(lambda e: delays_ms.setdefault(e.filename, []).append((time.time_ns() - e.time_ns) / 1e6))
     stop = threading.Event()
@@ -275,7 +275,7 @@ def test_execs_that_do_not_wake_the_reader_still_arrive_within_the_window(agent_
     try:
         time.sleep(0.5)  # past the window of any exec before
         agent_cgroup.run(["/bin/sh", "-c", "/bin/true; /bin/true; /bin/true"], check=True)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while len(delays_ms.get("/bin/true", [])) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
@@ -283,8 +283,9 @@ def test_execs_that_do_not_wake_the_reader_still_arrive_within_the_window(agent_
         reader.join()
         stream.close()
     assert len(delays_ms["/bin/sh"]) == 1 and len(delays_ms.get("/bin/true", [])) == 3, delays_ms
-    # the window plus scheduling on a busy 2-core VM; a drain-timer wait would be ~2000 ms
-    assert max(delays_ms["/bin/true"]) < URGENT_WAKE_WINDOW_MS + 300, delays_ms
+    # the window plus scheduling on a busy 2-core VM (the rest of the suite runs servers);
+    # a drain-timer wait would be up to 5000 ms
+    assert max(delays_ms["/bin/true"]) < URGENT_WAKE_WINDOW_MS + 1000, delays_ms
 
 
 def test_nothing_was_lost(monitor):
