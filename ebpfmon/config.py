@@ -124,6 +124,9 @@ class Config:
     drain_interval_ms: int = 50
     # ancestors (parent, grandparent...) attached to every event
     ancestry_depth: int = 8
+    # nice value of the thread that reads events and contains agents: ahead of the agents'
+    # own work, so a busy node does not delay a cut (-20..19; below 0 needs CAP_SYS_NICE)
+    reader_nice: int = -10
     rules: RuleSettings = field(default_factory=RuleSettings)
     enforce: EnforceSettings = field(default_factory=EnforceSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
@@ -247,6 +250,8 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
         raise loader.error("agent_level", "must be 1 or more")
     if config.ringbuf_pages <= 0 or config.ringbuf_pages & (config.ringbuf_pages - 1):
         raise loader.error("ringbuf_pages", "must be a power of two")
+    if not -20 <= config.reader_nice <= 19:
+        raise loader.error("reader_nice", f"must be a nice value from -20 to 19, got {config.reader_nice}")
     for i, sink in enumerate(config.alerts.sinks):
         where = f"alerts.sinks[{i}]"
         if sink.type not in SINK_TYPES:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import os
 import sys
 import threading
 import time
@@ -40,6 +41,10 @@ log = logging.getLogger("ebpfmon")
 Printer = Callable[[str], None]
 # what cannot change without a restart (probes and pins depend on them)
 EVALUATION_SAMPLE = 16  # events per timed rule evaluation (ebpfmon_rule_evaluation_seconds)
+# How long another Python thread (alert delivery, the exporter, the control socket) may keep
+# the GIL while the reader waits with an exec that may need a cut: CPython's default is 5 ms,
+# which was most of the slowest exec-to-cut times measured.
+GIL_SWITCH_INTERVAL = 0.0005  # seconds
 RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics")
 
 
@@ -93,6 +98,7 @@ class Daemon:
 
     def start(self) -> "Daemon":
         """Probes, enforcement, reconciliation, alerts, metrics, control socket; then READY."""
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.stream.start(self.judge)
         self.enforcer = Enforcer(self.stream.probes, self.hierarchy, self.config.agent_root, self.config.agent_level)
         self.configure_enforcement()
@@ -134,7 +140,18 @@ class Daemon:
             if every:
                 every()
 
+        self.raise_reader_priority()
         self.stream.run(stop, every=each_second, after_poll=self.audit.flush if self.audit else None)
+
+    def raise_reader_priority(self) -> None:
+        """Nice applies per thread on Linux: this one reads events and contains. Measured with
+        100 reverse tunnels on a busy 2-core VM: at nice 0 one cut in ten waited 4-6 ms for a
+        CPU after its exec; at -10 the slowest but one came within 3 ms."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.reader_nice)
+        except OSError as e:  # watching matters more: go on, loudly
+            log.warning("reader priority not raised to nice %d: %s (needs CAP_SYS_NICE)",
+                        self.config.reader_nice, e.strerror)
 
     def close(self) -> None:
         """Stops watching; alerts not yet delivered stay in the spool. Enforcement stays attached:

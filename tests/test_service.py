@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -93,14 +94,18 @@ alerts:
         pagerduty.close()
 
 
-def test_systemd_notify_ready_watchdog_stopping(bpf, own_root, tmp_path):
+def thread_nice(pid: int, tid: int) -> int:
+    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_systemd_notify_ready_watchdog_stopping_and_reader_priority(bpf, own_root, tmp_path):
     path = tmp_path / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(path))
     listener.settimeout(60)
     state = tmp_path / "state"
     state.mkdir()
-    (state / "config.yaml").write_text("metrics: {enabled: false}\n")
+    (state / "config.yaml").write_text("metrics: {enabled: false}\nreader_nice: -7\n")
     env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"}
     proc = subprocess.Popen([*EBPFMON, "run", "--config", str(state / "config.yaml"), "--agent-root", own_root,
                              "--state-dir", str(state)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -112,6 +117,10 @@ def test_systemd_notify_ready_watchdog_stopping(bpf, own_root, tmp_path):
         except TimeoutError:
             raise AssertionError((tmp_path / "stderr").read_text()[-2000:]) from None
         assert got == ["READY=1", "WATCHDOG=1"]
+        # the event loop (the main thread) runs ahead of the agents; the other threads do not
+        assert thread_nice(proc.pid, proc.pid) == -7
+        others = {thread_nice(proc.pid, int(t)) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid}
+        assert others == {0}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         rest = []
