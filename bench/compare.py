@@ -206,10 +206,13 @@ def plot(results: dict[str, dict], base: dict[str, float]) -> None:
         ax.set_xticks([j + width * (len(WORKLOADS) - 1) / 2 for j in range(len(tools))])
         ax.set_xticklabels(tools, rotation=20, ha="right", fontsize=8)
         ax.set_title(title)
-        ax.legend()
+    axes[0].legend(ncol=len(WORKLOADS), loc="upper left")
     axes[0].axhline(1.0, color="grey", linewidth=0.8)
     axes[1].set_yscale("log")
-    fig.tight_layout()
+    missing = [t for t, d in results.items() if "problem" in d]
+    if missing:  # said, not dropped: the row is in the table with the reason
+        fig.text(0.5, 0.01, "not run: " + ", ".join(missing) + " (see the table for why)", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 if missing else 0, 1, 1))
     fig.savefig(HERE / "compare.png", dpi=110)
 
 

@@ -105,7 +105,7 @@ def main() -> None:
 | peak RSS (VmHWM) after 100k events | {peak / 2**20:.0f} MiB | < 150 MB |
 | CPU at 10k connects/s for {wall:.1f} s | {100 * cpu / wall:.1f}% of one core | < 10% |
 
-Start-up is mostly bcc compiling the probes with clang (about 3 s on this VM).
+Start-up is mostly bcc compiling the probes with clang.
 """
     (HERE / "RESULTS-service.md").write_text(text)
     print(text)
