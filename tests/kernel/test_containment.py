@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,38 @@ def test_the_daemons_hooks_give_connects_and_sends_their_socket_type(containment
         listener.close()
     containment_daemon.wait_line("connect tcp", f"127.0.0.1:{port} ")
     containment_daemon.wait_line("send udp", f"127.0.0.1:{port + 1} ")
+
+
+@pytest.fixture(scope="session")
+def uring_connect(tmp_path_factory) -> Path:
+    exe = tmp_path_factory.mktemp("uring") / "uring_connect"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "tests/servers/uring_connect.c"), "-luring"],
+                   check=True)
+    return exe
+
+
+def test_io_uring_connects_are_seen_and_refused_by_the_hooks(containment_daemon, contained_agent, stratum_pool,
+                                                            uring_connect):
+    # io_uring never enters connect(2): no tracepoint fires, the cgroup hooks still do
+    agent = contained_agent.name.split("/")[-1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        out = contained_agent.run([str(uring_connect), "127.0.0.1", str(port)], text=True, check=True)
+    finally:
+        listener.close()
+    assert out.stdout.strip() == "0"
+    containment_daemon.wait_line(agent, f"connect tcp 127.0.0.1:{port} ", "(cgroup hook, result unknown)")
+    # and it is refused like any connect to a pool port, before any packet
+    before = len(stratum_pool.accepted)
+    out = contained_agent.run([str(uring_connect), stratum_pool.host, str(stratum_pool.port)], text=True,
+                              check=True)
+    assert int(out.stdout) == -errno.EPERM
+    containment_daemon.wait_line(agent, "REFUSED connect", f"{stratum_pool.host}:{stratum_pool.port}")
+    time.sleep(0.5)
+    assert len(stratum_pool.accepted) == before
 
 
 def test_pool_connect_refused_for_agents_only(containment_daemon, contained_agent, agent_cgroup, stratum_pool):
