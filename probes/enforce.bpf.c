@@ -139,8 +139,11 @@ static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, 
 /* The connect or send the syscall probe is building (a pending entry for this
  * thread) gets the socket type and protocol, which only this hook can read
  * without kernel structs. A connect the tracepoint did not see (io_uring, for
- * one) is reported from here, without a result. */
-static __always_inline void sockaddr_seen(struct bpf_sock_addr *ctx, u32 op, u8 *addr, u32 addr_len)
+ * one) is reported from here, without a result, when it goes through: a
+ * refused one is a refused event, not a connect (rules would take it for a
+ * connection made). */
+static __always_inline void sockaddr_seen(struct bpf_sock_addr *ctx, u32 op, int allowed, u8 *addr,
+					  u32 addr_len)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct sockaddr_event *pending = sockaddr_pending.lookup(&tid);
@@ -149,7 +152,7 @@ static __always_inline void sockaddr_seen(struct bpf_sock_addr *ctx, u32 op, u8 
 		pending->protocol = ctx->protocol;
 		return;
 	}
-	if (op != OP_CONNECT)
+	if (op != OP_CONNECT || !allowed)
 		return;
 	u32 zero = 0;
 	struct sockaddr_event *e = sockaddr_scratch.lookup(&zero);
@@ -195,25 +198,23 @@ static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v
 		u32 ip4 = ctx->user_ip4;
 		__builtin_memcpy(addr, &ip4, 4);
 	}
-	sockaddr_seen(ctx, op, addr, addr_len);
+	u32 reason = 0;
 	/* what a cut leaves open (loopback) is not subject to the deny lists either:
 	 * a local dev server on a "pool port" is not a pool */
-	if (v4 ? v4_in(ALLOWED, v4) : v6_in(ALLOWED, addr))
-		return 1;
-	u32 reason = 0;
-	if (is_cut(agent))
-		reason = REFUSE_CUT;
-	if (!reason) {
+	if (!(v4 ? v4_in(ALLOWED, v4) : v6_in(ALLOWED, addr))) {
 		u16 port = bpf_ntohs(ctx->user_port);
-		if (deny_ports.lookup(&port))
+		if (is_cut(agent))
+			reason = REFUSE_CUT;
+		else if (deny_ports.lookup(&port))
 			reason = REFUSE_PORT;
 		else if (v4 ? v4_in(DENIED, v4) : v6_in(DENIED, addr))
 			reason = REFUSE_NET;
 	}
-	if (!reason)
-		return 1;
-	refused(agent, reason, op, cfg->dry_run, ctx, addr, addr_len);
-	return cfg->dry_run ? 1 : 0;
+	int allowed = !reason || cfg->dry_run;
+	sockaddr_seen(ctx, op, allowed, addr, addr_len);
+	if (reason)
+		refused(agent, reason, op, cfg->dry_run, ctx, addr, addr_len);
+	return allowed;
 }
 
 int enforce_connect4(struct bpf_sock_addr *ctx)

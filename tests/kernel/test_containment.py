@@ -76,6 +76,9 @@ def test_io_uring_connects_are_seen_and_refused_by_the_hooks(containment_daemon,
     containment_daemon.wait_line(agent, "REFUSED connect", f"{stratum_pool.host}:{stratum_pool.port}")
     time.sleep(0.5)
     assert len(stratum_pool.accepted) == before
+    # a refused connect is not also a connection made (rules would act on one)
+    made = f"connect tcp {stratum_pool.host}:{stratum_pool.port} "
+    assert not [line for line in containment_daemon.lines if agent in line and made in line]
 
 
 def test_pool_connect_refused_for_agents_only(containment_daemon, contained_agent, agent_cgroup, stratum_pool):
