@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ebpfmon.cgroups import Hierarchy, cgroup_of
 from ebpfmon.config import Config
-from ebpfmon.containment import sockets
+from ebpfmon.containment import dns, sockets
 from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.kernel.enforcer import Enforcer
@@ -153,6 +153,12 @@ class Containment:
             elif action == "kill":
                 killed = kill_subtree(getattr(event.proc, "pid", 0), self.hierarchy.path(record.agent))
                 result, detail = ("applied", f"killed {killed}") if killed else ("failed", "no process left")
+            elif action == "deny_connect" and getattr(event, "dns_query", None):
+                # a lookup: deny what the name resolves to, not the resolver; asking takes
+                # up to seconds, so not here on the reader's thread
+                threading.Thread(target=self._deny_resolved, daemon=True,
+                                 args=(record.agent, event.dns_query, event.address, event.port)).start()
+                result, detail = "applied", f"the addresses of {event.dns_query}, being asked of {event.address}"
             elif action == "deny_connect":
                 network = _host_network(getattr(event, "address", None))
                 if network is None:
@@ -171,6 +177,25 @@ class Containment:
         priority = "CRITICAL" if result == "failed" else "NOTICE"
         return Notice(priority, f"{action} {result} on {record.agent}" + (f" ({detail})" if detail else "")
                       + f" for rule {record.rule!r}")
+
+    def _deny_resolved(self, agent: str, name: str, server: str, port: int) -> None:
+        found = dns.addresses(name, server, port)
+        with self.lock:
+            record = self.store.active_for(agent)
+            if record is None:  # released meanwhile: nothing to deny on its behalf
+                return
+            now = self.clock()
+            for address in found:
+                network = _host_network(address)
+                self.enforcer.deny_network(network)
+                record.denied_networks.append(network)
+                record.actions.append(ActionResult("deny_connect", "applied", now, f"{name} -> {network}"))
+            if not found:
+                record.actions.append(ActionResult("deny_connect", "failed", now,
+                                                   f"{name} did not resolve at {server}:{port}"))
+            self.store.save()
+        self.on_action("deny_connect", "applied" if found else "failed")
+        log.info("deny_connect for %s: %s resolves to %s", agent, name, ", ".join(found) or "nothing")
 
     # ---- by hand ----
 

@@ -81,6 +81,54 @@ def test_io_uring_connects_are_seen_and_refused_by_the_hooks(containment_daemon,
     assert not [line for line in containment_daemon.lines if agent in line and made in line]
 
 
+POOL_ADDRESS = "198.51.100.7"  # what the fake DNS server says every name is; nothing listens there
+LOOKUP = """
+import socket, sys, dns.message
+query = dns.message.make_query(sys.argv[1], "A").to_wire()
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(query, (sys.argv[2], 53))
+"""
+
+
+@pytest.fixture(scope="session")
+def dns_server(netns_host):
+    server = netns_host.popen([sys.executable, str(REPO / "tests/servers/dns_server.py"), netns_host.address, "53",
+                               POOL_ADDRESS], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "listening"
+    yield netns_host.address
+    server.kill()
+    server.wait()
+
+
+def test_looking_up_a_pool_denies_its_addresses_to_every_agent(containment_daemon, hierarchy, dns_server):
+    looker = make_agent_cgroup(hierarchy, containment_daemon.root)
+    other = make_agent_cgroup(hierarchy, containment_daemon.root)
+    try:
+        # before: nothing refuses the address (nothing answers there either: a timeout)
+        assert connect_from(other, POOL_ADDRESS, 443) != errno.EPERM
+        looker.run([sys.executable, "-c", LOOKUP, "eu.pool.supportxmr.com", dns_server], check=True)
+        containment_daemon.wait_line("DNS lookup of a mining pool", looker.name.split("/")[-1])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the daemon asks the agent's server itself, in the background
+            record = containment_daemon.containment.store.active_for(looker.name)
+            if record and f"{POOL_ADDRESS}/32" in record.denied_networks:
+                break
+            time.sleep(0.05)
+        assert f"{POOL_ADDRESS}/32" in record.denied_networks, record.actions
+        # after: another agent, which looked nothing up, is refused at once
+        assert connect_from(other, POOL_ADDRESS, 443) == errno.EPERM
+        containment_daemon.wait_line("REFUSED connect", other.name.split("/")[-1], f"{POOL_ADDRESS}:443")
+    finally:
+        containment_daemon.containment.release(looker.name, "test", "done")
+        remove_cgroup_tree(looker.path)
+        remove_cgroup_tree(other.path)
+    # released: the address is open again
+    later = make_agent_cgroup(hierarchy, containment_daemon.root)
+    try:
+        assert connect_from(later, POOL_ADDRESS, 443) != errno.EPERM
+    finally:
+        remove_cgroup_tree(later.path)
+
+
 def test_pool_connect_refused_for_agents_only(containment_daemon, contained_agent, agent_cgroup, stratum_pool):
     client = str(REPO / "tests/servers/stratum_client.py")
     before = len(stratum_pool.accepted)
