@@ -27,7 +27,7 @@ test: setup-test
 doctor: setup
 	$(EBPFMON) doctor
 
-# every benchmark (bench/all.py, ~20 min), results in bench/RESULTS.md; not part of the tests
+# every benchmark (bench/all.py, ~7 min on a 2-core VM), results in bench/RESULTS.md; not part of the tests
 bench:
 	VENV=$(VENV) PIP_EXTRAS='[test]' EXTRA_PACKAGES='$(BENCH_PACKAGES)' sh deploy/setup.sh
 	$(VENV)/bin/python bench/all.py
