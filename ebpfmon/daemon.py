@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import ipaddress
 import logging
 import os
 import sys
@@ -63,6 +64,20 @@ def deny_ports(config: Config, lists: dict[str, list[str]]) -> tuple[int, ...]:
     if config.enforce.deny_ports is not None:
         return config.enforce.deny_ports
     return tuple(int(p) for p in lists.get("mining_pool_ports", []) if str(p).isdigit())
+
+
+def deny_networks(config: Config, lists: dict[str, list[str]]) -> tuple[str, ...]:
+    """The networks no agent may reach from the start: configured, and the rules'
+    mining_pool_networks list. A list item that is not a network is an error that names it."""
+    networks = tuple(config.enforce.deny_networks) + tuple(str(n) for n in lists.get("mining_pool_networks", []))
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise EbpfmonError(f"{network!r} in enforce.deny_networks or the rules' mining_pool_networks list "
+                               "is not an IP network", "Write it as an address or a CIDR, such as "
+                               "192.0.2.0/24.") from None
+    return networks
 
 
 class Daemon:
@@ -127,7 +142,7 @@ class Daemon:
         self.enforcer.configure(dry_run=settings.dry_run, gpu_default_deny="*" not in self.config.gpu_entitled,
                                 keep_open=settings.keep_open,
                                 deny_ports=deny_ports(self.config, self.engine.ruleset.lists),
-                                deny_networks=settings.deny_networks)
+                                deny_networks=deny_networks(self.config, self.engine.ruleset.lists))
 
     def run(self, stop: threading.Event, every: Callable[[], None] | None = None) -> None:
         def each_second() -> None:
@@ -292,6 +307,7 @@ class Daemon:
             if changed:
                 raise EbpfmonError(f"{', '.join(changed)} changed: that needs a restart", "")
             ruleset = load_rules(rule_paths(config))
+            deny_networks(config, ruleset.lists)  # a bad network is refused here, not half applied
         except (RuleLoadError, EbpfmonError) as e:
             self.metrics.reload_failures.inc()
             message = f"not reloaded, the running set stays: {e.message.replace(chr(10), ' |')}"

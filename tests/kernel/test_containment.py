@@ -380,3 +380,33 @@ def test_entitled_agent_limited_to_its_own_gpu(containment_daemon, hierarchy, tm
         assert gpu_open(agent, other) == str(errno.EPERM)  # another's
     finally:
         remove_cgroup_tree(agent.path)
+
+
+def test_pool_networks_are_refused_from_the_start_and_a_bad_one_is_refused_on_reload(bpf, hierarchy, tmp_path,
+                                                                                     netns_host):
+    from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings, RuleSettings
+    from ebpfmon.daemon import Daemon
+    from ebpfmon.kernel.enforcer import remove_pins
+
+    rules = tmp_path / "pools.yaml"
+    rules.write_text("- list: mining_pool_networks\n  items: [198.51.100.9]\n  override:\n    items: append\n")
+    root = f"/ebpfmon-test-{os.getpid()}-pools"
+    root_path = hierarchy.ensure(root)
+    config = Config(agent_root=root, state_dir=str(tmp_path / "state"), rules=RuleSettings(files=(str(rules),)),
+                    enforce=EnforceSettings(deny_networks=("198.51.100.10/32",)),
+                    alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
+    daemon = Daemon(config).start()
+    try:
+        agent = make_agent_cgroup(hierarchy, root)
+        assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the rules' list
+        assert connect_from(agent, "198.51.100.10", 80) == errno.EPERM  # the configuration
+        assert connect_from(agent, netns_host.address, 22) != errno.EPERM  # the rest is open (reached the host)
+        rules.write_text("- list: mining_pool_networks\n  items: [not-a-network]\n  override:\n    items: append\n")
+        ok, message = daemon.reload()
+        assert not ok and "'not-a-network'" in message and "mining_pool_networks" in message
+        assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the running set stays
+    finally:
+        daemon.enforcer.detach()
+        daemon.close()
+        remove_pins(hierarchy, root)
+        remove_cgroup_tree(root_path)
