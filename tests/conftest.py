@@ -73,14 +73,18 @@ def remove_cgroup_tree(path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def hierarchy(bpf):
-    """The cgroup2 hierarchy; at the end, any enforcement state this session pinned is removed."""
+    """The cgroup2 hierarchy; at the end, enforcement state pinned during this session for
+    cgroups that are gone is removed (a concurrent session's live state stays)."""
     import shutil
 
     pins = Path("/sys/fs/bpf/ebpfmon")
     before = set(pins.iterdir()) if pins.is_dir() else set()
-    yield Hierarchy()
+    hierarchy = Hierarchy()
+    yield hierarchy
+    alive = {os.stat(d).st_ino for d, _, _ in os.walk(hierarchy.path("/"))}  # cgroup ids are inode numbers
     for leftover in (set(pins.iterdir()) if pins.is_dir() else set()) - before:
-        shutil.rmtree(leftover, ignore_errors=True)
+        if not leftover.name.isdigit() or int(leftover.name) not in alive:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

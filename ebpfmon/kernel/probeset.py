@@ -226,9 +226,6 @@ class ProbeSet:
             return
         self._write_config(self._all_cgroups)
 
-    def scope(self) -> list[int]:
-        return [k.value for k in self.bpf[b"scope_cgroups"].keys()]
-
     def set_gpu_prefixes(self, prefixes: Iterable[str]) -> None:
         prefixes = list(prefixes)
         if len(prefixes) > abi.GPU_PREFIXES_MAX:

@@ -391,12 +391,13 @@ def test_pool_networks_are_refused_from_the_start_and_a_bad_one_is_refused_on_re
     rules = tmp_path / "pools.yaml"
     rules.write_text("- list: mining_pool_networks\n  items: [198.51.100.9]\n  override:\n    items: append\n")
     root = f"/ebpfmon-test-{os.getpid()}-pools"
-    root_path = hierarchy.ensure(root)
     config = Config(agent_root=root, state_dir=str(tmp_path / "state"), rules=RuleSettings(files=(str(rules),)),
                     enforce=EnforceSettings(deny_networks=("198.51.100.10/32",)),
                     alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
-    daemon = Daemon(config).start()
+    root_path = hierarchy.ensure(root)
+    daemon = None
     try:
+        daemon = Daemon(config).start()
         agent = make_agent_cgroup(hierarchy, root)
         assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the rules' list
         assert connect_from(agent, "198.51.100.10", 80) == errno.EPERM  # the configuration
@@ -406,7 +407,8 @@ def test_pool_networks_are_refused_from_the_start_and_a_bad_one_is_refused_on_re
         assert not ok and "'not-a-network'" in message and "mining_pool_networks" in message
         assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the running set stays
     finally:
-        daemon.enforcer.detach()
-        daemon.close()
+        if daemon is not None:
+            daemon.enforcer.detach()
+            daemon.close()
         remove_pins(hierarchy, root)
         remove_cgroup_tree(root_path)
