@@ -30,6 +30,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from ebpfmon.cgroups import Hierarchy  # noqa: E402
+from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
 
 AGENT_ROOT = f"/ebpfmon-bench-{os.getpid()}"
 WORKLOADS = {"exec": 3000, "connect": 100_000, "open": 300_000}
@@ -52,14 +53,22 @@ def run_storm(storm: Path, mode: str, n: int, rate: float = 0, cgroup: Path | No
 
 
 class Monitor:
-    """`ebpfmon run` on the bench agent root, output to /dev/null."""
+    """`ebpfmon run` on the bench agent root (shipped rules, enforcement armed, audit log on, no
+    alert sinks or exporter), output to /dev/null."""
+
+    work: Path  # state and configuration of the bench's own: not the host's /var/lib/ebpfmon
 
     def __init__(self):
-        self.proc = subprocess.Popen([str(REPO / ".venv/bin/ebpfmon"), "run", "--agent-root", AGENT_ROOT],
+        config = self.work / "config.yaml"
+        config.write_text("metrics: {enabled: false}\nalerts: {sinks: []}\n")
+        self.proc = subprocess.Popen([str(REPO / ".venv/bin/ebpfmon"), "run", "--agent-root", AGENT_ROOT,
+                                      "--config", str(config), "--state-dir", str(self.work / "state")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        if "ready" not in line:
-            raise SystemExit(f"monitor did not start: {line}{self.proc.stderr.read()}")
+        said = []
+        while not said or "ready" not in said[-1]:  # log lines before it (options, warnings)
+            said.append(self.proc.stderr.readline())
+            if not said[-1]:
+                raise SystemExit("monitor did not start: " + "".join(said))
 
     def stop(self) -> dict[str, dict[str, int]]:
         self.proc.send_signal(signal.SIGINT)
@@ -116,7 +125,8 @@ def write_results(path: Path, rows: list[dict], pacing: dict, rounds: int) -> No
         f"- machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs (VM)",
         f"- rounds: {rounds} watched, {2 * rounds} unwatched (before and after); "
         "figures are median (min–max) seconds",
-        "- monitor: `ebpfmon run` (all probes, table output to /dev/null) watching the bench agent root",
+        "- monitor: `ebpfmon run` (all probes, shipped rules, enforcement armed, audit log on; no alert sinks, "
+        "no exporter) watching the bench agent root",
         "",
         "| workload | where | no monitor (s) | monitor (s) | ratio | events/s delivered | lost |",
         "|---|---|---|---|---|---|---|",
@@ -146,10 +156,12 @@ def main() -> None:
     hierarchy = Hierarchy()
     with tempfile.TemporaryDirectory() as tmp:
         storm = build_storm(Path(tmp))
+        Monitor.work = Path(tmp)
         try:
             rows = measure(storm, args.rounds, hierarchy)
             pacing = paced(storm, 50_000, 2 if args.quick else 5, hierarchy)
         finally:
+            remove_pins(hierarchy, AGENT_ROOT)
             for d in sorted(hierarchy.path(AGENT_ROOT).rglob("*"), reverse=True):
                 if d.is_dir():
                     d.rmdir()
