@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from ebpfmon.cgroups import Hierarchy  # noqa: E402
 from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
+from run import build_storm, run_storm  # noqa: E402  (bench/run.py)
 
 WORKLOADS = {"exec": 2000, "connect": 50_000, "open": 200_000}
 
@@ -97,12 +98,6 @@ def auditd_ready() -> bool:
     return any(line.split() not in (["pid", "0"], ["pid"]) for line in status.splitlines() if line.startswith("pid"))
 
 
-def storm(exe: Path, mode: str, n: int, cgroup: Path) -> float:
-    out = subprocess.run([str(exe), mode, str(n)], capture_output=True, text=True, check=True,
-                         preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
-    return float(out.stdout)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -112,8 +107,7 @@ def main() -> None:
     hierarchy.ensure(root)
     agent = hierarchy.ensure(f"{root}/storm")
     work = Path(tempfile.mkdtemp())
-    exe = work / "storm"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "storm.c")], check=True)
+    exe = build_storm(work)
     (work / "config.yaml").write_text("metrics: {enabled: false}\nalerts: {sinks: []}\n")
     (work / "trace.bt").write_text(BPFTRACE)
     audit_rules = ["auditctl", "-a", "always,exit", "-F", "arch=b64", "-S", "execve", "-S", "connect", "-k", "ebpfmonbench"]
@@ -146,7 +140,7 @@ def main() -> None:
                 subprocess.run(audit_rules, check=True, capture_output=True)
             rounds = results.setdefault(tool.name, {mode: [] for mode in WORKLOADS})
             for mode, n in WORKLOADS.items():
-                rounds[mode] += [storm(exe, mode, n, agent) for _ in range(args.rounds)]
+                rounds[mode] += [run_storm(exe, mode, n, cgroup=agent) for _ in range(args.rounds)]
             tool.stop()
             print(tool.name, {m: statistics.median(v) for m, v in results[tool.name].items()}, flush=True)
     finally:
@@ -166,8 +160,9 @@ def write(results: dict[str, dict], rounds: int) -> None:
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs (VM)",
-        f"- {rounds} rounds per tool and storm ({2 * rounds} for no monitoring: first and last), inside an agent cgroup; ratio = wall time / no monitoring "
-        "(median, min–max); ops/s = storm operations per second reached (median)",
+        f"- {rounds} rounds per tool and storm ({2 * rounds} for no monitoring: first and last), inside an agent "
+        "cgroup; ratio = wall time / no monitoring (median, min–max); ops/s = storm operations per second "
+        "reached (median)",
         "- storms: " + ", ".join(f"{m} ×{n}" for m, n in WORKLOADS.items()),
         "",
         "| tool | " + " | ".join(f"{m} ratio | {m} ops/s" for m in WORKLOADS) + " |",

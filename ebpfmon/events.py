@@ -94,10 +94,11 @@ class Event:
         a responder's terminal raw)."""
         try:
             line = orjson.dumps({"kind": self.kind, **self.__dict__})
-        except orjson.JSONEncodeError:
-            line = b""
-        if line.isascii() and line:
-            return line.decode()
+        except orjson.JSONEncodeError:  # lone surrogates
+            pass
+        else:
+            if line.isascii():
+                return line.decode()
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @property

@@ -22,7 +22,7 @@
 #define WAKE_ALERT 0
 
 #ifndef URGENT_WAKE_WINDOW_NS
-#define URGENT_WAKE_WINDOW_NS 2000000
+#error "the loader defines URGENT_WAKE_WINDOW_NS (ebpfmon/kernel/probeset.py)"
 #endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);

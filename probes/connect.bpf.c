@@ -25,9 +25,8 @@ struct socket_key {
 	s32 fd;
 };
 
-struct dns_socket {
+struct dns_socket {  /* a socket connected to port 53 */
 	u16 family;
-	u16 dport;
 	u8 addr[16];
 };
 
@@ -110,7 +109,7 @@ static __always_inline int use_connected_dns(struct sockaddr_event *e, int fd)
 	if (!dns)
 		return -1;
 	e->family = dns->family;
-	e->dport = dns->dport;
+	e->dport = DNS_PORT;
 	__builtin_memcpy(e->addr, dns->addr, sizeof(e->addr));
 	return 0;
 }
@@ -142,7 +141,7 @@ static __always_inline int sockaddr_exit(u16 kind, long ret)
 	if (kind == EVENT_CONNECT && (ret == 0 || ret == -EINPROGRESS_)) {
 		struct socket_key key = {.tgid = e->hdr.pid, .fd = e->fd};
 		if (e->dport == DNS_PORT) {
-			struct dns_socket dns = {.family = e->family, .dport = e->dport};
+			struct dns_socket dns = {.family = e->family};
 			__builtin_memcpy(dns.addr, e->addr, sizeof(dns.addr));
 			dns_sockets.update(&key, &dns);
 		} else if (dns_sockets.lookup(&key)) {

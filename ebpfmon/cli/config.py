@@ -12,7 +12,8 @@ from ebpfmon.cli.run import ConfigOption, effective_config
 from ebpfmon.config import effective, load_config
 
 app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True,
-                  epilog="Examples:\n\n  ebpfmon config check /etc/ebpfmon/config.yaml\n\n  ebpfmon config show --config /etc/ebpfmon/config.yaml")
+                  epilog="Examples:\n\n  ebpfmon config check /etc/ebpfmon/config.yaml\n\n"
+                         "  ebpfmon config show --config /etc/ebpfmon/config.yaml")
 
 EPILOG = """\
 Examples:\n\n

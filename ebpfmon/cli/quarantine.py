@@ -24,7 +24,8 @@ from ebpfmon.containment.quarantine import QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
 
 app = typer.Typer(help="Contained agents: list them, release them, cut one by hand.", no_args_is_help=True,
-                  epilog="Examples:\n\n  sudo ebpfmon quarantine list\n\n  sudo ebpfmon quarantine release /agents/agent-7 --reason 'false positive, ticket 123'")
+                  epilog="Examples:\n\n  sudo ebpfmon quarantine list\n\n"
+                         "  sudo ebpfmon quarantine release /agents/agent-7 --reason 'false positive, ticket 123'")
 
 EPILOG = """\
 Examples:\n\n

@@ -18,7 +18,8 @@ from ebpfmon.rules.engine import Engine
 from ebpfmon.rules.loader import RULES_DIR, load_rules
 
 app = typer.Typer(help="List, validate and test rules.", no_args_is_help=True,
-                  epilog="Examples:\n\n  ebpfmon rules list\n\n  ebpfmon rules validate --rules my-rules.yaml\n\n  ebpfmon rules test --events /var/lib/ebpfmon/audit/events.jsonl")
+                  epilog="Examples:\n\n  ebpfmon rules list\n\n  ebpfmon rules validate --rules my-rules.yaml\n\n"
+                         "  ebpfmon rules test --events /var/lib/ebpfmon/audit/events.jsonl")
 
 RulesOption = Annotated[Optional[list[Path]], typer.Option(
     "--rules", "-r", metavar="PATH", help="A rule file or directory loaded after the shipped packs "
