@@ -22,12 +22,14 @@ from ebpfmon.devices import DeviceResolver
 from ebpfmon.enrich import Enricher
 from ebpfmon.errors import CgroupError, DecodeError
 from ebpfmon.kernel import abi
-from ebpfmon.kernel.probeset import URGENT_WAKE_WINDOW_MS, ProbeSet
+from ebpfmon.kernel.probeset import WAKE_WINDOW_MS, ProbeSet
 from ebpfmon.proctree import ProcessTree
 
 log = logging.getLogger(__name__)
 
-BATCH_DELAY = 0.001  # seconds
+# kinds whose records may not have woken the reader (probes/common.h, windowed_wake)
+WINDOWED_KINDS = frozenset(k.value for k in (abi.EventKind.EXEC, abi.EventKind.CONNECT, abi.EventKind.UDP_SEND,
+                                             abi.EventKind.GPU_OPEN, abi.EventKind.REFUSED, abi.EventKind.DEVICE))
 
 # event kinds -> the probe that produces them
 PROBE_OF_KIND = {"exec": "exec", "connect": "connect", "udp_send": "connect", "gpu_open": "gpu"}
@@ -68,7 +70,7 @@ class EventStream:
             probes.add("enforce")
         self.probes = ProbeSet(probes, config.ringbuf_pages, pin_dir=enforce_pins)
         self.on_cgroup = on_cgroup
-        self.urgent = False  # an exec was in the last batch
+        self.windowed = False  # the last batch had a record of WINDOWED_KINDS
         self.decoder = Decoder()
         self.tree = ProcessTree()
         self.enricher = Enricher(CgroupNames(self.hierarchy), self.tree, DeviceResolver(),
@@ -109,8 +111,8 @@ class EventStream:
         # exception: every error is counted and logged here instead
         with self._lock:
             self.stats.records += 1
-            if record[0] == abi.EventKind.EXEC:
-                self.urgent = True
+            if record[0] in WINDOWED_KINDS:
+                self.windowed = True
             try:
                 item = self.decoder.decode(record)
             except DecodeError as e:
@@ -134,11 +136,12 @@ class EventStream:
                 log.exception("handler failed on %r", arg)
 
     def poll(self) -> None:
-        """Delivers what is in the ring buffer, waiting at most one drain interval, or,
-        right after an exec, at most the kernel's urgent wakeup window (plus a millisecond
-        of margin): an exec that came within the window did not wake us."""
-        urgent_before, self.urgent = self.urgent, False
-        self.probes.poll(URGENT_WAKE_WINDOW_MS + 1 if urgent_before else self.config.drain_interval_ms)
+        """Delivers what is in the ring buffer, waiting at most one drain interval, or, right
+        after a batch with an exec or another event that can lead to containment, at most the
+        kernel's wakeup window (plus a millisecond of margin): such events that came within
+        the window did not wake us."""
+        windowed_before, self.windowed = self.windowed, False
+        self.probes.poll(WAKE_WINDOW_MS + 1 if windowed_before else self.config.drain_interval_ms)
 
     def refresh_counters(self) -> None:
         """Copies the kernel's lost/truncated counters into stats."""
@@ -154,15 +157,9 @@ class EventStream:
         deadline = time.monotonic() + duration if duration else None
         next_tick = time.monotonic() + 1.0
         while not stop.is_set():
-            delivered = self.stats.records
             self.poll()
             if after_poll:
                 after_poll()
-            if self.stats.records - delivered > 1 and not self.urgent:
-                # busy: let records gather for a moment instead of waking per event (each
-                # wakeup costs more than handling one); adds at most BATCH_DELAY of latency,
-                # never right after an exec (a tunnel may be starting: containment is a race)
-                time.sleep(BATCH_DELAY)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + 1.0

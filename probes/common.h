@@ -10,41 +10,38 @@
 #endif
 
 /* Wakeup policy. Waking the reader costs more than most probes, so events
- * that only keep user-space state current (fork, exit, cgroups) never wake it;
- * the reader drains on a timer. Events that can lead to containment use the
- * ring buffer's adaptive wakeup: the reader is woken only when it has caught
- * up, so a storm costs few wakeups. A record that follows an unconsumed
- * no-wakeup record does not wake the reader either (the kernel wakes only when
- * the consumer position equals the new record's), which bounds its latency by
- * the drain interval, not by the next event: hence urgent_wake() for execs.
+ * that only keep user-space state current (fork, exit, cgroups, failed execs)
+ * never wake it; the reader drains them on a timer. Events that can lead to
+ * containment wake it at once, unless another event of their class (execs;
+ * the others) woke it less than WAKE_WINDOW_NS ago: the reader, after a batch
+ * with such an event, polls again within the window (ebpfmon/monitor.py), so
+ * those that did not wake it wait at most that long, and a storm is read in
+ * batches (one wakeup per record made an exec storm half again as slow on a
+ * 2-core machine, and the reader's CPU per connect twice the cost of judging
+ * it). Each class has its own clock so a connect storm never delays an exec's
+ * wakeup: an exec can start a tunnel a few milliseconds later. (The ring
+ * buffer's adaptive wakeup is no substitute: a record behind an unconsumed
+ * no-wakeup record wakes nobody, and a busy reader is woken per record.)
  */
 #define WAKE_BULK BPF_RB_NO_WAKEUP
-#define WAKE_ALERT 0
+#define WAKE_EXEC windowed_wake(0)
+#define WAKE_ALERT windowed_wake(1)
 
-#ifndef URGENT_WAKE_WINDOW_NS
-#error "the loader defines URGENT_WAKE_WINDOW_NS (ebpfmon/kernel/probeset.py)"
+#ifndef WAKE_WINDOW_NS
+#error "the loader defines WAKE_WINDOW_NS (ebpfmon/kernel/probeset.py)"
 #endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(config, struct probe_config, 1);
-BPF_ARRAY(last_urgent_wake, u64, 1);
+BPF_ARRAY(last_wake, u64, 2);  /* per wakeup class: exec, alert */
 
-/* An exec can start a tunnel a few milliseconds later: containment must not
- * wait for the drain timer behind an unconsumed fork record, so an exec wakes
- * the reader at once, unless another exec did less than URGENT_WAKE_WINDOW_NS
- * ago. The reader, after a batch with an exec, polls again within the window
- * (ebpfmon/monitor.py), so the execs that did not wake it wait at most that
- * long. One wakeup per exec made an exec storm (a build, a shell loop) half
- * again as slow on a 2-core machine: the woken reader shares the storm's CPU.
- */
-static __always_inline u64 urgent_wake(void)
+static __always_inline u64 windowed_wake(u32 wake_class)
 {
-	u32 zero = 0;
 	u64 now = bpf_ktime_get_ns();
-	u64 *last = last_urgent_wake.lookup(&zero);
+	u64 *last = last_wake.lookup(&wake_class);
 	if (!last)
 		return BPF_RB_FORCE_WAKEUP;
-	if (now - *last < URGENT_WAKE_WINDOW_NS)
+	if (now - *last < WAKE_WINDOW_NS)
 		return BPF_RB_NO_WAKEUP;
 	*last = now;  /* racing CPUs: at worst one extra wakeup */
 	return BPF_RB_FORCE_WAKEUP;

@@ -87,9 +87,9 @@ static __always_inline int exec_exit(long ret)
 	/* after a successful exec: the new comm, as a user expects to see */
 	fill_header(&e->hdr, EVENT_EXEC, size);
 	e->retval = ret;
-	/* a failed exec starts nothing: no wakeup, and it leaves the urgent window
+	/* a failed exec starts nothing: no wakeup, and it leaves the wakeup window
 	 * to the exec that follows (execvp tries each PATH entry in turn) */
-	submit(&e->hdr, size, sizeof(*e), ret < 0 ? WAKE_BULK : urgent_wake());
+	submit(&e->hdr, size, sizeof(*e), ret < 0 ? WAKE_BULK : WAKE_EXEC);
 	exec_pending.delete(&tid);
 	return 0;
 }

@@ -29,8 +29,9 @@ PROBES = {
     "enforce": "enforce.bpf.c",  # cgroup programs; uses the connect and gpu probes' state
 }
 REQUIRES = {"enforce": {"connect", "gpu"}}
-# an exec wakes the reader unless another did less than this ago (probes/common.h, urgent_wake)
-URGENT_WAKE_WINDOW_MS = 5
+# an exec, or an event of the other classes that can lead to containment, wakes the reader
+# unless one of its class did less than this ago (probes/common.h, windowed_wake)
+WAKE_WINDOW_MS = 5
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
@@ -161,7 +162,7 @@ class ProbeSet:
         if self.ringbuf_pages <= 0 or self.ringbuf_pages & (self.ringbuf_pages - 1):
             raise ValueError(f"ring buffer pages must be a power of two, not {self.ringbuf_pages}")
         flags = [f"-I{self.probes_dir}", f"-DRINGBUF_PAGES={self.ringbuf_pages}",
-                 f"-DURGENT_WAKE_WINDOW_NS={URGENT_WAKE_WINDOW_MS * 1_000_000}"]
+                 f"-DWAKE_WINDOW_NS={WAKE_WINDOW_MS * 1_000_000}"]
         if self.pin_dir is not None:
             flags.append(f'-DPIN_DIR="{self.pin_dir}"')
         return flags
@@ -248,6 +249,7 @@ class ProbeSet:
 
         def on_record(_ctx, data, size):
             callback(ctypes.string_at(data, size))
+            return 0  # bcc turns the result into an int: None would cost a caught TypeError per record
 
         self._callback = on_record  # bcc keeps no reference of its own
         self.bpf[b"events"].open_ring_buffer(on_record)

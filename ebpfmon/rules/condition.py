@@ -330,7 +330,9 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
     values = [_typed(field, t) for t in check.values]
     if field.type == IP and op in ("=", "!=", "in"):
         networks = values
-        return lambda v: _ip_in(v, networks)
+        # cached: an agent talks to few addresses, and ipaddress membership is the slowest
+        # test there is (a connect storm to one address judged each in a few microseconds)
+        return functools.lru_cache(maxsize=4096)(lambda v: _ip_in(v, networks))
     if op in ("<", "<=", ">", ">="):
         if field.type != INT:
             raise ConditionError(f"{op} compares numbers; {field.name} is a {field.type}", check.pos, check.text)
