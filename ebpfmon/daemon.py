@@ -80,6 +80,13 @@ def deny_networks(config: Config, lists: dict[str, list[str]]) -> tuple[str, ...
     return networks
 
 
+def configure_enforcer(enforcer: Enforcer, config: Config, lists: dict[str, list[str]]) -> None:
+    """The enforcement policy from the configuration and the rules' lists."""
+    enforcer.configure(dry_run=config.enforce.dry_run, gpu_default_deny="*" not in config.gpu_entitled,
+                       keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, lists),
+                       deny_networks=deny_networks(config, lists))
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None, show_events: Printer | None = None,
                  echo: Printer | None = None):
@@ -138,11 +145,7 @@ class Daemon:
         return self
 
     def configure_enforcement(self) -> None:
-        settings = self.config.enforce
-        self.enforcer.configure(dry_run=settings.dry_run, gpu_default_deny="*" not in self.config.gpu_entitled,
-                                keep_open=settings.keep_open,
-                                deny_ports=deny_ports(self.config, self.engine.ruleset.lists),
-                                deny_networks=deny_networks(self.config, self.engine.ruleset.lists))
+        configure_enforcer(self.enforcer, self.config, self.engine.ruleset.lists)
 
     def run(self, stop: threading.Event, every: Callable[[], None] | None = None) -> None:
         def each_second() -> None:

@@ -54,11 +54,10 @@ def _offline(agent_root: str, state_dir: str):
     hierarchy = Hierarchy()
     probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
     enforcer = Enforcer(probes, hierarchy, config.agent_root, config.agent_level)
-    from ebpfmon.daemon import deny_ports
+    from ebpfmon.daemon import configure_enforcer
     from ebpfmon.rules.loader import load_rules
 
-    enforcer.configure(dry_run=False, gpu_default_deny="*" not in config.gpu_entitled,
-                       keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, load_rules().lists))
+    configure_enforcer(enforcer, config, load_rules().lists)
     enforcer.attach()
     spool = Spool(Path(state_dir) / "alerts.db")
 

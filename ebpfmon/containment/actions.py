@@ -164,7 +164,7 @@ class Containment:
                 if network is None:
                     result, detail = "failed", "the event has no destination address"
                 else:
-                    self.enforcer.deny_network(network)
+                    self.enforcer.hold_network(network)
                     record.denied_networks.append(network)
                     result, detail = "applied", network
             else:
@@ -187,7 +187,7 @@ class Containment:
             now = self.clock()
             for address in found:
                 network = _host_network(address)
-                self.enforcer.deny_network(network)
+                self.enforcer.hold_network(network)
                 record.denied_networks.append(network)
                 record.actions.append(ActionResult("deny_connect", "applied", now, f"{name} -> {network}"))
             if not found:
@@ -223,18 +223,21 @@ class Containment:
             if record is None:
                 raise ContainmentRefused(f"{agent} is not quarantined; see 'ebpfmon quarantine list'.")
             now = self.clock()
+            self._hold_denied_networks()  # held with this record's (the CLI without a daemon starts here)
             self.enforcer.uncut(record.agent_id)
             self.enforcer.clear_gpu(record.agent_id)
-            for network in record.denied_networks:
-                self.enforcer.allow_network(network)
             if record.frozen and self.hierarchy.path(agent).is_dir():
                 (self.hierarchy.path(agent) / "cgroup.freeze").write_text("0")
             record.actions.append(ActionResult("release", "applied", now, f"by {by}: {reason}"))
             record.status, record.released_ns, record.released_by = "released", now, by
             record.release_reason = reason
+            self._hold_denied_networks()  # its networks open unless configured or another holds them
             self.store.save()
         self.on_release(record)
         return record
+
+    def _hold_denied_networks(self) -> None:
+        self.enforcer.hold_networks({n for r in self.store.active() for n in r.denied_networks})
 
     # ---- start-up ----
 
@@ -250,8 +253,6 @@ class Containment:
                 if not alive:
                     self.enforcer.uncut(record.agent_id)
                     self.enforcer.clear_gpu(record.agent_id)
-                    for network in record.denied_networks:
-                        self.enforcer.allow_network(network)
                     record.status, record.released_ns, record.released_by = "closed", now, "ebpfmon"
                     record.release_reason = "the agent's cgroup was removed"
                     notices.append(Notice("NOTICE", f"closed the quarantine of {record.agent}: cgroup removed"))
@@ -261,8 +262,10 @@ class Containment:
                     notices.append(Notice("WARNING", f"re-applied the cut of {record.agent} (missing in the kernel)"))
                 if record.gpu_denied:
                     self.enforcer.set_gpu(record.agent_id, allow=False)
-                for network in record.denied_networks:
-                    self.enforcer.deny_network(network)
+            self._hold_denied_networks()
+            for network in self.enforcer.drop_unowned_networks():
+                notices.append(Notice("NOTICE", f"opened {network}: denied in the kernel, but neither configured "
+                                                "nor held by a quarantine"))
             recorded = {r.agent_id for r in self.store.active() if r.cut}
             names = {self.hierarchy.cgroup_id_or_none(p): p for p in self._agent_paths()}
             for agent_id, since in kernel_cut.items():

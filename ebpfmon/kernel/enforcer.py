@@ -58,6 +58,11 @@ def _lpm_key(table, network: str):
     return key
 
 
+def _canonical(network: str) -> str:
+    """'198.51.100.9' -> '198.51.100.9/32', the form denied_networks() reads back."""
+    return str(ipaddress.ip_network(network, strict=False))
+
+
 def _lpm_network(key, size: int) -> str:
     address = ipaddress.ip_address(bytes(key.addr)[:size])
     return str(ipaddress.ip_network(f"{address}/{key.prefixlen}", strict=False))
@@ -73,6 +78,10 @@ class Enforcer:
         self.agent_root = hierarchy.relative(hierarchy.path(agent_root))
         self.agent_level = agent_level
         self._attached: list[tuple] = []
+        # the deny lists have two owners: the configuration and the quarantines'
+        # deny_connect actions; an entry goes when neither holds it any more
+        self.configured_networks: frozenset[str] = frozenset()
+        self.held_networks: frozenset[str] = frozenset()
 
     @property
     def bpf(self):
@@ -85,7 +94,8 @@ class Enforcer:
 
     def configure(self, dry_run: bool, gpu_default_deny: bool, keep_open: tuple[str, ...],
                   deny_ports: tuple[int, ...], deny_networks: tuple[str, ...] = ()) -> None:
-        """Writes the policy the programs read. deny_networks adds to what actions denied."""
+        """Writes the policy the programs read; deny_networks are the configured ones (actions add
+        theirs with deny_network)."""
         self.bpf[b"enforce_config"][ctypes.c_int(0)] = abi.EnforceConfig(
             agent_level=self.absolute_agent_level, dry_run=int(dry_run), gpu_default_deny=int(gpu_default_deny))
         for name in (b"cut_allow4", b"cut_allow6"):
@@ -98,8 +108,9 @@ class Enforcer:
         ports.clear()
         for port in deny_ports:
             ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
-        for network in deny_networks:
-            self.deny_network(network)
+        before = self.configured_networks | self.held_networks
+        self.configured_networks = frozenset(_canonical(n) for n in deny_networks)
+        self._apply_networks(before)
         majors = self.bpf[b"gpu_majors"]
         majors.clear()
         for major in gpu_majors():
@@ -146,18 +157,42 @@ class Enforcer:
 
     # ---- denied destinations ----
 
-    def deny_network(self, network: str) -> None:
+    def hold_network(self, network: str) -> None:
+        """Denies a network on behalf of a quarantine (a deny_connect action)."""
+        self.held_networks |= {_canonical(network)}
+        self._deny_network(network)
+
+    def _deny_network(self, network: str) -> None:
         family = ipaddress.ip_network(network, strict=False).version
         table = self.bpf[b"deny_nets4" if family == 4 else b"deny_nets6"]
         table[_lpm_key(table, network)] = ctypes.c_uint8(1)
 
-    def allow_network(self, network: str) -> None:
-        family = ipaddress.ip_network(network, strict=False).version
-        table = self.bpf[b"deny_nets4" if family == 4 else b"deny_nets6"]
-        try:
-            del table[_lpm_key(table, network)]
-        except KeyError:
-            pass
+    def hold_networks(self, networks) -> None:
+        """The networks the quarantines deny now: those they held before and no longer do are
+        opened again, unless configured."""
+        before = self.configured_networks | self.held_networks
+        self.held_networks = frozenset(_canonical(n) for n in networks)
+        self._apply_networks(before)
+
+    def _apply_networks(self, before: frozenset[str]) -> None:
+        wanted = self.configured_networks | self.held_networks
+        present = set(self.denied_networks())
+        for network in wanted - present:
+            self._deny_network(network)
+        for network in (before - wanted) & present:  # only what an owner let go
+            self._open_network(network)
+
+    def drop_unowned_networks(self) -> list[str]:
+        """Opens denied networks that neither the configuration nor a quarantine holds (left by
+        an earlier configuration while no daemon ran); returns them."""
+        stale = sorted(set(self.denied_networks()) - self.configured_networks - self.held_networks)
+        for network in stale:
+            self._open_network(network)
+        return stale
+
+    def _open_network(self, network: str) -> None:
+        table = self.bpf[b"deny_nets4" if ipaddress.ip_network(network).version == 4 else b"deny_nets6"]
+        del table[_lpm_key(table, network)]
 
     def denied_networks(self) -> list[str]:
         return ([_lpm_network(k, 4) for k in self.bpf[b"deny_nets4"].keys()] +

@@ -382,33 +382,118 @@ def test_entitled_agent_limited_to_its_own_gpu(containment_daemon, hierarchy, tm
         remove_cgroup_tree(agent.path)
 
 
-def test_pool_networks_are_refused_from_the_start_and_a_bad_one_is_refused_on_reload(bpf, hierarchy, tmp_path,
-                                                                                     netns_host):
-    from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings, RuleSettings
-    from ebpfmon.daemon import Daemon
+SEND_TO = """
+import errno, socket, sys
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (sys.argv[1], 9))
+    print(0)
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def send_refused(cgroup, host: str) -> bool:
+    """A datagram to host:9 from the cgroup: refused by policy (EPERM) or sent (the test netns)."""
+    answer = int(cgroup.run([sys.executable, "-c", SEND_TO, host], text=True, check=True).stdout)
+    assert answer in (0, errno.EPERM), answer
+    return answer == errno.EPERM
+
+
+def deny_connect(daemon, agent, address: str) -> None:
+    from ebpfmon.rules.cases import make_event
+    from ebpfmon.rules.engine import Verdict
+
+    event = make_event({"connect": {"address": address, "port": 80, "cgroup": agent.name}}, 0)
+    daemon.containment.apply(Verdict("Pool connect", "ERROR", "pool", [], ["deny_connect"], True, agent.name, event))
+
+
+POOL_LIST = "- list: mining_pool_networks\n  items: [{}]\n  override:\n    items: append\n"
+
+
+class OwnDaemon:
+    """A daemon of the test's own at an agent root of its own, its rules' pool list in a file."""
+
+    def __init__(self, hierarchy, tmp_path):
+        self.hierarchy = hierarchy
+        self.rules = tmp_path / "pools.yaml"
+        self.state_dir = tmp_path / "state"
+        self.root = f"/ebpfmon-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.root_path = hierarchy.ensure(self.root)
+        self.daemon = None
+
+    def pools(self, items: str) -> None:
+        self.rules.write_text(POOL_LIST.format(items))
+
+    def start(self, deny_networks: tuple[str, ...], notify=None):
+        from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings, RuleSettings
+        from ebpfmon.daemon import Daemon
+
+        config = Config(agent_root=self.root, state_dir=str(self.state_dir),
+                        rules=RuleSettings(files=(str(self.rules),)),
+                        enforce=EnforceSettings(deny_networks=deny_networks),
+                        alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
+        self.daemon = Daemon(config)
+        if notify:
+            self.daemon.notify = notify
+        return self.daemon.start()
+
+    def stop(self) -> None:
+        """As at SIGTERM: enforcement and its pins stay."""
+        self.daemon.close()
+        self.daemon = None
+
+
+@pytest.fixture
+def own_daemon(bpf, hierarchy, tmp_path):
     from ebpfmon.kernel.enforcer import remove_pins
 
-    rules = tmp_path / "pools.yaml"
-    rules.write_text("- list: mining_pool_networks\n  items: [198.51.100.9]\n  override:\n    items: append\n")
-    root = f"/ebpfmon-test-{os.getpid()}-pools"
-    config = Config(agent_root=root, state_dir=str(tmp_path / "state"), rules=RuleSettings(files=(str(rules),)),
-                    enforce=EnforceSettings(deny_networks=("198.51.100.10/32",)),
-                    alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
-    root_path = hierarchy.ensure(root)
-    daemon = None
-    try:
-        daemon = Daemon(config).start()
-        agent = make_agent_cgroup(hierarchy, root)
-        assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the rules' list
-        assert connect_from(agent, "198.51.100.10", 80) == errno.EPERM  # the configuration
-        assert connect_from(agent, netns_host.address, 22) != errno.EPERM  # the rest is open (reached the host)
-        rules.write_text("- list: mining_pool_networks\n  items: [not-a-network]\n  override:\n    items: append\n")
-        ok, message = daemon.reload()
-        assert not ok and "'not-a-network'" in message and "mining_pool_networks" in message
-        assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the running set stays
-    finally:
-        if daemon is not None:
-            daemon.enforcer.detach()
-            daemon.close()
-        remove_pins(hierarchy, root)
-        remove_cgroup_tree(root_path)
+    own = OwnDaemon(hierarchy, tmp_path)
+    yield own
+    if own.daemon is not None:
+        own.daemon.enforcer.detach()
+        own.daemon.close()
+    remove_pins(hierarchy, own.root)
+    remove_cgroup_tree(own.root_path)
+
+
+def test_a_denied_network_opens_only_when_neither_configuration_nor_a_quarantine_holds_it(
+        own_daemon, hierarchy, netns_host):
+    own_daemon.pools("198.51.100.9")
+    daemon = own_daemon.start(deny_networks=("198.51.100.10/32", "198.51.100.13"))
+    a, b, c, probe = (make_agent_cgroup(hierarchy, own_daemon.root) for _ in range(4))
+    deny_connect(daemon, a, "198.51.100.10")  # configured as well
+    deny_connect(daemon, b, "198.51.100.12")
+    deny_connect(daemon, c, "198.51.100.12")  # two quarantines hold it
+    assert [send_refused(probe, h) for h in ("198.51.100.10", "198.51.100.12", "198.51.100.2")] == \
+        [True, True, False]
+    daemon.containment.release(a.name, "test", "done")
+    daemon.containment.release(b.name, "test", "done")
+    assert send_refused(probe, "198.51.100.10")  # the configuration still holds it
+    assert send_refused(probe, "198.51.100.12")  # c still holds it
+    daemon.containment.release(c.name, "test", "done")
+    assert not send_refused(probe, "198.51.100.12")  # no one does
+    # a reload that changes the lists opens what left them, denies what came in
+    own_daemon.pools("198.51.100.11")
+    assert daemon.reload()[0]
+    assert [send_refused(probe, h) for h in ("198.51.100.9", "198.51.100.11", "198.51.100.10")] == \
+        [False, True, True]
+    # a restart with a configuration that no longer names .13: the pinned entry goes, and it is said
+    own_daemon.stop()
+    said = []
+    own_daemon.start(deny_networks=("198.51.100.10/32",), notify=lambda notice: said.append(notice.message))
+    assert any("opened 198.51.100.13/32" in line for line in said), said
+    assert [send_refused(probe, h) for h in ("198.51.100.13", "198.51.100.10")] == [False, True]
+
+
+def test_pool_networks_are_refused_from_the_start_and_a_bad_one_is_refused_on_reload(own_daemon, hierarchy,
+                                                                                     netns_host):
+    own_daemon.pools("198.51.100.9")
+    daemon = own_daemon.start(deny_networks=("198.51.100.10/32",))
+    agent = make_agent_cgroup(hierarchy, own_daemon.root)
+    assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the rules' list
+    assert connect_from(agent, "198.51.100.10", 80) == errno.EPERM  # the configuration
+    assert connect_from(agent, netns_host.address, 22) != errno.EPERM  # the rest is open (reached the host)
+    own_daemon.pools("not-a-network")
+    ok, message = daemon.reload()
+    assert not ok and "'not-a-network'" in message and "mining_pool_networks" in message
+    assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the running set stays
