@@ -6,6 +6,11 @@ Lines are buffered and written out by flush(), which the daemon calls once
 per poll of the ring buffer (at most every drain interval): one write, not
 one per event. Rotation counts bytes itself instead of asking the filesystem
 each time.
+
+An event names its ancestry by id; the list itself is in an ancestry line
+written once per file, before the first event that names it (so each file
+reads alone). Ancestor command lines were most of each line: writing them once
+keeps more history in the same files, and costs less per event.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 from ebpfmon import events as ev
 from ebpfmon.config import AuditSettings
 
+MAX_ANCESTRIES_REMEMBERED = 65536
+
 
 class AuditLog:
     def __init__(self, settings: AuditSettings, state_dir: str | Path):
@@ -24,23 +31,39 @@ class AuditLog:
         self.path = self.directory / "events.jsonl"
         self.max_bytes = settings.max_bytes
         self.backups = settings.backups
-        self.buffer: list[str] = []
+        self.buffer: list[tuple[str, object, str]] = []  # (ancestry id, its JSON, event line)
         self.file = open(self.path, "a", encoding="utf-8")
         self.size = self.file.tell()
+        self.ancestries_written: set[str] = set()  # ids with a line in the current file
 
     def write(self, event: ev.Event) -> None:
-        self.buffer.append(event.to_json() + "\n")
+        ancestry = event.ancestry if isinstance(event.ancestry, ev.Ancestry) else ev.Ancestry(event.ancestry)
+        ancestry_id, fragment = ancestry.serialized()
+        self.buffer.append((ancestry_id, fragment, event.to_json(ancestry_by_id=True)))
 
     def flush(self) -> None:
         if not self.buffer:
             return
-        text = "".join(self.buffer)
-        self.buffer.clear()
+        text = self._text()
         if self.size and self.size + len(text) > self.max_bytes:
             self.rotate()
+            text = self._text()  # the new file gets its own ancestry lines
+        self.buffer.clear()
         self.file.write(text)
         self.file.flush()
         self.size += len(text)
+
+    def _text(self) -> str:
+        if len(self.ancestries_written) > MAX_ANCESTRIES_REMEMBERED:
+            self.ancestries_written.clear()  # written again when named again: bounded memory
+        lines = []
+        for ancestry_id, fragment, line in self.buffer:
+            if ancestry_id not in self.ancestries_written:
+                self.ancestries_written.add(ancestry_id)
+                lines.append(ev.ancestry_line(ancestry_id, fragment))
+            lines.append(line)
+        lines.append("")
+        return "\n".join(lines)
 
     def rotate(self) -> None:
         """events.jsonl -> .1 -> .2 ... up to backups; the oldest goes."""
@@ -55,6 +78,7 @@ class AuditLog:
             self.path.unlink()
         self.file = open(self.path, "a", encoding="utf-8")
         self.size = 0
+        self.ancestries_written.clear()
 
     def close(self) -> None:
         self.flush()

@@ -11,6 +11,7 @@ byte. Use raw_bytes() to get the original bytes back.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from collections.abc import Iterator
@@ -59,6 +60,33 @@ class Ancestor:
     argv: list[str] | None = None
 
 
+class Ancestry(list):
+    """Ancestors, parent first. The process tree shares one between the events of a process
+    while the tree does not change, so its JSON is made once: long ancestor command lines
+    (container shims, agent runtimes) were most of the audit log's cost per event."""
+
+    __slots__ = ("_serialized",)
+
+    def serialized(self) -> tuple[str, orjson.Fragment]:
+        """(id, ASCII JSON): the id names the list in the audit log (ancestry lines)."""
+        try:
+            return self._serialized
+        except AttributeError:
+            try:
+                raw = orjson.dumps(list(self))
+            except orjson.JSONEncodeError:  # lone surrogates
+                raw = b""
+            if not raw.isascii() or not raw:
+                raw = json.dumps([vars_of(a) for a in self], separators=(",", ":")).encode()
+            self._serialized = (hashlib.blake2b(raw, digest_size=8).hexdigest(), orjson.Fragment(raw))
+            return self._serialized
+
+
+def ancestry_line(ancestry_id: str, fragment: orjson.Fragment) -> str:
+    """The audit log's line for an ancestry its events name by ancestry_id."""
+    return orjson.dumps({"kind": "ancestry", "id": ancestry_id, "ancestry": fragment}).decode()
+
+
 @dataclass
 class Event:
     """Fields every event has. Subclasses add what their kind carries."""
@@ -87,19 +115,30 @@ class Event:
             cls._names = names
         return names
 
-    def to_json(self) -> str:
+    def to_json(self, ancestry_by_id: bool = False) -> str:
         """One line of ASCII JSON. orjson (several times faster: the audit log writes every
         event) when it can; json, which escapes them, for text with lone surrogates (bytes that
         are not UTF-8) or other non-ASCII characters (an agent's bidi overrides must not reach
-        a responder's terminal raw)."""
+        a responder's terminal raw). ancestry_by_id: "ancestry_id" in place of the list (the
+        audit log writes the list once, in an ancestry line)."""
+        ancestry = self.ancestry if isinstance(self.ancestry, Ancestry) else Ancestry(self.ancestry)
+        ancestry_id, fragment = ancestry.serialized()
+        data = {"kind": self.kind, **self.__dict__, "ancestry": fragment}
+        if ancestry_by_id:
+            del data["ancestry"]
+            data["ancestry_id"] = ancestry_id
         try:
-            line = orjson.dumps({"kind": self.kind, **self.__dict__})
+            line = orjson.dumps(data)
         except orjson.JSONEncodeError:  # lone surrogates
             pass
         else:
             if line.isascii():
                 return line.decode()
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        data = self.to_dict()
+        if ancestry_by_id:
+            del data["ancestry"]
+            data["ancestry_id"] = ancestry_id
+        return json.dumps(data, separators=(",", ":"))
 
     @property
     def error(self) -> str | None:
@@ -234,15 +273,26 @@ def from_json(line: str) -> Event:
 
 
 def read_jsonl(path) -> Iterator[tuple[int, "Event | Exception"]]:
-    """(line number, event) for each line of a recorded trace; a bad line yields a
+    """(line number, event) for each line of a recorded trace or an audit log (whose events
+    name their ancestry by id, from an ancestry line before them); a bad line yields a
     DecodeError naming the line instead, and reading goes on."""
     from ebpfmon.errors import DecodeError
 
+    ancestries: dict[str, list] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield number, from_json(line)
-            except (ValueError, KeyError, TypeError) as e:
+                data = json.loads(line)
+                if data.get("kind") == "ancestry":
+                    ancestries[data["id"]] = data["ancestry"]
+                    continue
+                if "ancestry_id" in data:
+                    ancestry_id = data.pop("ancestry_id")
+                    if ancestry_id not in ancestries:
+                        raise ValueError(f"ancestry_id {ancestry_id!r} has no ancestry line before it")
+                    data["ancestry"] = ancestries[ancestry_id]
+                yield number, from_dict(data)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 yield number, DecodeError(f"{path}:{number}: not an event: {e}")

@@ -16,7 +16,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ebpfmon.events import Ancestor, text
+from ebpfmon.events import Ancestor, Ancestry, text
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ProcessTree:
         self._exited: OrderedDict[int, Node] = OrderedDict()
         self.evicted = 0
         # ancestry is asked for on every event: cache it until the tree changes
-        self._ancestry_cache: dict[tuple[int, int], list[Ancestor]] = {}
+        self._ancestry_cache: dict[tuple[int, int], Ancestry] = {}
 
     def bootstrap(self) -> int:
         """Reads every running process from /proc; returns how many."""
@@ -128,7 +128,7 @@ class ProcessTree:
         if len(self._exited) > self.max_exited:
             self._exited.popitem(last=False)
 
-    def ancestry(self, pid: int, depth: int) -> list[Ancestor]:
+    def ancestry(self, pid: int, depth: int) -> Ancestry:
         """Parent first, up to depth generations or pid 1. Shared between events
         of one process while the tree does not change: do not modify it."""
         key = (pid, depth)
@@ -137,8 +137,8 @@ class ProcessTree:
             cached = self._ancestry_cache[key] = self._walk(pid, depth)
         return cached
 
-    def _walk(self, pid: int, depth: int) -> list[Ancestor]:
-        chain: list[Ancestor] = []
+    def _walk(self, pid: int, depth: int) -> Ancestry:
+        chain = Ancestry()
         seen = {pid}
         node = self.get(pid)
         while node and node.ppid > 0 and len(chain) < depth and node.ppid not in seen:
