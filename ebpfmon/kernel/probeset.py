@@ -220,13 +220,6 @@ class ProbeSet:
         self.bpf[b"scope_cgroups"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
         self._write_config(self._all_cgroups)
 
-    def remove_scope(self, cgroup_id: int) -> None:
-        try:
-            del self.bpf[b"scope_cgroups"][ctypes.c_uint64(cgroup_id)]
-        except KeyError:
-            return
-        self._write_config(self._all_cgroups)
-
     def set_gpu_prefixes(self, prefixes: Iterable[str]) -> None:
         prefixes = list(prefixes)
         if len(prefixes) > abi.GPU_PREFIXES_MAX:

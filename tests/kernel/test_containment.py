@@ -413,12 +413,10 @@ POOL_LIST = "- list: mining_pool_networks\n  items: [{}]\n  override:\n    items
 class OwnDaemon:
     """A daemon of the test's own at an agent root of its own, its rules' pool list in a file."""
 
-    def __init__(self, hierarchy, tmp_path):
-        self.hierarchy = hierarchy
+    def __init__(self, root: str, tmp_path):
+        self.root = root
         self.rules = tmp_path / "pools.yaml"
         self.state_dir = tmp_path / "state"
-        self.root = f"/ebpfmon-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.root_path = hierarchy.ensure(self.root)
         self.daemon = None
 
     def pools(self, items: str) -> None:
@@ -444,16 +442,11 @@ class OwnDaemon:
 
 
 @pytest.fixture
-def own_daemon(bpf, hierarchy, tmp_path):
-    from ebpfmon.kernel.enforcer import remove_pins
-
-    own = OwnDaemon(hierarchy, tmp_path)
+def own_daemon(own_root, tmp_path):
+    own = OwnDaemon(own_root, tmp_path)
     yield own
     if own.daemon is not None:
-        own.daemon.enforcer.detach()
-        own.daemon.close()
-    remove_pins(hierarchy, own.root)
-    remove_cgroup_tree(own.root_path)
+        own.daemon.close()  # own_root's removal takes the programs and pins
 
 
 def test_a_denied_network_opens_only_when_neither_configuration_nor_a_quarantine_holds_it(

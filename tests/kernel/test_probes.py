@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from conftest import make_agent_cgroup, remove_cgroup_tree
 from ebpfmon.config import Config
 from ebpfmon.events import ExecEvent, raw_bytes, text
 
@@ -328,11 +329,12 @@ def test_compiling_the_probes_leaves_the_compiler_paged_out(bpf):
         probes.close()
 
 
-def test_scope_changes_take_effect_at_once_despite_cached_verdicts(agent_cgroup):
+def test_a_new_scope_takes_effect_at_once_despite_cached_verdicts(agent_cgroup, hierarchy, test_root):
     # the probes cache their last scope verdict per CPU: a change of scope must void it
     from ebpfmon.monitor import EventStream
 
-    stream = EventStream(Config(), kinds=["exec"], cgroups=[agent_cgroup.name])
+    sibling = make_agent_cgroup(hierarchy, test_root)
+    stream = EventStream(Config(), kinds=["exec"], cgroups=[sibling.name])
     seen = []
     stream.start(lambda e: seen.append(e.argv[-1]) if e.cgroup_id == agent_cgroup.id else None)
 
@@ -342,11 +344,10 @@ def test_scope_changes_take_effect_at_once_despite_cached_verdicts(agent_cgroup)
         stream.poll()
 
     try:
-        run("watched")
-        stream.probes.remove_scope(agent_cgroup.id)
         run("unwatched")
         stream.probes.add_scope(agent_cgroup.id)
-        run("watched-again")
+        run("watched")
     finally:
         stream.close()
-    assert seen == ["watched"] * 3 + ["watched-again"] * 3
+        remove_cgroup_tree(sibling.path)
+    assert seen == ["watched"] * 3
