@@ -95,7 +95,7 @@ class Enforcer:
     def configure(self, dry_run: bool, gpu_default_deny: bool, keep_open: tuple[str, ...],
                   deny_ports: tuple[int, ...], deny_networks: tuple[str, ...] = ()) -> None:
         """Writes the policy the programs read; deny_networks are the configured ones (actions add
-        theirs with deny_network)."""
+        theirs with hold_network)."""
         self.bpf[b"enforce_config"][ctypes.c_int(0)] = abi.EnforceConfig(
             agent_level=self.absolute_agent_level, dry_run=int(dry_run), gpu_default_deny=int(gpu_default_deny))
         for name in (b"cut_allow4", b"cut_allow6"):
