@@ -143,7 +143,8 @@ class Decoder:
                                         abi.EVENT_F_ARGV_UNREADABLE))
         return ev.ExecEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f),
                             filename=cstr(f.filename), argv=[ev.text(a) for a in args], retval=f.retval,
-                            argv_truncated=truncated, syscall=_name(EXEC_SYSCALLS, f.syscall))
+                            argv_truncated=truncated, syscall=_name(EXEC_SYSCALLS, f.syscall),
+                            argv_source="none" if f.hdr_flags & abi.EVENT_F_ARGV_UNREADABLE else "kernel")
 
     @staticmethod
     def _socket(f) -> tuple[str, str, str | None, str | None]:

@@ -12,7 +12,7 @@ from ebpfmon import events as ev
 from ebpfmon.cgroups import CgroupNames
 from ebpfmon.decode import CgroupChange
 from ebpfmon.devices import DeviceResolver
-from ebpfmon.proctree import ProcessTree
+from ebpfmon.proctree import ProcessTree, read_proc
 
 
 class Enricher:
@@ -35,6 +35,8 @@ class Enricher:
         if isinstance(item, ev.ForkEvent):
             self.tree.forked(proc.pid, item.child_pid, proc.comm)
         elif isinstance(item, ev.ExecEvent) and item.retval == 0:
+            if item.argv_source == "none":
+                self._argv_from_proc(item)
             self.tree.executed(proc.pid, proc.ppid, proc.comm, self._exe(proc.pid, item.filename),
                                item.argv)
         item.cgroup = self.cgroups.path(item.cgroup_id)
@@ -52,6 +54,15 @@ class Enricher:
         if isinstance(item, ev.ExitEvent):
             self.tree.exited(proc.tid)
         return item
+
+    def _argv_from_proc(self, item: ev.ExecEvent) -> None:
+        """The probe could not read argv: after fork, a child's pages of the program's
+        constants (execve("/bin/sh", {"sh", ...}) with literals) are not mapped until touched,
+        and a probe cannot fault them in. The exec is done: /proc has the new argv while the
+        process lives, which a tunnel or a miner does."""
+        node = read_proc(item.proc.pid, self.tree.proc)
+        if node is not None and node.argv:
+            item.argv, item.argv_source, item.argv_truncated = node.argv, "proc", False
 
     @staticmethod
     def _exe(pid: int, filename: str) -> str:

