@@ -19,7 +19,6 @@ import gzip
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from ebpfmon.daemon import rule_context  # noqa: E402
 from ebpfmon.config import Config  # noqa: E402
 from ebpfmon.rules.engine import Engine  # noqa: E402
 from ebpfmon.rules.loader import load_rules  # noqa: E402
+from run import build_storm, run_storm  # noqa: E402  (bench/run.py)
 
 TRACE = HERE / "traces/agent-mix.jsonl.gz"
 
@@ -88,11 +88,7 @@ def latency(rate: int, seconds: int) -> dict:
     thread = threading.Thread(target=stream.run, args=(stop,), daemon=True)
     thread.start()
     with tempfile.TemporaryDirectory() as tmp:
-        storm = Path(tmp) / "storm"
-        subprocess.run(["gcc", "-O2", "-o", str(storm), str(HERE / "storm.c")], check=True)
-        took = float(subprocess.run(
-            [str(storm), "connect", str(rate * seconds), str(rate)], capture_output=True, text=True, check=True,
-            preexec_fn=lambda: (agent / "cgroup.procs").write_text(str(os.getpid()))).stdout)
+        took = run_storm(build_storm(Path(tmp)), "connect", rate * seconds, rate, agent)
     time.sleep(1)
     stop.set()
     thread.join()

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from ebpfmon.cgroups import Hierarchy  # noqa: E402
 from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
+from run import build_storm, run_storm  # noqa: E402  (bench/run.py)
 
 
 def start(root: str, work: Path) -> tuple[subprocess.Popen, float, socket.socket]:
@@ -79,11 +80,9 @@ def main() -> None:
             stop(proc, listener)
         proc, _, listener = start(root, work)
         rss_ready = status(proc.pid, "VmRSS")
-        storm = work / "storm"
-        subprocess.run(["gcc", "-O2", "-o", str(storm), str(HERE / "storm.c")], check=True)
+        storm = build_storm(work)
         cpu_before, wall_before = cpu_seconds(proc.pid), time.monotonic()
-        subprocess.run([str(storm), "connect", "100000", "10000"], check=True, capture_output=True,
-                       preexec_fn=lambda: (agent / "cgroup.procs").write_text(str(os.getpid())))
+        run_storm(storm, "connect", 100_000, 10_000, agent)
         cpu = cpu_seconds(proc.pid) - cpu_before
         wall = time.monotonic() - wall_before
         peak = status(proc.pid, "VmHWM")
