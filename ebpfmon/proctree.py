@@ -20,6 +20,8 @@ from ebpfmon.events import Ancestor, Ancestry, text
 
 log = logging.getLogger(__name__)
 
+MAX_CACHED_ANCESTRIES = 16384  # processes with a cached chain
+
 
 @dataclass
 class Node:
@@ -62,8 +64,11 @@ class ProcessTree:
         self._live: OrderedDict[int, Node] = OrderedDict()
         self._exited: OrderedDict[int, Node] = OrderedDict()
         self.evicted = 0
-        # ancestry is asked for on every event: cache it until the tree changes
-        self._ancestry_cache: dict[tuple[int, int], Ancestry] = {}
+        # ancestry is asked for on every event: cached per process until a process its chain
+        # names changes (then all go: rare, as an exec or a fork changes a process no cached
+        # chain names yet). Clearing on every change cost an exec two walks, not one.
+        self._ancestry_cache: dict[int, dict[int, Ancestry]] = {}  # pid -> depth -> chain
+        self._named_in_cache: set[int] = set()  # pids in cached chains (a superset)
 
     def bootstrap(self) -> int:
         """Reads every running process from /proc; returns how many."""
@@ -74,16 +79,23 @@ class ProcessTree:
                     self._put(node)
         return len(self._live)
 
-    def _changed(self) -> None:
-        self._ancestry_cache.clear()
+    def _changed(self, pid: int, parent_changed: bool = True) -> None:
+        """pid's node changed (or is new): the chains naming it are stale, and its own when
+        its parent changed."""
+        if pid in self._named_in_cache or len(self._ancestry_cache) > MAX_CACHED_ANCESTRIES:
+            self._ancestry_cache.clear()
+            self._named_in_cache.clear()
+        elif parent_changed:
+            self._ancestry_cache.pop(pid, None)
 
     def _put(self, node: Node) -> None:
-        self._changed()
+        self._changed(node.pid)
         self._exited.pop(node.pid, None)
         self._live[node.pid] = node
         self._live.move_to_end(node.pid)
         if len(self._live) > self.max_live:
-            self._live.popitem(last=False)
+            evicted, _ = self._live.popitem(last=False)
+            self._changed(evicted)
             self.evicted += 1
 
     def get(self, pid: int) -> Node | None:
@@ -111,30 +123,32 @@ class ProcessTree:
             self._put(node)
         elif ppid and node.ppid != ppid:
             node.ppid = ppid
-            self._changed()
+            self._changed(pid)
         return node
 
     def executed(self, pid: int, ppid: int, comm: str, exe: str, argv: list[str]) -> None:
         node = self.seen(pid, ppid, comm)
         node.comm, node.exe, node.argv = comm, exe, argv
-        self._changed()
+        self._changed(pid, parent_changed=False)
 
     def exited(self, pid: int) -> None:
         node = self._live.pop(pid, None)
         if node is None:
             return
-        self._changed()
-        self._exited[pid] = node
+        self._exited[pid] = node  # chains naming it stay as they are
+        self._ancestry_cache.pop(pid, None)  # its own: it sends no more events
         if len(self._exited) > self.max_exited:
-            self._exited.popitem(last=False)
+            forgotten, _ = self._exited.popitem(last=False)
+            self._changed(forgotten)
 
     def ancestry(self, pid: int, depth: int) -> Ancestry:
         """Parent first, up to depth generations or pid 1. Shared between events
         of one process while the tree does not change: do not modify it."""
-        key = (pid, depth)
-        cached = self._ancestry_cache.get(key)
+        by_depth = self._ancestry_cache.setdefault(pid, {})
+        cached = by_depth.get(depth)
         if cached is None:
-            cached = self._ancestry_cache[key] = self._walk(pid, depth)
+            cached = by_depth[depth] = self._walk(pid, depth)
+            self._named_in_cache.update(a.pid for a in cached)
         return cached
 
     def _walk(self, pid: int, depth: int) -> Ancestry:

@@ -73,3 +73,41 @@ def test_cycles_do_not_hang():
     tree.seen(1, 2, "a")
     tree.seen(2, 1, "b")
     assert [a.pid for a in tree.ancestry(1, depth=50)] == [2]
+
+
+def test_cached_ancestry_follows_changes_to_the_processes_it_names():
+    tree = ProcessTree(proc="/nonexistent")
+    tree.executed(100, 1, "bash", "/bin/bash", ["bash"])
+    tree.forked(100, 200, "bash")
+    first = tree.ancestry(200, depth=8)
+    assert tree.ancestry(200, depth=8) is first  # shared while nothing it names changes
+    tree.forked(100, 201, "bash")  # a sibling runs and goes: no chain names it
+    tree.executed(201, 100, "ls", "/bin/ls", ["ls"])
+    tree.exited(201)
+    assert tree.ancestry(200, depth=8) is first
+    tree.executed(100, 1, "python3", "/usr/bin/python3", ["python3", "agent.py"])  # the parent execs
+    assert tree.ancestry(200, depth=8)[0].argv == ["python3", "agent.py"]
+    tree.seen(200, 300, "bash")  # a new parent (the kernel's word)
+    assert [a.pid for a in tree.ancestry(200, depth=8)] == [300]
+    tree.forked(1, 300, "sshd")  # that parent becomes known
+    assert tree.ancestry(200, depth=8)[0].comm == "sshd"
+    tree.exited(200)
+    tree.forked(100, 200, "bash")  # the pid is used again, by a new child of 100
+    assert [a.pid for a in tree.ancestry(200, depth=8)] == [100, 1]
+
+
+def test_an_exec_storm_walks_each_new_process_once():
+    # fork, exec and exit of a child per iteration: the parent's chain stays cached
+    tree = ProcessTree(proc="/nonexistent")
+    tree.executed(100, 1, "storm", "/usr/bin/storm", ["storm"])
+    walks = []
+    walk = tree._walk
+    tree._walk = lambda pid, depth: walks.append(pid) or walk(pid, depth)
+    for child in range(1000, 1100):
+        tree.forked(100, child, "storm")
+        tree.ancestry(100, 8)  # the fork event comes from the parent
+        tree.executed(child, 100, "true", "/bin/true", ["/bin/true"])
+        tree.ancestry(child, 8)  # the exec event, from the child
+        tree.ancestry(child, 8)  # its exit event
+        tree.exited(child)
+    assert walks == [100] + list(range(1000, 1100))
