@@ -61,7 +61,8 @@ class Enricher:
         and a probe cannot fault them in. The exec is done: /proc has the new argv while the
         process lives, which a tunnel or a miner does."""
         node = read_proc(item.proc.pid, self.tree.proc)
-        if node is not None and node.argv:
+        # the same comm: still the program of this exec, not one it has exec'd since
+        if node is not None and node.argv and node.comm == item.proc.comm:
             item.argv, item.argv_source, item.argv_truncated = node.argv, "proc", False
 
     @staticmethod

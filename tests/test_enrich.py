@@ -1,0 +1,33 @@
+"""Enrich: argv the probe could not read comes from /proc only while /proc shows the same program."""
+
+from ebpfmon import events as ev
+from ebpfmon.cgroups import CgroupNames, Hierarchy
+from ebpfmon.devices import DeviceResolver
+from ebpfmon.enrich import Enricher
+from ebpfmon.proctree import ProcessTree
+
+
+def fake_proc(root, pid: int, comm: str, argv: list[str]) -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} ({comm}) S 1 {pid} {pid} 0 -1\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+
+def unreadable_exec(pid: int, comm: str) -> ev.ExecEvent:
+    proc = ev.Process(pid=pid, tid=pid, ppid=1, uid=0, gid=0, comm=comm)
+    return ev.ExecEvent(time_ns=1, cgroup_id=0, cgroup=None, proc=proc, filename="", argv=[],
+                        argv_truncated=True, argv_source="none")
+
+
+def test_argv_from_proc_only_for_the_program_that_exec_d(tmp_path):
+    fake_proc(tmp_path, 500, "ssh", ["ssh", "-R", "2222:127.0.0.1:22", "agent@tunnel.example"])
+    fake_proc(tmp_path, 501, "sleep", ["sleep", "9"])  # exec'd again since: another program
+    enricher = Enricher(CgroupNames(Hierarchy()), ProcessTree(proc=str(tmp_path)), DeviceResolver())
+    recovered = enricher.apply(unreadable_exec(500, "ssh"))
+    assert (recovered.argv, recovered.argv_source, recovered.argv_truncated) == \
+        (["ssh", "-R", "2222:127.0.0.1:22", "agent@tunnel.example"], "proc", False)
+    other = enricher.apply(unreadable_exec(501, "ssh"))
+    assert (other.argv, other.argv_source) == ([], "none")
+    gone = enricher.apply(unreadable_exec(502, "ssh"))
+    assert (gone.argv, gone.argv_source) == ([], "none")
