@@ -37,8 +37,7 @@ class AuditLog:
         self.ancestries_written: set[str] = set()  # ids with a line in the current file
 
     def write(self, event: ev.Event) -> None:
-        ancestry = event.ancestry if isinstance(event.ancestry, ev.Ancestry) else ev.Ancestry(event.ancestry)
-        ancestry_id, fragment = ancestry.serialized()
+        ancestry_id, fragment = event.serialized_ancestry()
         self.buffer.append((ancestry_id, fragment, event.to_json(ancestry_by_id=True)))
 
     def flush(self) -> None:

@@ -35,9 +35,8 @@ class Enricher:
         if isinstance(item, ev.ForkEvent):
             self.tree.forked(proc.pid, item.child_pid, proc.comm)
         elif isinstance(item, ev.ExecEvent) and item.retval == 0:
-            if item.argv_source == "none":
-                self._argv_from_proc(item)
-            self.tree.executed(proc.pid, proc.ppid, proc.comm, self._exe(proc.pid, item.filename),
+            exe = self._argv_from_proc(item) if item.argv_source == "none" else None
+            self.tree.executed(proc.pid, proc.ppid, proc.comm, exe or self._exe(proc.pid, item.filename),
                                item.argv)
         item.cgroup = self.cgroups.path(item.cgroup_id)
         node = self.tree.seen(proc.pid, proc.ppid, proc.comm)
@@ -55,15 +54,17 @@ class Enricher:
             self.tree.exited(proc.tid)
         return item
 
-    def _argv_from_proc(self, item: ev.ExecEvent) -> None:
+    def _argv_from_proc(self, item: ev.ExecEvent) -> str | None:
         """The probe could not read argv: after fork, a child's pages of the program's
         constants (execve("/bin/sh", {"sh", ...}) with literals) are not mapped until touched,
         and a probe cannot fault them in. The exec is done: /proc has the new argv while the
-        process lives, which a tunnel or a miner does."""
+        process lives, which a tunnel or a miner does. Returns the exe /proc names, if taken."""
         node = read_proc(item.proc.pid, self.tree.proc)
         # the same comm: still the program of this exec, not one it has exec'd since
-        if node is not None and node.argv and node.comm == item.proc.comm:
-            item.argv, item.argv_source, item.argv_truncated = node.argv, "proc", False
+        if node is None or not node.argv or node.comm != item.proc.comm:
+            return None
+        item.argv, item.argv_source, item.argv_truncated = node.argv, "proc", False
+        return node.exe
 
     @staticmethod
     def _exe(pid: int, filename: str) -> str:

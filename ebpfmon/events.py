@@ -115,30 +115,37 @@ class Event:
             cls._names = names
         return names
 
+    def serialized_ancestry(self) -> tuple[str, orjson.Fragment]:
+        """The ancestry's (id, JSON), made once per shared list (a plain list becomes one)."""
+        if not isinstance(self.ancestry, Ancestry):
+            self.ancestry = Ancestry(self.ancestry)
+        return self.ancestry.serialized()
+
     def to_json(self, ancestry_by_id: bool = False) -> str:
         """One line of ASCII JSON. orjson (several times faster: the audit log writes every
         event) when it can; json, which escapes them, for text with lone surrogates (bytes that
         are not UTF-8) or other non-ASCII characters (an agent's bidi overrides must not reach
         a responder's terminal raw). ancestry_by_id: "ancestry_id" in place of the list (the
         audit log writes the list once, in an ancestry line)."""
-        ancestry = self.ancestry if isinstance(self.ancestry, Ancestry) else Ancestry(self.ancestry)
-        ancestry_id, fragment = ancestry.serialized()
-        data = {"kind": self.kind, **self.__dict__, "ancestry": fragment}
-        if ancestry_by_id:
-            del data["ancestry"]
-            data["ancestry_id"] = ancestry_id
+        ancestry_id, fragment = self.serialized_ancestry()
+
+        def placed(data: dict[str, Any], listed) -> dict[str, Any]:
+            if ancestry_by_id:
+                del data["ancestry"]
+                data["ancestry_id"] = ancestry_id
+            else:
+                data["ancestry"] = listed  # in its place among the fields
+            return data
+
         try:
-            line = orjson.dumps(data)
+            line = orjson.dumps(placed({"kind": self.kind, **self.__dict__}, fragment))
         except orjson.JSONEncodeError:  # lone surrogates
             pass
         else:
             if line.isascii():
                 return line.decode()
         data = self.to_dict()
-        if ancestry_by_id:
-            del data["ancestry"]
-            data["ancestry_id"] = ancestry_id
-        return json.dumps(data, separators=(",", ":"))
+        return json.dumps(placed(data, data["ancestry"]), separators=(",", ":"))
 
     @property
     def error(self) -> str | None:

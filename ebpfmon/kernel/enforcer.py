@@ -162,9 +162,12 @@ class Enforcer:
         self.held_networks |= {_canonical(network)}
         self._deny_network(network)
 
-    def _deny_network(self, network: str) -> None:
+    def _deny_table(self, network: str):
         family = ipaddress.ip_network(network, strict=False).version
-        table = self.bpf[b"deny_nets4" if family == 4 else b"deny_nets6"]
+        return self.bpf[b"deny_nets4" if family == 4 else b"deny_nets6"]
+
+    def _deny_network(self, network: str) -> None:
+        table = self._deny_table(network)
         table[_lpm_key(table, network)] = ctypes.c_uint8(1)
 
     def hold_networks(self, networks) -> None:
@@ -191,7 +194,7 @@ class Enforcer:
         return stale
 
     def _open_network(self, network: str) -> None:
-        table = self.bpf[b"deny_nets4" if ipaddress.ip_network(network).version == 4 else b"deny_nets6"]
+        table = self._deny_table(network)
         del table[_lpm_key(table, network)]
 
     def denied_networks(self) -> list[str]:
