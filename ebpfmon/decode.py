@@ -108,12 +108,20 @@ def _address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
+# entries each text cache keeps before it starts afresh (bounded memory, whatever agents do)
+TEXT_CACHE_MAX = 4096
+
+
 class Decoder:
     def __init__(self) -> None:
         self.clock_offset = boot_to_wall_offset()
         # kind number -> (struct, fields tuple, builder): one dict lookup per record
         self.kinds = {kind.value: (unpacker, fields, getattr(self, f"_{kind.name.lower()}"))
                       for kind, (unpacker, fields) in LAYOUTS.items()}
+        # the same few comms and destinations recur in every event of a process: their text
+        # is made once (it was half of decoding a connect)
+        self._comms: dict[bytes, str] = {}
+        self._sockets: dict[tuple, tuple[str, str, str | None, str | None]] = {}
 
     def resync_clock(self) -> None:
         """Call now and then: the wall clock may be stepped (NTP) while we run."""
@@ -135,7 +143,12 @@ class Decoder:
         return build(fields._make(unpacker.unpack_from(record)), record[unpacker.size:])
 
     def _process(self, f) -> ev.Process:
-        return ev.Process(f.hdr_pid, f.hdr_tid, f.hdr_ppid, f.hdr_uid, f.hdr_gid, cstr(f.hdr_comm))
+        comm = self._comms.get(f.hdr_comm)
+        if comm is None:
+            if len(self._comms) >= TEXT_CACHE_MAX:
+                self._comms.clear()
+            comm = self._comms[f.hdr_comm] = cstr(f.hdr_comm)
+        return ev.Process(f.hdr_pid, f.hdr_tid, f.hdr_ppid, f.hdr_uid, f.hdr_gid, comm)
 
     def _exec(self, f, tail) -> ev.ExecEvent:
         args = tail[:f.args_size].split(b"\0")[:f.argc]
@@ -146,12 +159,18 @@ class Decoder:
                             argv_truncated=truncated, syscall=_name(EXEC_SYSCALLS, f.syscall),
                             argv_source="none" if f.hdr_flags & abi.EVENT_F_ARGV_UNREADABLE else "kernel")
 
-    @staticmethod
-    def _socket(f) -> tuple[str, str, str | None, str | None]:
+    def _socket(self, f) -> tuple[str, str, str | None, str | None]:
         """family, address, socket type and protocol of a sockaddr or refused record."""
-        sock_type = SOCK_TYPES.get(f.sock_type)
-        protocol = PROTOCOLS.get(f.protocol) if f.protocol else DEFAULT_PROTOCOL.get(sock_type)
-        return FAMILIES.get(f.family, str(f.family)), _address(f.family, f.addr), sock_type, protocol
+        key = (f.family, f.addr, f.sock_type, f.protocol)
+        known = self._sockets.get(key)
+        if known is None:
+            if len(self._sockets) >= TEXT_CACHE_MAX:
+                self._sockets.clear()
+            sock_type = SOCK_TYPES.get(f.sock_type)
+            protocol = PROTOCOLS.get(f.protocol) if f.protocol else DEFAULT_PROTOCOL.get(sock_type)
+            known = self._sockets[key] = (FAMILIES.get(f.family, str(f.family)), _address(f.family, f.addr),
+                                          sock_type, protocol)
+        return known
 
     def _connect(self, f, tail) -> ev.ConnectEvent:
         family, address, sock_type, protocol = self._socket(f)

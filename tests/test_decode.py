@@ -99,3 +99,18 @@ def test_malformed_records(record, message):
 ])
 def test_dns_query_name(payload, name):
     assert dns_query_name(payload) == name
+
+
+def test_text_caches_stay_right_and_bounded():
+    from ebpfmon.decode import TEXT_CACHE_MAX
+
+    d = Decoder()
+    for i in range(TEXT_CACHE_MAX + 10):
+        record = bytearray(sockaddr_record(abi.EventKind.CONNECT, 2, (i % 65536).to_bytes(4, "big"), 80))
+        comm = f"c{i}".encode()
+        record[abi.EventHeader.comm.offset:abi.EventHeader.comm.offset + len(comm) + 1] = comm + b"\0"
+        event = d.decode(bytes(record))
+        assert event.proc.comm == f"c{i}" and event.address == f"0.0.{i >> 8 & 255}.{i & 255}"
+    assert len(d._comms) <= TEXT_CACHE_MAX and len(d._sockets) <= TEXT_CACHE_MAX
+    again = d.decode(sockaddr_record(abi.EventKind.CONNECT, 2, bytes([192, 0, 2, 7]), 22, sock_type=2))
+    assert (again.address, again.sock_type, again.protocol, again.proc.comm) == ("192.0.2.7", "dgram", "udp", "agent")

@@ -8,7 +8,9 @@ module that imports bcc.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
+import platform
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 from ebpfmon.errors import (BccMissingError, NotRootError, ProbeCompileError,
                             ProbeLoadError, TracefsError)
 from ebpfmon.kernel import abi
+from ebpfmon.kernel.ringbuf import RingBufferReader
 from ebpfmon.paths import PROBES_DIR
 
 
@@ -32,6 +35,10 @@ REQUIRES = {"enforce": {"connect", "gpu"}}
 # an exec, or an event of the other classes that can lead to containment, wakes the reader
 # unless one of its class did less than this ago (probes/common.h, windowed_wake)
 WAKE_WINDOW_MS = 5
+
+# how records leave the ring buffer: its shared memory read directly where loads keep their
+# order (ebpfmon/kernel/ringbuf.py), else bcc's consumer, one ctypes callback per record
+RING_READER = "mmap" if platform.machine() in ("x86_64", "AMD64") else "bcc"
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
@@ -141,7 +148,7 @@ class ProbeSet:
     """Compiles and attaches probes; owns their maps and the ring buffer."""
 
     def __init__(self, probes: Iterable[str] = ("exec", "connect", "gpu"), ringbuf_pages: int = 1024,
-                 probes_dir: Path = PROBES_DIR, pin_dir: Path | None = None):
+                 probes_dir: Path = PROBES_DIR, pin_dir: Path | None = None, ring_reader: str = RING_READER):
         wanted = set(probes) | {"proc"}
         for name in list(wanted):
             wanted |= REQUIRES.get(name, set())
@@ -151,6 +158,10 @@ class ProbeSet:
         if "enforce" in self.probes and pin_dir is None:
             raise ValueError("the enforce probe keeps its state in pinned maps: give pin_dir")
         self.pin_dir = pin_dir
+        if ring_reader not in ("mmap", "bcc"):
+            raise ValueError(f"ring_reader is mmap or bcc, not {ring_reader!r}")
+        self.ring_reader = ring_reader
+        self._reader: RingBufferReader | None = None
         self._bpf = None
         self._all_cgroups = False
         self._scope_generation = 0
@@ -242,6 +253,10 @@ class ProbeSet:
 
     def open_ring_buffer(self, callback: Callable[[bytes], None]) -> None:
         """Calls callback with each record's bytes, from poll()."""
+        if self.ring_reader == "mmap":
+            self._reader = RingBufferReader(self.bpf[b"events"].map_fd, self.ringbuf_pages * mmap.PAGESIZE,
+                                            callback)
+            return
 
         def on_record(_ctx, data, size):
             callback(ctypes.string_at(data, size))
@@ -252,6 +267,9 @@ class ProbeSet:
 
     def poll(self, timeout_ms: int) -> None:
         """Waits up to timeout_ms for a wakeup, then drains everything, woken or not."""
+        if self._reader is not None:
+            self._reader.poll(timeout_ms)
+            return
         self.bpf.ring_buffer_poll(timeout_ms)
         self.bpf.ring_buffer_consume()
 
@@ -268,6 +286,9 @@ class ProbeSet:
 
     def close(self) -> None:
         """Detaches every probe and frees the maps."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
