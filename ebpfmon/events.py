@@ -87,6 +87,16 @@ def ancestry_line(ancestry_id: str, fragment: orjson.Fragment) -> str:
     return orjson.dumps({"kind": "ancestry", "id": ancestry_id, "ancestry": fragment}).decode()
 
 
+def _placed(data: dict[str, Any], listed, by_id: bool, ancestry_id: str) -> dict[str, Any]:
+    """An event's JSON fields with its ancestry in its place: listed, or named by id."""
+    if by_id:
+        del data["ancestry"]
+        data["ancestry_id"] = ancestry_id
+    else:
+        data["ancestry"] = listed
+    return data
+
+
 @dataclass
 class Event:
     """Fields every event has. Subclasses add what their kind carries."""
@@ -128,24 +138,15 @@ class Event:
         a responder's terminal raw). ancestry_by_id: "ancestry_id" in place of the list (the
         audit log writes the list once, in an ancestry line)."""
         ancestry_id, fragment = self.serialized_ancestry()
-
-        def placed(data: dict[str, Any], listed) -> dict[str, Any]:
-            if ancestry_by_id:
-                del data["ancestry"]
-                data["ancestry_id"] = ancestry_id
-            else:
-                data["ancestry"] = listed  # in its place among the fields
-            return data
-
         try:
-            line = orjson.dumps(placed({"kind": self.kind, **self.__dict__}, fragment))
+            line = orjson.dumps(_placed({"kind": self.kind, **self.__dict__}, fragment, ancestry_by_id, ancestry_id))
         except orjson.JSONEncodeError:  # lone surrogates
             pass
         else:
             if line.isascii():
                 return line.decode()
         data = self.to_dict()
-        return json.dumps(placed(data, data["ancestry"]), separators=(",", ":"))
+        return json.dumps(_placed(data, data["ancestry"], ancestry_by_id, ancestry_id), separators=(",", ":"))
 
     @property
     def error(self) -> str | None:

@@ -41,7 +41,6 @@ class Stats:
     lost: Counter = field(default_factory=Counter)  # counted in the kernel, by kind
     truncated: Counter = field(default_factory=Counter)
     malformed: int = 0  # records that did not decode
-    records: int = 0  # records taken off the ring buffer
     handler_errors: int = 0
 
     def summary(self) -> str:
@@ -77,7 +76,6 @@ class EventStream:
                                  config.ancestry_depth)
         self.stats = Stats()
         self._handler: Callable[[ev.Event], None] = lambda e: None
-        self._lock = threading.Lock()
 
     def scope_ids(self) -> list[int]:
         """Ids of the cgroups to watch. The agent root is ours: created when missing."""
@@ -107,33 +105,31 @@ class EventStream:
         return self
 
     def _on_record(self, record: bytes) -> None:
-        # called from bcc through ctypes, which would print and swallow an
-        # exception: every error is counted and logged here instead
-        with self._lock:
-            self.stats.records += 1
-            if record[0] in WINDOWED_KINDS:
-                self.windowed = True
-            try:
-                item = self.decoder.decode(record)
-            except DecodeError as e:
-                self.stats.malformed += 1
-                log.warning("malformed record: %s", e)
-                return
-            event = self.enricher.apply(item)
-            if event is None:  # a cgroup change
-                handler, arg = self.on_cgroup, item
-            elif event.kind in self.kinds:
-                self.stats.events[event.kind] += 1
-                handler, arg = self._handler, event
-            else:
-                return
-            if handler is None:
-                return
-            try:
-                handler(arg)
-            except Exception:
-                self.stats.handler_errors += 1
-                log.exception("handler failed on %r", arg)
+        # called from the ring buffer reader (through ctypes for bcc's, which would print and
+        # swallow an exception): every error is counted and logged here instead
+        if record[0] in WINDOWED_KINDS:
+            self.windowed = True
+        try:
+            item = self.decoder.decode(record)
+        except DecodeError as e:
+            self.stats.malformed += 1
+            log.warning("malformed record: %s", e)
+            return
+        event = self.enricher.apply(item)
+        if event is None:  # a cgroup change
+            handler, arg = self.on_cgroup, item
+        elif event.kind in self.kinds:
+            self.stats.events[event.kind] += 1
+            handler, arg = self._handler, event
+        else:
+            return
+        if handler is None:
+            return
+        try:
+            handler(arg)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("handler failed on %r", arg)
 
     def poll(self) -> None:
         """Delivers what is in the ring buffer, waiting at most one drain interval, or, right

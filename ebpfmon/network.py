@@ -63,9 +63,8 @@ class NetworkClassifier:
         self._routes_read = float("-inf")
         self._cache: dict[str, bool] = {}
 
-    def _refresh(self, older_than: float) -> None:
-        now = time.monotonic()
-        if not self.use_routes or now - self._routes_read < older_than:
+    def _refresh(self, now: float) -> None:
+        if not self.use_routes or now - self._routes_read < self.refresh_seconds:
             return
         self._routes_read = now
         try:
@@ -76,9 +75,8 @@ class NetworkClassifier:
         self._routes = routes
         self._cache.clear()
 
-    def _routes_changed(self) -> bool:
+    def _routes_changed(self, now: float) -> bool:
         """True when netlink announced a route change since the last look."""
-        now = time.monotonic()
         if not self.use_routes or now - self._watched < self.watch_interval:
             return False
         self._watched = now
@@ -100,9 +98,10 @@ class NetworkClassifier:
             return False
 
     def is_internal(self, address: str) -> bool:
-        if self._routes_changed():
+        now = time.monotonic()  # once: this runs for every connect an agent makes
+        if self._routes_changed(now):
             self._routes_read = float("-inf")
-        self._refresh(self.refresh_seconds)
+        self._refresh(now)
         known = self._cache.get(address)
         if known is not None:
             return known
