@@ -74,6 +74,10 @@ CONNECT = {"connect": {"address": "10.1.2.3", "port": 3333}}
     ("fd.is_internal = true", CONNECT, True),
     ("fd.name = 10.1.2.3:3333", CONNECT, True),
     ("fd.sport = 3333", SSH, False),  # no such field on an exec event: false
+    ("fd.sport = 3333", {"udp_send": {"address": "192.0.2.9", "port": 3333}}, True),
+    ("fd.sport = 3333", {"refused": {"op": "connect", "address": "192.0.2.9", "port": 3333}}, True),
+    ("fd.sip exists", {"refused": {"op": "device", "device": "195:0"}}, False),  # no destination
+    ("not fd.is_loopback = true", {"refused": {"op": "device", "device": "195:0"}}, True),
     ("not fd.sport = 3333", SSH, True),
 ])
 def test_operators_and_fields(tmp_path, condition, event, expected):

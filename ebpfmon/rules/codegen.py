@@ -19,7 +19,8 @@ MISSING = object()
 
 
 class _Generator:
-    def __init__(self) -> None:
+    def __init__(self, kind: str | None) -> None:
+        self.kind = kind
         self.names: dict[str, Any] = {"_M": MISSING}
         self.fields: dict[str, str] = {}  # field key -> local variable
         self.checks: dict[tuple, str] = {}  # identical checks of several rules -> one local result
@@ -35,7 +36,7 @@ class _Generator:
         var = self.fields.get(key)
         if var is None:
             var = self.fields[key] = f"_f{len(self.fields)}"
-            extract = check.field.extract
+            extract = check.field.extractor_for(self.kind)
             if check.index is not None or check.field.indexed:
                 index = check.index
                 reader = lambda e, c, extract=extract, index=index: extract(e, c, index)  # noqa: E731
@@ -88,13 +89,13 @@ def _conjuncts(tree) -> list:
     return [tree]
 
 
-def compile_judge(trees: list[Any]) -> tuple[Callable[[Any, Any], list[int]], str]:
-    """One function judging an event against several conditions: (event, context) ->
-    positions of the conditions that hold, ascending. Also returns its source.
+def compile_judge(trees: list[Any], kind: str | None = None) -> tuple[Callable[[Any, Any], list[int]], str]:
+    """One function judging an event (of kind, when given) against several conditions:
+    (event, context) -> positions of the conditions that hold, ascending. Also returns its source.
 
     Conditions that start with the same check (most start with spawned_process)
     are grouped under one `if` on it, so an event that fails it costs one test."""
-    gen = _Generator()
+    gen = _Generator(kind)
     groups: dict[str, list[tuple[int, list[str]]]] = {}
     for i, tree in enumerate(trees):
         parts = [gen.node(c) for c in _conjuncts(tree)]

@@ -84,14 +84,19 @@ class Field:
     doc: str
     is_list: bool = False  # multi-valued: comparisons hold when any value matches
     indexed: bool = False  # takes [N]
+    # a leaner extractor for some kinds (rules are compiled per kind: ebpfmon/rules/codegen.py)
+    by_kind: tuple[tuple[str, Extractor], ...] = ()
+
+    def extractor_for(self, kind: str | None) -> Extractor:
+        return next((fn for k, fn in self.by_kind if k == kind), self.extract)
 
 
 FIELDS: dict[str, Field] = {}
 
 
-def _field(name, kinds, type_, doc, is_list=False, indexed=False):
+def _field(name, kinds, type_, doc, is_list=False, indexed=False, by_kind=()):
     def register(fn: Extractor) -> Extractor:
-        FIELDS[name] = Field(name, frozenset(kinds), type_, fn, doc, is_list, indexed)
+        FIELDS[name] = Field(name, frozenset(kinds), type_, fn, doc, is_list, indexed, tuple(by_kind))
         return fn
     return register
 
@@ -205,29 +210,27 @@ _field("exec.argv_source", {EXEC}, STR, "kernel (read at the call), proc (read b
        "could not read the caller's memory) or none (unreadable, and the process gone)")(
     lambda e, c: e.argv_source)
 
-def _socket(extract):
-    """A socket field: None for events without a destination (a refused device)."""
-    return lambda e, c: extract(e, c) if e.address is not None else None
+def _socket_field(name, type_, doc, extract):
+    """A field of the destination. Connects and datagrams always have one, so they read it
+    directly (every connect an agent makes is judged); a refused device has none: None."""
+    _field(name, SOCKET_KINDS, type_, doc, by_kind=((CONNECT, extract), (UDP, extract)))(
+        lambda e, c: extract(e, c) if e.address is not None else None)
 
 
-_field("fd.sip", SOCKET_KINDS, IP, "destination (server) address")(_socket(lambda e, c: e.address))
-_field("fd.rip", SOCKET_KINDS, IP, "remote address (same as fd.sip for outbound connections)")(
-    _socket(lambda e, c: e.address))
-_field("fd.sport", SOCKET_KINDS, INT, "destination (server) port")(_socket(lambda e, c: e.port))
-_field("fd.rport", SOCKET_KINDS, INT, "remote port (same as fd.sport for outbound connections)")(
-    _socket(lambda e, c: e.port))
-_field("fd.l4proto", SOCKET_KINDS, STR, "tcp, udp... ('unknown' when the socket type is not known)")(
-    _socket(lambda e, c: e.protocol or "unknown"))
-_field("fd.type", SOCKET_KINDS, STR, "ipv4 or ipv6")(
-    _socket(lambda e, c: "ipv4" if e.family == "inet" else "ipv6"))
-_field("fd.typechar", SOCKET_KINDS, STR, "4 or 6")(_socket(lambda e, c: "4" if e.family == "inet" else "6"))
-_field("fd.sockfamily", SOCKET_KINDS, STR, "always 'ip'")(_socket(lambda e, c: "ip"))
+_socket_field("fd.sip", IP, "destination (server) address", lambda e, c: e.address)
+_socket_field("fd.rip", IP, "remote address (same as fd.sip for outbound connections)", lambda e, c: e.address)
+_socket_field("fd.sport", INT, "destination (server) port", lambda e, c: e.port)
+_socket_field("fd.rport", INT, "remote port (same as fd.sport for outbound connections)", lambda e, c: e.port)
+_socket_field("fd.l4proto", STR, "tcp, udp... ('unknown' when the socket type is not known)",
+              lambda e, c: e.protocol or "unknown")
+_socket_field("fd.type", STR, "ipv4 or ipv6", lambda e, c: "ipv4" if e.family == "inet" else "ipv6")
+_socket_field("fd.typechar", STR, "4 or 6", lambda e, c: "4" if e.family == "inet" else "6")
+_socket_field("fd.sockfamily", STR, "always 'ip'", lambda e, c: "ip")
 _field("fd.num", {CONNECT, UDP}, INT, "file descriptor number")(lambda e, c: e.fd)
-_field("fd.is_internal", SOCKET_KINDS, BOOL, "destination is in an internal network: configured, "
-       "loopback, or routed other than by the default route")(
-    _socket(lambda e, c: c.networks.is_internal(e.address)))
-_field("fd.is_loopback", SOCKET_KINDS, BOOL, "destination is a loopback address")(
-    _socket(lambda e, c: e.address.startswith("127.") or e.address == "::1"))
+_socket_field("fd.is_internal", BOOL, "destination is in an internal network: configured, loopback, or routed "
+              "other than by the default route", lambda e, c: c.networks.is_internal(e.address))
+_socket_field("fd.is_loopback", BOOL, "destination is a loopback address",
+              lambda e, c: e.address.startswith("127.") or e.address == "::1")
 _field("evt.source", {CONNECT}, STR, "syscall, or cgroup_hook for a connect only the cgroup hooks saw "
        "(io_uring): its result is not known")(lambda e, c: e.source)
 

@@ -160,7 +160,7 @@ class RuleSet:
                     if tree is not False:
                         trees.append(tree)
                 sequences.append((rule, positions))
-            judge, source = compile_judge(trees)
+            judge, source = compile_judge(trees, kind)
             self.judges[kind] = KindJudge(judge, source, plain, sequences)
 
     def get(self, name: str) -> CompiledRule | None:
