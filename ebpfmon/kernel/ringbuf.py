@@ -30,8 +30,14 @@ from collections.abc import Callable
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_SIZE = 8
-POSITION = struct.Struct("<Q")
-LENGTH = struct.Struct("<I")
+# Positions and lengths change under us (and ours is read by the kernel at any moment), so
+# each is read or written as one native word: struct's standard sizes ("<Q") go byte by
+# byte, and struct.pack_into zeroes its target before writing it, which let the kernel see
+# a consumer position of 0 (the ring looks full: records were lost at 50k/s). Reads use
+# native struct formats (one load); the consumer position is written through a memoryview
+# cast, which stores the value and nothing else.
+POSITION = struct.Struct("Q")
+LENGTH = struct.Struct("I")
 
 
 class RingBufferReader:
@@ -42,6 +48,7 @@ class RingBufferReader:
         self.mask = data_size - 1
         page = mmap.PAGESIZE
         self.consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.consumer_position = memoryview(self.consumer).cast("Q")
         # producer page, then the data twice; offsets into it below are data offsets + page
         self.producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self.data_start = page
@@ -57,9 +64,9 @@ class RingBufferReader:
     def consume(self) -> int:
         """Every record there is now, in order; returns how many. Each record's space is
         given back as soon as it is copied out, before the callback runs (as libbpf does)."""
-        consumer, producer, data = self.consumer, self.producer, self.data_start
+        consumer, producer, data = self.consumer_position, self.producer, self.data_start
         mask, callback = self.mask, self.callback
-        position = POSITION.unpack_from(consumer)[0]
+        position = consumer[0]
         taken = 0
         while True:
             end = POSITION.unpack_from(producer)[0]
@@ -74,12 +81,13 @@ class RingBufferReader:
                 start = offset + HEADER_SIZE
                 record = None if length & DISCARD_BIT else producer[start:start + size]
                 position += (size + HEADER_SIZE + 7) & ~7
-                POSITION.pack_into(consumer, 0, position)
+                consumer[0] = position
                 if record is not None:
                     callback(record)
                     taken += 1
 
     def close(self) -> None:
         self.epoll.close()
+        self.consumer_position.release()
         self.consumer.close()
         self.producer.close()
