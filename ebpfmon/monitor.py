@@ -132,7 +132,8 @@ class EventStream:
             log.exception("handler failed on %r", arg)
 
     def poll(self) -> None:
-        """Delivers what is in the ring buffer, waiting at most one drain interval, or, right
+        """From one thread at a time (the reader's: the daemon's loop, or a test's).
+        Delivers what is in the ring buffer, waiting at most one drain interval, or, right
         after a batch with an exec or another event that can lead to containment, at most the
         kernel's wakeup window (plus a millisecond of margin): such events that came within
         the window did not wake us."""
