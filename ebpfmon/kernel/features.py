@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ebpfmon.kernel.probeset import import_bcc
+import mmap
+
+from ebpfmon.kernel.probeset import RING_READER, import_bcc
+from ebpfmon.kernel.ringbuf import RingBufferReader
 
 RINGBUF_TEST = r"""
 BPF_RINGBUF_OUTPUT(test_ring, 1);
@@ -29,9 +32,14 @@ OPTIONAL_PROGRAMS = {
 
 
 def ring_buffer() -> None:
+    """A ring buffer loads, and maps into this process the way the reader reads it."""
     bcc = import_bcc()
     b = bcc.BPF(text=RINGBUF_TEST.encode())
-    b.cleanup()
+    try:
+        if RING_READER == "mmap":
+            RingBufferReader(b[b"test_ring"].map_fd, mmap.PAGESIZE, lambda record: None).close()
+    finally:
+        b.cleanup()
 
 
 def cgroup_hook(hook: str) -> None:
@@ -65,5 +73,8 @@ def optional(name: str) -> None:
     elif name == "fentry":
         if not bcc.BPF.support_kfunc():
             raise RuntimeError("fentry (kfunc) programs are not supported by this kernel")
-        b = bcc.BPF(text=b"KFUNC_PROBE(do_nanosleep) { return 0; }")
+        try:
+            b = bcc.BPF(text=b"KFUNC_PROBE(do_nanosleep) { return 0; }")
+        except Exception as e:  # bcc says "Need super-user privileges" for any refusal, root or not
+            raise RuntimeError(f"this kernel refused an fentry program (bcc: {e})") from None
         b.cleanup()
