@@ -112,6 +112,14 @@ def _address(family: int, raw: bytes) -> str:
 TEXT_CACHE_MAX = 4096
 
 
+def _remember(cache: dict, key, value):
+    """Puts value in a text cache, emptying it first when full; returns value."""
+    if len(cache) >= TEXT_CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 class Decoder:
     def __init__(self) -> None:
         self.clock_offset = boot_to_wall_offset()
@@ -145,9 +153,7 @@ class Decoder:
     def _process(self, f) -> ev.Process:
         comm = self._comms.get(f.hdr_comm)
         if comm is None:
-            if len(self._comms) >= TEXT_CACHE_MAX:
-                self._comms.clear()
-            comm = self._comms[f.hdr_comm] = cstr(f.hdr_comm)
+            comm = _remember(self._comms, f.hdr_comm, cstr(f.hdr_comm))
         return ev.Process(f.hdr_pid, f.hdr_tid, f.hdr_ppid, f.hdr_uid, f.hdr_gid, comm)
 
     def _exec(self, f, tail) -> ev.ExecEvent:
@@ -164,12 +170,10 @@ class Decoder:
         key = (f.family, f.addr, f.sock_type, f.protocol)
         known = self._sockets.get(key)
         if known is None:
-            if len(self._sockets) >= TEXT_CACHE_MAX:
-                self._sockets.clear()
             sock_type = SOCK_TYPES.get(f.sock_type)
             protocol = PROTOCOLS.get(f.protocol) if f.protocol else DEFAULT_PROTOCOL.get(sock_type)
-            known = self._sockets[key] = (FAMILIES.get(f.family, str(f.family)), _address(f.family, f.addr),
-                                          sock_type, protocol)
+            known = _remember(self._sockets, key, (FAMILIES.get(f.family, str(f.family)),
+                                                   _address(f.family, f.addr), sock_type, protocol))
         return known
 
     def _connect(self, f, tail) -> ev.ConnectEvent:

@@ -113,7 +113,8 @@ def run_checks() -> list[Check]:
     checks = [check_privileges(), check_bcc(), check_headers(), check_btf(), check_tracefs(), check_cgroup2()]
     basics_ok = all(c.ok for c in checks if c.required)
     kernel: list[tuple[str, str, str, Callable[[], object], bool]] = [
-        ("ring buffer", "BPF_MAP_TYPE_RINGBUF loads and maps for the reader", "Needs Linux 5.8 or newer.", features.ring_buffer, True),
+        ("ring buffer", "BPF_MAP_TYPE_RINGBUF loads and maps for the reader", "Needs Linux 5.8 or newer.",
+         features.ring_buffer, True),
     ]
     for probe in sorted(set(PROBES) - {"enforce"}):
         kernel.append((f"probe {probe}", f"probes/{PROBES[probe]} compiles, loads and attaches",
