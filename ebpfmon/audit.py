@@ -31,14 +31,14 @@ class AuditLog:
         self.path = self.directory / "events.jsonl"
         self.max_bytes = settings.max_bytes
         self.backups = settings.backups
-        self.buffer: list[tuple[str, object, str]] = []  # (ancestry id, its JSON, event line)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.buffer: list[tuple[str, object, bytes]] = []  # (ancestry id, its JSON, event line)
+        self.file = open(self.path, "ab")
         self.size = self.file.tell()
         self.ancestries_written: set[str] = set()  # ids with a line in the current file
 
     def write(self, event: ev.Event) -> None:
         ancestry_id, fragment = event.serialized_ancestry()
-        self.buffer.append((ancestry_id, fragment, event.to_json(ancestry_by_id=True)))
+        self.buffer.append((ancestry_id, fragment, event.json_bytes(ancestry_id, fragment, ancestry_by_id=True)))
 
     def flush(self) -> None:
         if not self.buffer:
@@ -52,7 +52,7 @@ class AuditLog:
         self.file.flush()
         self.size += len(text)
 
-    def _text(self) -> str:
+    def _text(self) -> bytes:
         if len(self.ancestries_written) > MAX_ANCESTRIES_REMEMBERED:
             self.ancestries_written.clear()  # written again when named again: bounded memory
         lines = []
@@ -61,8 +61,8 @@ class AuditLog:
                 self.ancestries_written.add(ancestry_id)
                 lines.append(ev.ancestry_line(ancestry_id, fragment))
             lines.append(line)
-        lines.append("")
-        return "\n".join(lines)
+        lines.append(b"")
+        return b"\n".join(lines)
 
     def rotate(self) -> None:
         """events.jsonl -> .1 -> .2 ... up to backups; the oldest goes."""
@@ -75,7 +75,7 @@ class AuditLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "ab")
         self.size = 0
         self.ancestries_written.clear()
 

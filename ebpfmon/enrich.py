@@ -22,6 +22,11 @@ class Enricher:
         self.tree = tree
         self.devices = devices
         self.ancestry_depth = ancestry_depth
+        # what some kinds need besides what every event gets, found by kind: one dict lookup
+        # per event, not an isinstance test per kind (every connect an agent makes comes here)
+        self._before = {"fork": self._forked, "exec": self._executed}
+        self._after = {"gpu_open": self._gpu_device, "refused": self._agent_and_vendor,
+                       "device": self._agent_and_vendor, "exit": self._exited}
 
     def apply(self, item: ev.Event | CgroupChange) -> ev.Event | None:
         """Updates state from the item; returns the enriched event (None for cgroup changes)."""
@@ -31,28 +36,41 @@ class Enricher:
             else:
                 self.cgroups.removed(item.cgroup_id)
             return None
+        before = self._before.get(item.kind)
+        if before is not None:
+            before(item)
         proc = item.proc
-        if isinstance(item, ev.ForkEvent):
-            self.tree.forked(proc.pid, item.child_pid, proc.comm)
-        elif isinstance(item, ev.ExecEvent) and item.retval == 0:
-            exe = self._argv_from_proc(item) if item.argv_source == "none" else None
-            self.tree.executed(proc.pid, proc.ppid, proc.comm, exe or self._exe(proc.pid, item.filename),
-                               item.argv)
         item.cgroup = self.cgroups.path(item.cgroup_id)
         node = self.tree.seen(proc.pid, proc.ppid, proc.comm)
         proc.ppid, proc.exe, proc.argv = node.ppid, node.exe, node.argv
         item.ancestry = self.tree.ancestry(proc.pid, self.ancestry_depth)
-        if isinstance(item, ev.GpuOpenEvent):
-            device = self.devices.resolve(item.path, proc.pid)
-            if device is not None:
-                item.device, item.vendor = device.number, device.vendor
-        if isinstance(item, (ev.RefusedEvent, ev.DeviceEvent)):
-            item.agent = self.cgroups.path(item.agent_id) if item.agent_id else None
-            if item.device:
-                item.vendor = self.devices.vendor_of(item.device)
-        if isinstance(item, ev.ExitEvent):
-            self.tree.exited(proc.tid)
+        after = self._after.get(item.kind)
+        if after is not None:
+            after(item)
         return item
+
+    def _forked(self, item: ev.ForkEvent) -> None:
+        self.tree.forked(item.proc.pid, item.child_pid, item.proc.comm)
+
+    def _executed(self, item: ev.ExecEvent) -> None:
+        if item.retval != 0:
+            return
+        proc = item.proc
+        exe = self._argv_from_proc(item) if item.argv_source == "none" else None
+        self.tree.executed(proc.pid, proc.ppid, proc.comm, exe or self._exe(proc.pid, item.filename), item.argv)
+
+    def _gpu_device(self, item: ev.GpuOpenEvent) -> None:
+        device = self.devices.resolve(item.path, item.proc.pid)
+        if device is not None:
+            item.device, item.vendor = device.number, device.vendor
+
+    def _agent_and_vendor(self, item: ev.RefusedEvent | ev.DeviceEvent) -> None:
+        item.agent = self.cgroups.path(item.agent_id) if item.agent_id else None
+        if item.device:
+            item.vendor = self.devices.vendor_of(item.device)
+
+    def _exited(self, item: ev.ExitEvent) -> None:
+        self.tree.exited(item.proc.tid)
 
     def _argv_from_proc(self, item: ev.ExecEvent) -> str | None:
         """The probe could not read argv: after fork, a child's pages of the program's

@@ -29,11 +29,14 @@ def raw_bytes(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
+ERROR_NAMES = {-number: name for number, name in errno.errorcode.items()}  # -2 -> ENOENT
+
+
 def error_name(retval: int) -> str | None:
     """'ENOENT' for -2; None for success (retval >= 0)."""
     if retval >= 0:
         return None
-    return errno.errorcode.get(-retval, f"E{-retval}")
+    return ERROR_NAMES.get(retval) or f"E{-retval}"
 
 
 def vars_of(obj) -> dict[str, Any]:
@@ -82,9 +85,9 @@ class Ancestry(list):
             return self._serialized
 
 
-def ancestry_line(ancestry_id: str, fragment: orjson.Fragment) -> str:
+def ancestry_line(ancestry_id: str, fragment: orjson.Fragment) -> bytes:
     """The audit log's line for an ancestry its events name by ancestry_id."""
-    return orjson.dumps({"kind": "ancestry", "id": ancestry_id, "ancestry": fragment}).decode()
+    return orjson.dumps({"kind": "ancestry", "id": ancestry_id, "ancestry": fragment})
 
 
 def _placed(data: dict[str, Any], listed, by_id: bool, ancestry_id: str) -> dict[str, Any]:
@@ -132,21 +135,26 @@ class Event:
         return self.ancestry.serialized()
 
     def to_json(self, ancestry_by_id: bool = False) -> str:
-        """One line of ASCII JSON. orjson (several times faster: the audit log writes every
-        event) when it can; json, which escapes them, for text with lone surrogates (bytes that
-        are not UTF-8) or other non-ASCII characters (an agent's bidi overrides must not reach
-        a responder's terminal raw). ancestry_by_id: "ancestry_id" in place of the list (the
+        """One line of ASCII JSON. ancestry_by_id: "ancestry_id" in place of the list (the
         audit log writes the list once, in an ancestry line)."""
-        ancestry_id, fragment = self.serialized_ancestry()
+        return self.json_bytes(*self.serialized_ancestry(), ancestry_by_id).decode()
+
+    def json_bytes(self, ancestry_id: str, fragment: orjson.Fragment, ancestry_by_id: bool) -> bytes:
+        """to_json's line as bytes, given serialized_ancestry() (the audit log has it already
+        and writes bytes). orjson (several times faster: the audit log writes every event)
+        when it can; json, which escapes them, for text with lone surrogates (bytes that are
+        not UTF-8) or other non-ASCII characters (an agent's bidi overrides must not reach a
+        responder's terminal raw)."""
         try:
             line = orjson.dumps(_placed({"kind": self.kind, **self.__dict__}, fragment, ancestry_by_id, ancestry_id))
         except orjson.JSONEncodeError:  # lone surrogates
             pass
         else:
             if line.isascii():
-                return line.decode()
+                return line
         data = self.to_dict()
-        return json.dumps(_placed(data, data["ancestry"], ancestry_by_id, ancestry_id), separators=(",", ":"))
+        return json.dumps(_placed(data, data["ancestry"], ancestry_by_id, ancestry_id),
+                          separators=(",", ":")).encode()
 
     @property
     def error(self) -> str | None:

@@ -57,14 +57,20 @@ class NetworkClassifier:
         self.refresh_seconds = refresh_seconds
         self.watch_interval = watch_interval
         self._watch = None
-        self._watched = float("-inf")
+        self._watch_failed = False
+        self._next_look = float("-inf")  # when is_internal next looks at the routes
         self.cache_size = cache_size
         self._routes: list[IPNetwork] = []
         self._routes_read = float("-inf")
         self._cache: dict[str, bool] = {}
 
-    def _refresh(self, now: float) -> None:
-        if not self.use_routes or now - self._routes_read < self.refresh_seconds:
+    def _look_at_routes(self, now: float) -> None:
+        """Reads the routes again when they changed or are refresh_seconds old."""
+        if not self.use_routes:
+            return
+        if self._routes_changed():
+            self._routes_read = float("-inf")
+        if now - self._routes_read < self.refresh_seconds:
             return
         self._routes_read = now
         try:
@@ -75,11 +81,10 @@ class NetworkClassifier:
         self._routes = routes
         self._cache.clear()
 
-    def _routes_changed(self, now: float) -> bool:
+    def _routes_changed(self) -> bool:
         """True when netlink announced a route change since the last look."""
-        if not self.use_routes or now - self._watched < self.watch_interval:
+        if self._watch_failed:
             return False
-        self._watched = now
         try:
             if self._watch is None:
                 from pyroute2 import IPRoute
@@ -94,14 +99,14 @@ class NetworkClassifier:
             return changed
         except Exception as e:
             log.warning("cannot watch route changes (%s); routes are read every %ss", e, self.refresh_seconds)
-            self._watched = float("inf")
+            self._watch_failed = True
             return False
 
     def is_internal(self, address: str) -> bool:
-        now = time.monotonic()  # once: this runs for every connect an agent makes
-        if self._routes_changed(now):
-            self._routes_read = float("-inf")
-        self._refresh(now)
+        now = time.monotonic()
+        if now >= self._next_look:  # one comparison otherwise: this runs for every connect an agent makes
+            self._next_look = now + self.watch_interval
+            self._look_at_routes(now)
         known = self._cache.get(address)
         if known is not None:
             return known

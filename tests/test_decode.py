@@ -114,3 +114,48 @@ def test_text_caches_stay_right_and_bounded():
     assert len(d._comms) <= TEXT_CACHE_MAX and len(d._sockets) <= TEXT_CACHE_MAX
     again = d.decode(sockaddr_record(abi.EventKind.CONNECT, 2, bytes([192, 0, 2, 7]), 22, sock_type=2))
     assert (again.address, again.sock_type, again.protocol, again.proc.comm) == ("192.0.2.7", "dgram", "udp", "agent")
+
+
+def fields_of(event) -> dict:
+    data = {"kind": event.kind, **vars(event)}
+    data["proc"] = vars(event.proc)
+    return data
+
+
+COMMON = {"time_ns": 5_000_000_000, "cgroup_id": 77, "cgroup": None, "ancestry": [],
+          "proc": {"pid": 100, "tid": 101, "ppid": 99, "uid": 1000, "gid": 1000, "comm": "agent", "exe": None,
+                   "argv": None}}
+
+
+def test_every_field_of_the_frequent_kinds_lands_in_its_place():
+    """Their builders pass fields by position (decode.py): a value in the wrong place shows here."""
+    d = Decoder()
+    offset = d.clock_offset
+    connect = bytearray(sockaddr_record(abi.EventKind.CONNECT, 2, bytes([192, 0, 2, 7]), 3333))
+    e = abi.SockaddrEvent.from_buffer_copy(connect + bytes(ctypes.sizeof(abi.SockaddrEvent) - len(connect)))
+    e.retval, e.fd, e.protocol, e.hdr.flags = -errno.ECONNREFUSED, 7, 6, abi.EVENT_F_FROM_HOOK
+    udp = sockaddr_record(abi.EventKind.UDP_SEND, 10, bytes([32, 1, 13, 184] + [0] * 11 + [1]), 53,
+                          bytes(12) + b"\x01a\x00", sock_type=2)
+    gpu = abi.GpuOpenEvent(retval=5, dfd=-100, flags=2, syscall=2, path=b"/dev/nvidia0")
+    gpu.hdr = header(abi.EventKind.GPU_OPEN, ctypes.sizeof(gpu), abi.EVENT_F_PATH_TRUNCATED)
+    fork = abi.ForkEvent(child_pid=4242, parent_pid=100)
+    fork.hdr = header(abi.EventKind.FORK, ctypes.sizeof(fork))
+    exit_ = abi.ExitEvent()
+    exit_.hdr = header(abi.EventKind.EXIT, ctypes.sizeof(exit_))
+    expected = [
+        (bytes(e)[:len(connect)], {"kind": "connect", "family": "inet", "address": "192.0.2.7", "port": 3333,
+                                    "sock_type": "stream", "protocol": "tcp", "retval": -errno.ECONNREFUSED,
+                                    "fd": 7, "source": "cgroup_hook"}),
+        (udp, {"kind": "udp_send", "family": "inet6", "address": "2001:db8::1", "port": 53, "sock_type": "dgram",
+               "protocol": "udp", "retval": 0, "fd": 3, "source": "syscall", "length": 15, "dns_query": "a"}),
+        (exec_record([b"ssh", b"-R"], abi.EVENT_F_ARGV_TRUNCATED),
+         {"kind": "exec", "filename": "/usr/bin/ssh", "argv": ["ssh", "-R"], "retval": -errno.EACCES,
+          "argv_truncated": True, "syscall": "execveat", "argv_source": "kernel"}),
+        (bytes(gpu), {"kind": "gpu_open", "path": "/dev/nvidia0", "flags": 2, "access": "rw", "retval": 5,
+                      "device": None, "vendor": None, "path_truncated": True, "syscall": "openat2"}),
+        (bytes(fork), {"kind": "fork", "child_pid": 4242}),
+        (bytes(exit_), {"kind": "exit"}),
+    ]
+    for record, fields in expected:
+        want = {**COMMON, **fields, "time_ns": 5_000_000_000 + offset}
+        assert fields_of(d.decode(record)) == want
