@@ -7,7 +7,7 @@ per poll of the ring buffer (at most every drain interval): one write, not
 one per event. Rotation counts bytes itself instead of asking the filesystem
 each time.
 
-An event names its ancestry by id; the list itself is in an ancestry line
+An event names its ancestry by id ("ancestry": "<id>"); the list itself is in an ancestry line
 written once per file, before the first event that names it (so each file
 reads alone). Ancestor command lines were most of each line: writing them once
 keeps more history in the same files, and costs less per event.
@@ -37,8 +37,9 @@ class AuditLog:
         self.ancestries_written: set[str] = set()  # ids with a line in the current file
 
     def write(self, event: ev.Event) -> None:
-        ancestry_id, fragment = event.serialized_ancestry()
-        self.buffer.append((ancestry_id, fragment, event.json_bytes(ancestry_id, fragment, ancestry_by_id=True)))
+        line = event.json_bytes(ancestry_by_id=True)
+        ancestry_id, fragment = event.ancestry.serialized()  # an Ancestry now
+        self.buffer.append((ancestry_id, fragment, line))
 
     def flush(self) -> None:
         if not self.buffer:

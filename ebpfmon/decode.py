@@ -42,6 +42,9 @@ LAYOUTS = {
     abi.EventKind.REFUSED: layout(abi.RefusedEvent),
     abi.EventKind.DEVICE: layout(abi.DeviceEvent),
 }
+# where the variable part of a record starts: exec arguments, datagram payloads
+EXEC_ARGS = LAYOUTS[abi.EventKind.EXEC][0].size
+PAYLOAD = LAYOUTS[abi.EventKind.UDP_SEND][0].size
 REFUSE_REASONS = {r.value: r.name.lower() for r in abi.RefuseReason}
 REFUSE_OPS = {o.value: o.name.lower() for o in abi.RefuseOp}
 
@@ -139,19 +142,28 @@ class Decoder:
         self.clock_offset = boot_to_wall_offset()
 
     def decode(self, record: bytes) -> ev.Event | CgroupChange:
-        if len(record) < HEADER_SIZE:
-            raise DecodeError(f"record of {len(record)} bytes is shorter than an event header ({HEADER_SIZE})")
-        kind_value, _, size = PREFIX.unpack_from(record)
-        if size != len(record):
-            raise DecodeError(f"record says it has {size} bytes but has {len(record)} (kind {kind_value})")
+        length = len(record)
+        if length < HEADER_SIZE:
+            raise DecodeError(f"record of {length} bytes is shorter than an event header ({HEADER_SIZE})")
+        kind_value = record[0] | record[1] << 8  # the header's first field, u16 little-endian
         try:
             unpacker, fields, build = self.kinds[kind_value]
         except KeyError:
-            raise DecodeError(f"unknown event kind {kind_value} in a record of {len(record)} bytes") from None
-        if len(record) < unpacker.size:
-            raise DecodeError(f"{abi.EventKind(kind_value).name.lower()} record of {len(record)} bytes is "
+            raise DecodeError(f"unknown event kind {kind_value} in a record of {length} bytes") from None
+        if length < unpacker.size:
+            self._check_size(record, length)
+            raise DecodeError(f"{abi.EventKind(kind_value).name.lower()} record of {length} bytes is "
                               f"shorter than its fixed part ({unpacker.size})")
-        return build(fields._make(unpacker.unpack_from(record)), record[unpacker.size:])
+        f = fields._make(unpacker.unpack_from(record))
+        if f.hdr_size != length:
+            self._check_size(record, length)
+        return build(f, record)
+
+    @staticmethod
+    def _check_size(record: bytes, length: int) -> None:
+        kind_value, _, size = PREFIX.unpack_from(record)
+        if size != length:
+            raise DecodeError(f"record says it has {size} bytes but has {length} (kind {kind_value})")
 
     def _process(self, f) -> ev.Process:
         comm = self._comms.get(f.hdr_comm)
@@ -159,8 +171,8 @@ class Decoder:
             comm = _remember(self._comms, f.hdr_comm, cstr(f.hdr_comm))
         return ev.Process(f.hdr_pid, f.hdr_tid, f.hdr_ppid, f.hdr_uid, f.hdr_gid, comm)
 
-    def _exec(self, f, tail) -> ev.ExecEvent:
-        args = tail[:f.args_size].split(b"\0")[:f.argc]
+    def _exec(self, f, record) -> ev.ExecEvent:
+        args = record[EXEC_ARGS:EXEC_ARGS + f.args_size].split(b"\0")[:f.argc]
         truncated = bool(f.hdr_flags & (abi.EVENT_F_ARGV_TRUNCATED | abi.EVENT_F_ARG_TRUNCATED |
                                         abi.EVENT_F_ARGV_UNREADABLE))
         return ev.ExecEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
@@ -179,24 +191,25 @@ class Decoder:
                                                    _address(f.family, f.addr), sock_type, protocol))
         return known
 
-    def _connect(self, f, tail) -> ev.ConnectEvent:
+    def _connect(self, f, record) -> ev.ConnectEvent:
         family, address, sock_type, protocol = self._socket(f)
         return ev.ConnectEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
                                family, address, f.dport, sock_type, protocol, f.retval, f.fd,
                                "cgroup_hook" if f.hdr_flags & abi.EVENT_F_FROM_HOOK else "syscall")
 
-    def _udp_send(self, f, tail) -> ev.UdpSendEvent:
+    def _udp_send(self, f, record) -> ev.UdpSendEvent:
         family, address, sock_type, protocol = self._socket(f)
         return ev.UdpSendEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
                                family, address, f.dport, sock_type, protocol, f.retval, f.fd, "syscall",
-                               f.length, dns_query_name(tail[:f.payload_len]) if f.dport == 53 else None)
+                               f.length,
+                               dns_query_name(record[PAYLOAD:PAYLOAD + f.payload_len]) if f.dport == 53 else None)
 
-    def _gpu_open(self, f, tail) -> ev.GpuOpenEvent:
+    def _gpu_open(self, f, record) -> ev.GpuOpenEvent:
         return ev.GpuOpenEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
                                cstr(f.path), f.flags, ACCESS[f.flags & O_ACCMODE], f.retval, None, None,
                                bool(f.hdr_flags & abi.EVENT_F_PATH_TRUNCATED), _name(OPEN_SYSCALLS, f.syscall))
 
-    def _refused(self, f, tail) -> ev.RefusedEvent:
+    def _refused(self, f, record) -> ev.RefusedEvent:
         op = REFUSE_OPS.get(f.op, str(f.op))
         fields = {}
         if op == "device":
@@ -209,25 +222,25 @@ class Decoder:
                                reason=REFUSE_REASONS.get(f.reason, str(f.reason)), op=op,
                                dry_run=bool(f.dry_run), agent_id=f.agent_id, **fields)
 
-    def _device(self, f, tail) -> ev.DeviceEvent:
+    def _device(self, f, record) -> ev.DeviceEvent:
         return ev.DeviceEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f),
                               device=f"{f.major}:{f.minor}", access=device_access(f.access), agent_id=f.agent_id)
 
-    def _fork(self, f, tail) -> ev.ForkEvent:
+    def _fork(self, f, record) -> ev.ForkEvent:
         return ev.ForkEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
                             f.child_pid)
 
-    def _exit(self, f, tail) -> ev.ExitEvent:
+    def _exit(self, f, record) -> ev.ExitEvent:
         return ev.ExitEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [])
 
     @staticmethod
     def _cgroup_change(f, created: bool) -> CgroupChange:
         return CgroupChange(created, f.id, cstr(f.path))
 
-    def _cgroup_mkdir(self, f, tail) -> CgroupChange:
+    def _cgroup_mkdir(self, f, record) -> CgroupChange:
         return self._cgroup_change(f, True)
 
-    def _cgroup_rmdir(self, f, tail) -> CgroupChange:
+    def _cgroup_rmdir(self, f, record) -> CgroupChange:
         return self._cgroup_change(f, False)
 
 

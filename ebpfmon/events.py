@@ -90,14 +90,18 @@ def ancestry_line(ancestry_id: str, fragment: orjson.Fragment) -> bytes:
     return orjson.dumps({"kind": "ancestry", "id": ancestry_id, "ancestry": fragment})
 
 
-def _placed(data: dict[str, Any], listed, by_id: bool, ancestry_id: str) -> dict[str, Any]:
-    """An event's JSON fields with its ancestry in its place: listed, or named by id."""
-    if by_id:
-        del data["ancestry"]
-        data["ancestry_id"] = ancestry_id
-    else:
-        data["ancestry"] = listed
-    return data
+def _ancestry_id(value) -> str:
+    """orjson's default for an event in the audit log: its Ancestry by id."""
+    if isinstance(value, Ancestry):
+        return value.serialized()[0]
+    raise TypeError  # anything else: json.dumps writes the line (to_dict)
+
+
+def _ancestry_listed(value) -> orjson.Fragment:
+    """orjson's default for an event's own line: its Ancestry, listed."""
+    if isinstance(value, Ancestry):
+        return value.serialized()[1]
+    raise TypeError
 
 
 @dataclass
@@ -135,26 +139,34 @@ class Event:
         return self.ancestry.serialized()
 
     def to_json(self, ancestry_by_id: bool = False) -> str:
-        """One line of ASCII JSON. ancestry_by_id: "ancestry_id" in place of the list (the
-        audit log writes the list once, in an ancestry line)."""
-        return self.json_bytes(*self.serialized_ancestry(), ancestry_by_id).decode()
+        """One line of ASCII JSON. ancestry_by_id: the ancestry's id (a string) in place of the
+        list (the audit log writes the list once, in an ancestry line with that id)."""
+        return self.json_bytes(ancestry_by_id).decode()
 
-    def json_bytes(self, ancestry_id: str, fragment: orjson.Fragment, ancestry_by_id: bool) -> bytes:
-        """to_json's line as bytes, given serialized_ancestry() (the audit log has it already
-        and writes bytes). orjson (several times faster: the audit log writes every event)
-        when it can; json, which escapes them, for text with lone surrogates (bytes that are
-        not UTF-8) or other non-ASCII characters (an agent's bidi overrides must not reach a
-        responder's terminal raw)."""
+    def json_bytes(self, ancestry_by_id: bool = False) -> bytes:
+        """to_json's line as bytes (the audit log writes bytes). orjson (several times faster:
+        the audit log writes every event) when it can, from the dataclass itself (a dict of it
+        was a quarter of the cost); json, which escapes them, for text with lone surrogates
+        (bytes that are not UTF-8) or other non-ASCII characters (an agent's bidi overrides must
+        not reach a responder's terminal raw)."""
+        ancestry_id, fragment = self.serialized_ancestry()
         try:
-            line = orjson.dumps(_placed({"kind": self.kind, **self.__dict__}, fragment, ancestry_by_id, ancestry_id))
-        except orjson.JSONEncodeError:  # lone surrogates
+            # the ancestry is a list subclass: passed through to the default, which writes it
+            body = orjson.dumps(self, default=_ancestry_id if ancestry_by_id else _ancestry_listed,
+                                option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+        except orjson.JSONEncodeError:  # lone surrogates, or a value orjson does not know
             pass
         else:
-            if line.isascii():
-                return line
+            if body.isascii():
+                return self._json_start + body[1:]  # kind is a class attribute, not a field
         data = self.to_dict()
-        return json.dumps(_placed(data, data["ancestry"], ancestry_by_id, ancestry_id),
-                          separators=(",", ":")).encode()
+        if ancestry_by_id:
+            data["ancestry"] = ancestry_id
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._json_start = b'{"kind":' + orjson.dumps(cls.kind) + b","
 
     @property
     def error(self) -> str | None:
@@ -307,10 +319,10 @@ def read_jsonl(path) -> Iterator[tuple[int, "Event | Exception"]]:
                 if data.get("kind") == "ancestry":
                     ancestries[data["id"]] = data["ancestry"]
                     continue
-                if "ancestry_id" in data:
-                    ancestry_id = data.pop("ancestry_id")
+                if isinstance(data.get("ancestry"), str):
+                    ancestry_id = data["ancestry"]
                     if ancestry_id not in ancestries:
-                        raise ValueError(f"ancestry_id {ancestry_id!r} has no ancestry line before it")
+                        raise ValueError(f"ancestry {ancestry_id!r} has no ancestry line before it")
                     data["ancestry"] = ancestries[ancestry_id]
                 yield number, from_dict(data)
             except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -117,7 +117,7 @@ class ProcessTree:
     def seen(self, pid: int, ppid: int, comm: str) -> Node:
         """The node of a process an event came from; the kernel's ppid (parent at
         fork, 0 when unknown) wins over what /proc says now (reparenting)."""
-        node = self.get(pid)
+        node = self._live.get(pid) or self.get(pid)  # the first: every event of a live process
         if node is None:
             node = Node(pid=pid, ppid=ppid, comm=comm)
             self._put(node)
@@ -144,7 +144,9 @@ class ProcessTree:
     def ancestry(self, pid: int, depth: int) -> Ancestry:
         """Parent first, up to depth generations or pid 1. Shared between events
         of one process while the tree does not change: do not modify it."""
-        by_depth = self._ancestry_cache.setdefault(pid, {})
+        by_depth = self._ancestry_cache.get(pid)
+        if by_depth is None:
+            by_depth = self._ancestry_cache[pid] = {}
         cached = by_depth.get(depth)
         if cached is None:
             cached = by_depth[depth] = self._walk(pid, depth)

@@ -1,7 +1,8 @@
 """Conditions compiled to Python functions.
 
 The rules of one event kind become one generated function: each field is read
-at most once per event, into a local variable, only when a check needs it; a
+at most once per event, into a local variable, only when a check needs it
+(fields that are plain attributes of the event are read in place); a
 check several rules share (evt.res = SUCCESS) is made once; each check calls
 its value test (condition.check_test, the one place operator
 semantics live); `and`/`or`/`not` are Python's own. The generated text is kept
@@ -32,6 +33,8 @@ class _Generator:
         return name
 
     def field(self, check: Check) -> str:
+        if check.field.attribute and self.kind in check.field.kinds and check.index is None:
+            return f"e.{check.field.attribute}"  # a call per field was a fifth of judging a connect
         key = check.field.name if check.index is None else f"{check.field.name}[{check.index}]"
         var = self.fields.get(key)
         if var is None:

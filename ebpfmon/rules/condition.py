@@ -380,14 +380,16 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
 KIND_TYPES = {"exec": ("execve", "execveat"), "connect": ("connect",), "udp_send": ("sendto",),
               "gpu_open": ("open", "openat", "openat2"), "refused": ("refused",), "device": ("device",)}
 STATIC_FIELDS = {"evt.kind": lambda kind: (kind,), "evt.dir": lambda kind: ("<",),
-                 "evt.type": lambda kind: KIND_TYPES[kind]}
+                 "evt.type": lambda kind: KIND_TYPES[kind],
+                 # a refused device has no destination
+                 "fd.sockfamily": lambda kind: ("ip", None) if kind == "refused" else ("ip",)}
 
 
 def specialize(node, kind: str):
     """The node simplified for events of one kind: True, False, or what is left to test.
 
     Checks on fields the kind does not have are false; checks on evt.kind,
-    evt.dir and (where the kind decides it) evt.type are decided now. So
+    evt.dir, fd.sockfamily and (where the kind decides it) evt.type are decided now. So
     `spawned_process` costs one check on an exec event, and a rule is indexed
     only under the kinds it can match.
     """

@@ -86,6 +86,7 @@ class Field:
     indexed: bool = False  # takes [N]
     # a leaner extractor for some kinds (rules are compiled per kind: ebpfmon/rules/codegen.py)
     by_kind: tuple[tuple[str, Extractor], ...] = ()
+    attribute: str | None = None  # the field is this attribute of the event ("port", "proc.pid")
 
     def extractor_for(self, kind: str | None) -> Extractor:
         return next((fn for k, fn in self.by_kind if k == kind), self.extract)
@@ -94,11 +95,18 @@ class Field:
 FIELDS: dict[str, Field] = {}
 
 
-def _field(name, kinds, type_, doc, is_list=False, indexed=False, by_kind=()):
+def _field(name, kinds, type_, doc, is_list=False, indexed=False, by_kind=(), attribute=None):
     def register(fn: Extractor) -> Extractor:
-        FIELDS[name] = Field(name, frozenset(kinds), type_, fn, doc, is_list, indexed, tuple(by_kind))
+        FIELDS[name] = Field(name, frozenset(kinds), type_, fn, doc, is_list, indexed, tuple(by_kind), attribute)
         return fn
     return register
+
+
+def _attribute(name, kinds, type_, doc, path):
+    """A field that is an attribute of every event of its kinds (None where they have none):
+    compiled rules read it inline, without a call (ebpfmon/rules/codegen.py)."""
+    get = operator.attrgetter(path)
+    _field(name, kinds, type_, doc, attribute=path)(lambda e, c: get(e))
 
 
 def _argv(e: ev.Event) -> list[str]:
@@ -122,27 +130,24 @@ def _evt_type(e, c):
     return EVT_TYPES[e.kind]
 
 
-_field("evt.kind", ALL_KINDS, STR, "ebpfmon's event kind: exec, connect, udp_send, gpu_open")(
-    lambda e, c: e.kind)
+_attribute("evt.kind", ALL_KINDS, STR, "ebpfmon's event kind: exec, connect, udp_send, gpu_open", "kind")
 _field("evt.dir", ALL_KINDS, STR, "always '<': events are reported when the call returns (Falco compatibility)")(
     lambda e, c: "<")
-_field("evt.time", ALL_KINDS, INT, "wall-clock time, ns since the epoch")(lambda e, c: e.time_ns)
-_field("evt.rawres", ALL_KINDS, INT, "the call's return value (negative errno on failure)")(
-    lambda e, c: e.retval)
+_attribute("evt.time", ALL_KINDS, INT, "wall-clock time, ns since the epoch", "time_ns")
+_attribute("evt.rawres", ALL_KINDS, INT, "the call's return value (negative errno on failure)", "retval")
 _field("evt.res", ALL_KINDS, STR, "SUCCESS, or the errno name (ENOENT, ECONNREFUSED, EINPROGRESS...)")(
-    lambda e, c: e.error or "SUCCESS")
+    lambda e, c: "SUCCESS" if e.retval >= 0 else ev.error_name(e.retval))
 _field("evt.failed", ALL_KINDS, BOOL, "true when the call returned an error")(lambda e, c: e.retval < 0)
 
-_field("proc.pid", ALL_KINDS, INT, "process id")(lambda e, c: e.proc.pid)
-_field("thread.tid", ALL_KINDS, INT, "thread id")(lambda e, c: e.proc.tid)
-_field("proc.ppid", ALL_KINDS, INT, "parent process id (the parent at fork)")(lambda e, c: e.proc.ppid)
+_attribute("proc.pid", ALL_KINDS, INT, "process id", "proc.pid")
+_attribute("thread.tid", ALL_KINDS, INT, "thread id", "proc.tid")
+_attribute("proc.ppid", ALL_KINDS, INT, "parent process id (the parent at fork)", "proc.ppid")
 _field("proc.name", ALL_KINDS, STR, "name of the program file (basename of proc.exepath); the comm "
        "when the path is not known")(lambda e, c: _basename(e.proc.exe) or e.proc.comm)
-_field("proc.comm", ALL_KINDS, STR, "the thread's comm (15 bytes, settable by the program itself)")(
-    lambda e, c: e.proc.comm)
+_attribute("proc.comm", ALL_KINDS, STR, "the thread's comm (15 bytes, settable by the program itself)", "proc.comm")
 _field("proc.exe", ALL_KINDS, STR, "first command-line argument (argv[0])")(
     lambda e, c: (_argv(e) or [None])[0])
-_field("proc.exepath", ALL_KINDS, STR, "full path of the program")(lambda e, c: e.proc.exe)
+_attribute("proc.exepath", ALL_KINDS, STR, "full path of the program", "proc.exe")
 
 
 @_field("proc.cmdline", ALL_KINDS, STR, "proc.name followed by the arguments, as in Falco")
@@ -188,11 +193,11 @@ _field("proc.pexepath", ALL_KINDS, STR, "parent's program path")(lambda e, c: _a
 _field("proc.pcmdline", ALL_KINDS, STR, "parent's command line")(
     lambda e, c: _ancestor_field("argv", lambda argv: " ".join(argv))(e, c, 1))
 
-_field("user.uid", ALL_KINDS, INT, "user id")(lambda e, c: e.proc.uid)
+_attribute("user.uid", ALL_KINDS, INT, "user id", "proc.uid")
 _field("user.name", ALL_KINDS, STR, "user name (the uid when it has none)")(lambda e, c: c.user_name(e.proc.uid))
-_field("group.gid", ALL_KINDS, INT, "group id")(lambda e, c: e.proc.gid)
+_attribute("group.gid", ALL_KINDS, INT, "group id", "proc.gid")
 
-_field("exec.filename", {EXEC}, STR, "the path given to execve")(lambda e, c: e.filename)
+_attribute("exec.filename", {EXEC}, STR, "the path given to execve", "filename")
 
 
 @_field("exec.argv", {EXEC}, STR, "an argument by position ([0] is argv[0]); without [N], any argument",
@@ -204,11 +209,10 @@ def _exec_argv(e, c, index=None):
 
 
 _field("exec.argc", {EXEC}, INT, "number of arguments captured")(lambda e, c: len(e.argv))
-_field("exec.argv_truncated", {EXEC}, BOOL, "true when arguments were cut or dropped (limits: events.h)")(
-    lambda e, c: e.argv_truncated)
-_field("exec.argv_source", {EXEC}, STR, "kernel (read at the call), proc (read back from /proc: the probe "
-       "could not read the caller's memory) or none (unreadable, and the process gone)")(
-    lambda e, c: e.argv_source)
+_attribute("exec.argv_truncated", {EXEC}, BOOL, "true when arguments were cut or dropped (limits: events.h)",
+           "argv_truncated")
+_attribute("exec.argv_source", {EXEC}, STR, "kernel (read at the call), proc (read back from /proc: the probe "
+       "could not read the caller's memory) or none (unreadable, and the process gone)", "argv_source")
 
 def _socket_field(name, type_, doc, extract):
     """A field of the destination. Connects and datagrams always have one, so they read it
@@ -217,22 +221,22 @@ def _socket_field(name, type_, doc, extract):
         lambda e, c: extract(e, c) if e.address is not None else None)
 
 
-_socket_field("fd.sip", IP, "destination (server) address", lambda e, c: e.address)
-_socket_field("fd.rip", IP, "remote address (same as fd.sip for outbound connections)", lambda e, c: e.address)
-_socket_field("fd.sport", INT, "destination (server) port", lambda e, c: e.port)
-_socket_field("fd.rport", INT, "remote port (same as fd.sport for outbound connections)", lambda e, c: e.port)
+_attribute("fd.sip", SOCKET_KINDS, IP, "destination (server) address", "address")
+_attribute("fd.rip", SOCKET_KINDS, IP, "remote address (same as fd.sip for outbound connections)", "address")
+_attribute("fd.sport", SOCKET_KINDS, INT, "destination (server) port", "port")
+_attribute("fd.rport", SOCKET_KINDS, INT, "remote port (same as fd.sport for outbound connections)", "port")
 _socket_field("fd.l4proto", STR, "tcp, udp... ('unknown' when the socket type is not known)",
               lambda e, c: e.protocol or "unknown")
 _socket_field("fd.type", STR, "ipv4 or ipv6", lambda e, c: "ipv4" if e.family == "inet" else "ipv6")
 _socket_field("fd.typechar", STR, "4 or 6", lambda e, c: "4" if e.family == "inet" else "6")
 _socket_field("fd.sockfamily", STR, "always 'ip'", lambda e, c: "ip")
-_field("fd.num", {CONNECT, UDP}, INT, "file descriptor number")(lambda e, c: e.fd)
+_attribute("fd.num", {CONNECT, UDP}, INT, "file descriptor number", "fd")
 _socket_field("fd.is_internal", BOOL, "destination is in an internal network: configured, loopback, or routed "
               "other than by the default route", lambda e, c: c.networks.is_internal(e.address))
 _socket_field("fd.is_loopback", BOOL, "destination is a loopback address",
               lambda e, c: e.address.startswith("127.") or e.address == "::1")
-_field("evt.source", {CONNECT}, STR, "syscall, or cgroup_hook for a connect only the cgroup hooks saw "
-       "(io_uring): its result is not known")(lambda e, c: e.source)
+_attribute("evt.source", {CONNECT}, STR, "syscall, or cgroup_hook for a connect only the cgroup hooks saw "
+       "(io_uring): its result is not known", "source")
 
 
 @_field("fd.name", SOCKET_KINDS | {GPU}, STR, "address:port for sockets, the path for GPU opens")
@@ -244,8 +248,7 @@ def _fd_name(e, c):
     return f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}"
 
 
-_field("dns.query", {UDP}, STR, "the name asked in a DNS query (datagrams to port 53)")(
-    lambda e, c: e.dns_query)
+_attribute("dns.query", {UDP}, STR, "the name asked in a DNS query (datagrams to port 53)", "dns_query")
 
 
 @_field("dns.query_suffixes", {UDP}, STR, "the name asked and each parent domain (a.pool.example.com, "
@@ -255,17 +258,16 @@ def _dns_suffixes(e, c):
         return None
     labels = e.dns_query.lower().rstrip(".").split(".")
     return [".".join(labels[i:]) for i in range(len(labels))]
-_field("udp.length", {UDP}, INT, "bytes the datagram carried")(lambda e, c: e.length)
+_attribute("udp.length", {UDP}, INT, "bytes the datagram carried", "length")
 
-_field("gpu.path", {GPU}, STR, "the device path opened")(lambda e, c: e.path)
-_field("gpu.device", DEVICE_KINDS, STR, "major:minor of the device, when it resolves")(lambda e, c: e.device)
-_field("gpu.vendor", DEVICE_KINDS, STR, "nvidia, amd, intel, habana... when known")(lambda e, c: e.vendor)
-_field("gpu.access", DEVICE_KINDS, STR, "r, w, rw; m for mknod")(lambda e, c: e.access)
+_attribute("gpu.path", {GPU}, STR, "the device path opened", "path")
+_attribute("gpu.device", DEVICE_KINDS, STR, "major:minor of the device, when it resolves", "device")
+_attribute("gpu.vendor", DEVICE_KINDS, STR, "nvidia, amd, intel, habana... when known", "vendor")
+_attribute("gpu.access", DEVICE_KINDS, STR, "r, w, rw; m for mknod", "access")
 
-_field("refused.reason", {REFUSED}, STR, "why enforcement refused: cut, port, net, gpu")(lambda e, c: e.reason)
-_field("refused.op", {REFUSED}, STR, "what was refused: connect, sendmsg, device")(lambda e, c: e.op)
-_field("refused.dry_run", {REFUSED}, BOOL, "true when enforcement only reported (dry run)")(
-    lambda e, c: e.dry_run)
+_attribute("refused.reason", {REFUSED}, STR, "why enforcement refused: cut, port, net, gpu", "reason")
+_attribute("refused.op", {REFUSED}, STR, "what was refused: connect, sendmsg, device", "op")
+_attribute("refused.dry_run", {REFUSED}, BOOL, "true when enforcement only reported (dry run)", "dry_run")
 
 def _ssh(e, c):
     return parse_ssh(tuple(e.argv), e.proc.exe)
@@ -282,8 +284,8 @@ _field("ssh.tun", {EXEC}, BOOL, "an ssh client asked for a tun device (-w, -o Tu
 _field("ssh.host", {EXEC}, STR, "the destination an ssh-family client was given")(
     lambda e, c: (cmd := _ssh(e, c)) and cmd.host)
 
-_field("cgroup.path", ALL_KINDS, STR, "cgroup path relative to the cgroup2 mount")(lambda e, c: e.cgroup)
-_field("cgroup.id", ALL_KINDS, INT, "cgroup id")(lambda e, c: e.cgroup_id)
+_attribute("cgroup.path", ALL_KINDS, STR, "cgroup path relative to the cgroup2 mount", "cgroup")
+_attribute("cgroup.id", ALL_KINDS, INT, "cgroup id", "cgroup_id")
 _field("agent.cgroup", ALL_KINDS, STR, "the agent's cgroup: the one at the agent level below the agent root")(
     lambda e, c: c.agent_cgroup(e.cgroup))
 _field("agent.name", ALL_KINDS, STR, "the agent's name: the last part of agent.cgroup")(
