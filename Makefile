@@ -8,7 +8,7 @@ EBPFMON := $(VENV)/bin/ebpfmon
 TEST_PACKAGES := procps util-linux openssh-client openssh-server prometheus-alertmanager systemd shellcheck vagrant gcc liburing-dev
 
 # what bench/compare.py runs side by side with ebpfmon, and the plot
-BENCH_PACKAGES := $(TEST_PACKAGES) gcc bpftrace auditd bpfcc-tools python3-matplotlib
+BENCH_PACKAGES := $(TEST_PACKAGES) gcc bpftrace auditd bpfcc-tools python3-matplotlib valgrind
 
 .PHONY: setup setup-test run test doctor bench clean
 

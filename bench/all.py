@@ -27,6 +27,7 @@ BENCHMARKS = {
     "run": "RESULTS-foundation.md",
     "rules": "RESULTS-rules.md",
     "service": "RESULTS-service.md",
+    "instructions": "RESULTS-instructions.md",
     "containment": "RESULTS-containment.md",
     "compare": "RESULTS-compare.md",
 }

@@ -1,0 +1,154 @@
+"""The daemon's user-space cost per event, in instructions. Run by hand:
+
+    .venv/bin/python bench/instructions.py  # writes bench/RESULTS-instructions.md
+
+Why instructions: this VM's speed moves by 1.6-2.3 times within hours with the
+code unchanged, so CPU seconds (bench/service.py) cannot tell a 5% change
+from the weather. valgrind counts the instructions a process executes,
+the same from run to run within about 1%.
+
+What runs: the daemon's hot loop without the kernel. Connect records, laid out
+as in the BPF ring buffer (8-byte headers, 8-byte aligned), are read by the
+daemon's ring buffer reader and go through the same calls as in the daemon
+(EventStream._on_record: decode, enrich; Daemon.judge: audit line, rules of the
+default packs), with the audit log flushed once per batch, as the daemon does
+after each poll. Per event = (run with N events - run with none) / N. Not
+counted: the kernel (probes, the ring buffer's wakeups, the audit file's
+writes), which bench/service.py's CPU figure includes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+EVENTS = 20_000
+BATCH = 500  # records per poll: 10k/s drained every 50 ms
+
+
+def connect_record() -> bytes:
+    """A refused connect to 127.0.0.1:9 by this process, from the root cgroup (so the process
+    tree and the cgroup names know it), as the connect probe writes it."""
+    import time
+
+    from ebpfmon.kernel import abi
+
+    e = abi.SockaddrEvent()
+    e.hdr.kind, e.hdr.size = abi.EventKind.CONNECT, abi.SockaddrEvent.payload.offset
+    e.hdr.time_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    e.hdr.cgroup_id = os.stat("/sys/fs/cgroup").st_ino
+    e.hdr.pid = e.hdr.tid = os.getpid()
+    e.hdr.ppid, e.hdr.comm = os.getppid(), b"storm"
+    e.retval, e.fd, e.family, e.dport, e.sock_type, e.protocol = -111, 3, socket.AF_INET, 9, 1, 6
+    e.addr[:4] = list(socket.inet_aton("127.0.0.1"))
+    return bytes(e)[:e.hdr.size]
+
+
+def hot_loop(events: int) -> None:
+    """Runs the daemon's hot loop over events connect records (in the process valgrind counts)."""
+    from ebpfmon.audit import AuditLog
+    from ebpfmon.config import Config
+    from ebpfmon.daemon import Daemon, rule_context, rule_paths
+    from ebpfmon.kernel.ringbuf import HEADER_SIZE, RingBufferReader
+    from ebpfmon.metrics import Metrics
+    from ebpfmon.monitor import EventStream
+    from ebpfmon.rules.engine import Engine
+    from ebpfmon.rules.loader import load_rules
+
+    config = Config()
+    stream = EventStream(config)  # probes are not loaded: records come from memory below
+    stream.tree.bootstrap()
+    daemon = Daemon.__new__(Daemon)  # the parts judge() uses, without probes or cgroups
+    daemon.config, daemon.show_events, daemon.judged, daemon.containment = config, None, 0, None
+    daemon.engine = Engine(load_rules(rule_paths(config)), rule_context(config))
+    daemon.metrics = Metrics()
+    daemon.audit = AuditLog(config.audit, tempfile.mkdtemp(prefix="ebpfmon-bench-"))
+    stream._handler = daemon.judge
+
+    record = connect_record()
+    page, size = 4096, 64 * 1024
+    ring = bytearray(page + 2 * size)  # producer page, then the data (only the first copy used)
+    position = 0
+    for _ in range(BATCH):
+        struct.pack_into("I", ring, page + position, len(record))
+        ring[page + position + HEADER_SIZE:page + position + HEADER_SIZE + len(record)] = record
+        position += (len(record) + HEADER_SIZE + 7) & ~7
+    struct.pack_into("Q", ring, 0, position)  # the producer position
+    reader = RingBufferReader.__new__(RingBufferReader)  # no map: the same reading code on our memory
+    reader.callback, reader.mask, reader.data_start = stream._on_record, size - 1, page
+    reader.consumer_position = memoryview(bytearray(8)).cast("Q")
+    reader.producer = bytes(ring)
+
+    def batch() -> None:
+        reader.consumer_position[0] = 0
+        if reader.consume() != BATCH:
+            raise SystemExit("the reader did not take every record")
+        daemon.audit.flush()
+
+    batch()  # first use: caches, route lookup, imports
+    for _ in range(events // BATCH):
+        batch()
+    if stream.stats.events["connect"] != BATCH * (1 + events // BATCH):
+        raise SystemExit(f"events judged: {stream.stats.events}")
+    shutil.rmtree(daemon.audit.directory.parent)
+
+
+def instructions(events: int) -> int:
+    result = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                             sys.executable, __file__, "--child", str(events)],
+                            capture_output=True, text=True, check=False)
+    found = re.search(r"I\s+refs:\s+([\d,]+)", result.stderr)
+    if result.returncode != 0 or not found:
+        raise SystemExit(f"valgrind run with {events} events failed:\n{result.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=EVENTS, help=f"events counted (default {EVENTS:,})")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        hot_loop(args.child)
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed: apt-get install valgrind (make bench installs it)")
+    print(f"counting instructions under valgrind: without events, then with {args.events:,} (about a minute)...",
+          flush=True)
+    base = instructions(0)
+    loaded = instructions(args.events)
+    per_event = (loaded - base) / args.events
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    text = f"""# Instructions per event (bench/instructions.py)
+
+{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, {platform.node()}, Python {platform.python_version()}
+
+The daemon's hot loop in user space (ring buffer reader, decode, enrich, audit
+line, rules of the default packs) on connect records, counted by valgrind:
+
+| events | instructions (process) | per event |
+|---|---|---|
+| 0 | {base:,} | |
+| {args.events:,} | {loaded:,} | **{per_event:,.0f}** |
+"""
+    (HERE / "RESULTS-instructions.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
