@@ -9,42 +9,40 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections import namedtuple
 from dataclasses import dataclass
 
 from ebpfmon import events as ev
 from ebpfmon.errors import DecodeError
 from ebpfmon.kernel import abi
 
-# kind, flags and size: enough to pick the record's layout and check its length
-PREFIX = struct.Struct("<HHI")
-HEADER_SIZE = abi.unpacker(abi.EventHeader)[0].size
+# every record starts with the header; its comm is the last field
+HEADER = abi.unpacker(abi.EventHeader)[0]
+HEADER_SIZE = HEADER.size
 
 
-def layout(cls, upto: str | None = None) -> tuple[struct.Struct, type]:
-    """The struct reading a record's fixed part and a named tuple of its fields, named as
-    in the abi mirror with "hdr.pid" as hdr_pid (padding renamed; a tuple, not a dict: half the
-    decode time)."""
-    unpacker, names = abi.unpacker(cls, upto)
-    return unpacker, namedtuple(cls.__name__ + "Fields", [n.replace(".", "_") for n in names], rename=True)
+def body(cls, upto: str | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
+    """The struct reading a record's fixed part after the header, and the fields' names. Its
+    builder below takes the values as parameters of those names, in that order (checked by
+    tests/test_decode.py): a named tuple was a tenth of decoding a connect."""
+    return abi.unpacker(cls, upto, after_header=True)
 
 
-# fixed part of each record; exec args and datagram payloads follow it
-LAYOUTS = {
-    abi.EventKind.EXEC: layout(abi.ExecEvent, upto="args"),
-    abi.EventKind.CONNECT: layout(abi.SockaddrEvent, upto="payload"),
-    abi.EventKind.UDP_SEND: layout(abi.SockaddrEvent, upto="payload"),
-    abi.EventKind.GPU_OPEN: layout(abi.GpuOpenEvent),
-    abi.EventKind.FORK: layout(abi.ForkEvent),
-    abi.EventKind.EXIT: layout(abi.ExitEvent),
-    abi.EventKind.CGROUP_MKDIR: layout(abi.CgroupEvent),
-    abi.EventKind.CGROUP_RMDIR: layout(abi.CgroupEvent),
-    abi.EventKind.REFUSED: layout(abi.RefusedEvent),
-    abi.EventKind.DEVICE: layout(abi.DeviceEvent),
+# fixed part of each record after the header; exec args and datagram payloads follow it
+BODIES = {
+    abi.EventKind.EXEC: body(abi.ExecEvent, upto="args"),
+    abi.EventKind.CONNECT: body(abi.SockaddrEvent, upto="payload"),
+    abi.EventKind.UDP_SEND: body(abi.SockaddrEvent, upto="payload"),
+    abi.EventKind.GPU_OPEN: body(abi.GpuOpenEvent),
+    abi.EventKind.FORK: body(abi.ForkEvent),
+    abi.EventKind.EXIT: body(abi.ExitEvent),
+    abi.EventKind.CGROUP_MKDIR: body(abi.CgroupEvent),
+    abi.EventKind.CGROUP_RMDIR: body(abi.CgroupEvent),
+    abi.EventKind.REFUSED: body(abi.RefusedEvent),
+    abi.EventKind.DEVICE: body(abi.DeviceEvent),
 }
 # where the variable part of a record starts: exec arguments, datagram payloads
-EXEC_ARGS = LAYOUTS[abi.EventKind.EXEC][0].size
-PAYLOAD = LAYOUTS[abi.EventKind.UDP_SEND][0].size
+EXEC_ARGS = HEADER_SIZE + BODIES[abi.EventKind.EXEC][0].size
+PAYLOAD = HEADER_SIZE + BODIES[abi.EventKind.UDP_SEND][0].size
 REFUSE_REASONS = {r.value: r.name.lower() for r in abi.RefuseReason}
 REFUSE_OPS = {o.value: o.name.lower() for o in abi.RefuseOp}
 
@@ -124,14 +122,16 @@ def _remember(cache: dict, key, value):
 
 
 class Decoder:
-    """The builders of the frequent kinds pass an event's fields by position, in the order the
-    event class declares them: keyword arguments were a fifth of decoding a connect."""
+    """Each kind's builder takes the header's parts (time, cgroup id, process, flags), the
+    record, and the fixed part's fields by position; the frequent kinds build their event by
+    position too, in the order its class declares the fields (keywords were a fifth of decoding
+    a connect)."""
 
     def __init__(self) -> None:
         self.clock_offset = boot_to_wall_offset()
-        # kind number -> (struct, fields tuple, builder): one dict lookup per record
-        self.kinds = {kind.value: (unpacker, fields, getattr(self, f"_{kind.name.lower()}"))
-                      for kind, (unpacker, fields) in LAYOUTS.items()}
+        # kind number -> (struct, builder): one dict lookup per record
+        self.kinds = {kind.value: (unpacker, getattr(self, f"_{kind.name.lower()}"))
+                      for kind, (unpacker, _) in BODIES.items()}
         # the same few comms and destinations recur in every event of a process: their text
         # is made once (it was half of decoding a connect)
         self._comms: dict[bytes, str] = {}
@@ -145,103 +145,95 @@ class Decoder:
         length = len(record)
         if length < HEADER_SIZE:
             raise DecodeError(f"record of {length} bytes is shorter than an event header ({HEADER_SIZE})")
-        kind_value = record[0] | record[1] << 8  # the header's first field, u16 little-endian
-        try:
-            unpacker, fields, build = self.kinds[kind_value]
-        except KeyError:
-            raise DecodeError(f"unknown event kind {kind_value} in a record of {length} bytes") from None
-        if length < unpacker.size:
-            self._check_size(record, length)
-            raise DecodeError(f"{abi.EventKind(kind_value).name.lower()} record of {length} bytes is "
-                              f"shorter than its fixed part ({unpacker.size})")
-        f = fields._make(unpacker.unpack_from(record))
-        if f.hdr_size != length:
-            self._check_size(record, length)
-        return build(f, record)
-
-    @staticmethod
-    def _check_size(record: bytes, length: int) -> None:
-        kind_value, _, size = PREFIX.unpack_from(record)
+        kind_value, hdr_flags, size, time_ns, cgroup_id, pid, tid, ppid, _, uid, gid, raw_comm = \
+            HEADER.unpack_from(record)
         if size != length:
             raise DecodeError(f"record says it has {size} bytes but has {length} (kind {kind_value})")
-
-    def _process(self, f) -> ev.Process:
-        comm = self._comms.get(f.hdr_comm)
+        try:
+            unpacker, build = self.kinds[kind_value]
+        except KeyError:
+            raise DecodeError(f"unknown event kind {kind_value} in a record of {length} bytes") from None
+        if length < HEADER_SIZE + unpacker.size:
+            raise DecodeError(f"{abi.EventKind(kind_value).name.lower()} record of {length} bytes is "
+                              f"shorter than its fixed part ({HEADER_SIZE + unpacker.size})")
+        comm = self._comms.get(raw_comm)
         if comm is None:
-            comm = _remember(self._comms, f.hdr_comm, cstr(f.hdr_comm))
-        return ev.Process(f.hdr_pid, f.hdr_tid, f.hdr_ppid, f.hdr_uid, f.hdr_gid, comm)
+            comm = _remember(self._comms, raw_comm, cstr(raw_comm))
+        return build(time_ns + self.clock_offset, cgroup_id, ev.Process(pid, tid, ppid, uid, gid, comm),
+                     hdr_flags, record, *unpacker.unpack_from(record, HEADER_SIZE))
 
-    def _exec(self, f, record) -> ev.ExecEvent:
-        args = record[EXEC_ARGS:EXEC_ARGS + f.args_size].split(b"\0")[:f.argc]
-        truncated = bool(f.hdr_flags & (abi.EVENT_F_ARGV_TRUNCATED | abi.EVENT_F_ARG_TRUNCATED |
-                                        abi.EVENT_F_ARGV_UNREADABLE))
-        return ev.ExecEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
-                            cstr(f.filename), [ev.text(a) for a in args], f.retval, truncated,
-                            _name(EXEC_SYSCALLS, f.syscall),
-                            "none" if f.hdr_flags & abi.EVENT_F_ARGV_UNREADABLE else "kernel")
+    def _exec(self, time_ns, cgroup_id, proc, hdr_flags, record,
+              retval, argc, args_size, syscall, dfd, at_flags, filename) -> ev.ExecEvent:
+        args = record[EXEC_ARGS:EXEC_ARGS + args_size].split(b"\0")[:argc]
+        truncated = bool(hdr_flags & (abi.EVENT_F_ARGV_TRUNCATED | abi.EVENT_F_ARG_TRUNCATED |
+                                      abi.EVENT_F_ARGV_UNREADABLE))
+        return ev.ExecEvent(time_ns, cgroup_id, None, proc, [], cstr(filename), [ev.text(a) for a in args], retval,
+                            truncated, _name(EXEC_SYSCALLS, syscall),
+                            "none" if hdr_flags & abi.EVENT_F_ARGV_UNREADABLE else "kernel")
 
-    def _socket(self, f) -> tuple[str, str, str | None, str | None]:
-        """family, address, socket type and protocol of a sockaddr or refused record."""
-        key = (f.family, f.addr, f.sock_type, f.protocol)
+    def _socket(self, family, addr, sock_type, protocol) -> tuple[str, str, str | None, str | None]:
+        """family, address, socket type and protocol of a sockaddr or refused record, as text."""
+        key = (family, addr, sock_type, protocol)
         known = self._sockets.get(key)
         if known is None:
-            sock_type = SOCK_TYPES.get(f.sock_type)
-            protocol = PROTOCOLS.get(f.protocol) if f.protocol else DEFAULT_PROTOCOL.get(sock_type)
-            known = _remember(self._sockets, key, (FAMILIES.get(f.family, str(f.family)),
-                                                   _address(f.family, f.addr), sock_type, protocol))
+            type_name = SOCK_TYPES.get(sock_type)
+            protocol_name = PROTOCOLS.get(protocol) if protocol else DEFAULT_PROTOCOL.get(type_name)
+            known = _remember(self._sockets, key, (FAMILIES.get(family, str(family)), _address(family, addr),
+                                                   type_name, protocol_name))
         return known
 
-    def _connect(self, f, record) -> ev.ConnectEvent:
-        family, address, sock_type, protocol = self._socket(f)
-        return ev.ConnectEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
-                               family, address, f.dport, sock_type, protocol, f.retval, f.fd,
-                               "cgroup_hook" if f.hdr_flags & abi.EVENT_F_FROM_HOOK else "syscall")
+    def _connect(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                 retval, fd, family, dport, sock_type, protocol, addr, length, payload_len) -> ev.ConnectEvent:
+        family_name, address, type_name, protocol_name = self._socket(family, addr, sock_type, protocol)
+        return ev.ConnectEvent(time_ns, cgroup_id, None, proc, [], family_name, address, dport, type_name,
+                               protocol_name, retval, fd,
+                               "cgroup_hook" if hdr_flags & abi.EVENT_F_FROM_HOOK else "syscall")
 
-    def _udp_send(self, f, record) -> ev.UdpSendEvent:
-        family, address, sock_type, protocol = self._socket(f)
-        return ev.UdpSendEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
-                               family, address, f.dport, sock_type, protocol, f.retval, f.fd, "syscall",
-                               f.length,
-                               dns_query_name(record[PAYLOAD:PAYLOAD + f.payload_len]) if f.dport == 53 else None)
+    def _udp_send(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                  retval, fd, family, dport, sock_type, protocol, addr, length, payload_len) -> ev.UdpSendEvent:
+        family_name, address, type_name, protocol_name = self._socket(family, addr, sock_type, protocol)
+        return ev.UdpSendEvent(time_ns, cgroup_id, None, proc, [], family_name, address, dport, type_name,
+                               protocol_name, retval, fd, "syscall", length,
+                               dns_query_name(record[PAYLOAD:PAYLOAD + payload_len]) if dport == 53 else None)
 
-    def _gpu_open(self, f, record) -> ev.GpuOpenEvent:
-        return ev.GpuOpenEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
-                               cstr(f.path), f.flags, ACCESS[f.flags & O_ACCMODE], f.retval, None, None,
-                               bool(f.hdr_flags & abi.EVENT_F_PATH_TRUNCATED), _name(OPEN_SYSCALLS, f.syscall))
+    def _gpu_open(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                  retval, dfd, flags, syscall, path) -> ev.GpuOpenEvent:
+        return ev.GpuOpenEvent(time_ns, cgroup_id, None, proc, [], cstr(path), flags, ACCESS[flags & O_ACCMODE],
+                               retval, None, None, bool(hdr_flags & abi.EVENT_F_PATH_TRUNCATED),
+                               _name(OPEN_SYSCALLS, syscall))
 
-    def _refused(self, f, record) -> ev.RefusedEvent:
-        op = REFUSE_OPS.get(f.op, str(f.op))
+    def _refused(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                 agent_id, reason, op, dry_run, family, dport, sock_type, protocol, addr, major, minor, access,
+                 _pad) -> ev.RefusedEvent:
+        op_name = REFUSE_OPS.get(op, str(op))
         fields = {}
-        if op == "device":
-            fields = {"device": f"{f.major}:{f.minor}", "access": device_access(f.access)}
-        elif f.family in FAMILIES:
-            family, address, sock_type, protocol = self._socket(f)
-            fields = {"family": family, "address": address, "port": f.dport, "sock_type": sock_type,
-                      "protocol": protocol}
-        return ev.RefusedEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f),
-                               reason=REFUSE_REASONS.get(f.reason, str(f.reason)), op=op,
-                               dry_run=bool(f.dry_run), agent_id=f.agent_id, **fields)
+        if op_name == "device":
+            fields = {"device": f"{major}:{minor}", "access": device_access(access)}
+        elif family in FAMILIES:
+            family_name, address, type_name, protocol_name = self._socket(family, addr, sock_type, protocol)
+            fields = {"family": family_name, "address": address, "port": dport, "sock_type": type_name,
+                      "protocol": protocol_name}
+        return ev.RefusedEvent(time_ns, cgroup_id, None, proc, reason=REFUSE_REASONS.get(reason, str(reason)),
+                               op=op_name, dry_run=bool(dry_run), agent_id=agent_id, **fields)
 
-    def _device(self, f, record) -> ev.DeviceEvent:
-        return ev.DeviceEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f),
-                              device=f"{f.major}:{f.minor}", access=device_access(f.access), agent_id=f.agent_id)
+    def _device(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                agent_id, major, minor, access, _pad) -> ev.DeviceEvent:
+        return ev.DeviceEvent(time_ns, cgroup_id, None, proc, device=f"{major}:{minor}", access=device_access(access),
+                              agent_id=agent_id)
 
-    def _fork(self, f, record) -> ev.ForkEvent:
-        return ev.ForkEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [],
-                            f.child_pid)
+    def _fork(self, time_ns, cgroup_id, proc, hdr_flags, record, child_pid, parent_pid) -> ev.ForkEvent:
+        return ev.ForkEvent(time_ns, cgroup_id, None, proc, [], child_pid)
 
-    def _exit(self, f, record) -> ev.ExitEvent:
-        return ev.ExitEvent(f.hdr_time_ns + self.clock_offset, f.hdr_cgroup_id, None, self._process(f), [])
+    def _exit(self, time_ns, cgroup_id, proc, hdr_flags, record) -> ev.ExitEvent:
+        return ev.ExitEvent(time_ns, cgroup_id, None, proc, [])
 
-    @staticmethod
-    def _cgroup_change(f, created: bool) -> CgroupChange:
-        return CgroupChange(created, f.id, cstr(f.path))
+    def _cgroup_mkdir(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                      id, level, _pad, path) -> CgroupChange:  # noqa: A002 (the field's name)
+        return CgroupChange(True, id, cstr(path))
 
-    def _cgroup_mkdir(self, f, record) -> CgroupChange:
-        return self._cgroup_change(f, True)
-
-    def _cgroup_rmdir(self, f, record) -> CgroupChange:
-        return self._cgroup_change(f, False)
+    def _cgroup_rmdir(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                      id, level, _pad, path) -> CgroupChange:  # noqa: A002 (the field's name)
+        return CgroupChange(False, id, cstr(path))
 
 
 def _name(names: tuple[str, ...], index: int) -> str:

@@ -159,3 +159,18 @@ def test_every_field_of_the_frequent_kinds_lands_in_its_place():
     for record, fields in expected:
         want = {**COMMON, **fields, "time_ns": 5_000_000_000 + offset}
         assert fields_of(d.decode(record)) == want
+
+
+def test_each_builder_takes_its_records_fields_in_their_order():
+    """Builders get the fixed part's values by position: a parameter out of the record's order
+    would take another field's value, silently."""
+    import inspect
+
+    from ebpfmon.decode import BODIES
+
+    d = Decoder()
+    for kind, (_, names) in BODIES.items():
+        build = d.kinds[kind.value][1]
+        parameters = list(inspect.signature(build).parameters)
+        assert parameters[:5] == ["time_ns", "cgroup_id", "proc", "hdr_flags", "record"], kind
+        assert tuple(parameters[5:]) == names, kind

@@ -276,16 +276,22 @@ def _flatten(cls: type[ctypes.Structure], base: int = 0):
             yield offset, name, _STRUCT_CODES[ftype]
 
 
-def unpacker(cls: type[ctypes.Structure], upto: str | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
-    """A struct.Struct reading cls's fields (up to, not including, field upto) and their names.
+def unpacker(cls: type[ctypes.Structure], upto: str | None = None,
+             after_header: bool = False) -> tuple[struct.Struct, tuple[str, ...]]:
+    """A struct.Struct reading cls's fields (up to, not including, field upto; after the event
+    header, to unpack at its end, with after_header) and their names.
 
     Decoding with struct is several times faster than ctypes attribute access,
     and the layout still comes from the one mirror above.
     """
     fmt, names, pos = "<", [], 0
+    start = ctypes.sizeof(EventHeader) if after_header else 0
     for offset, name, code in _flatten(cls):
         if name == upto:
             break
+        if offset < start:
+            continue
+        offset -= start
         if offset > pos:
             fmt += f"{offset - pos}x"
         fmt += code
