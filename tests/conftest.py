@@ -349,8 +349,6 @@ def contained_root(hierarchy):
 @pytest.fixture(scope="session")
 def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_factory):
     """ebpfmon's daemon with containment armed: agents under contained_root; GPUs for gpu-* agents only."""
-    import dataclasses
-
     from ebpfmon.config import AlertSettings, EnforceSettings, MetricsSettings
     from ebpfmon.daemon import Daemon
 

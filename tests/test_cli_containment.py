@@ -4,17 +4,13 @@ real daemon processes, kill -9, restart, release."""
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 import signal
 import subprocess
 import sys
 import threading
-import time
 
-import pytest
-
-from conftest import EBPFMON, REPO, Lines, make_agent_cgroup, remove_cgroup_tree
+from conftest import EBPFMON, REPO, Lines, make_agent_cgroup
 from test_cli import ebpfmon
 
 CONNECT = """
@@ -93,7 +89,7 @@ def test_cut_survives_kill_9_and_restart_reconciles(bpf, hierarchy, own_root, tm
         out = ebpfmon("quarantine", "list", "--state-dir", state)
         assert "from the running daemon" in out.stdout
         assert victim.name in out.stdout and holder.name in out.stdout
-        assert f"held: tcp" in out.stdout and f"-> {stratum_pool.host}:{stratum_pool.port} established" in out.stdout
+        assert "held: tcp" in out.stdout and f"-> {stratum_pool.host}:{stratum_pool.port} established" in out.stdout
         out = ebpfmon("quarantine", "release", victim.name, "--reason", "test done", "--state-dir", state)
         assert out.returncode == 0 and "released" in out.stdout
         # the pool's address was denied for every agent by the holder's deny_connect: still refused

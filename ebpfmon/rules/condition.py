@@ -21,7 +21,7 @@ import fnmatch
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ebpfmon.rules.fields import ALL_KINDS, BOOL, FIELDS, INT, IP, STR, Field

@@ -8,9 +8,8 @@ good set.
 
 from __future__ import annotations
 
-import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import yaml
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.paths import RULES_DIR
 from ebpfmon.rules.condition import ConditionError, Macros, compile_condition, fields_in, resolve_field, Token
-from ebpfmon.rules.fields import FIELDS
 from ebpfmon.rules.ruleset import (ACTIONS, PRIORITIES, CompiledRule, Output, RuleSet, SequenceSpec,
                                    WindowSpec)
 
