@@ -92,6 +92,8 @@ def hot_loop(events: int) -> None:
     reader.callback, reader.mask, reader.data_start = stream._on_record, size - 1, page
     reader.consumer_position = memoryview(bytearray(8)).cast("Q")
     reader.producer = bytes(ring)
+    reader.producer_position = memoryview(reader.producer)[:8].cast("Q")
+    reader.words = memoryview(reader.producer).cast("I")
 
     def batch() -> None:
         reader.consumer_position[0] = 0

@@ -36,7 +36,8 @@ class Enricher:
             else:
                 self.cgroups.removed(item.cgroup_id)
             return None
-        before = self._before.get(item.kind)
+        kind = item.kind
+        before = self._before.get(kind)
         if before is not None:
             before(item)
         proc = item.proc
@@ -44,7 +45,7 @@ class Enricher:
         node = self.tree.seen(proc.pid, proc.ppid, proc.comm)
         proc.ppid, proc.exe, proc.argv = node.ppid, node.exe, node.argv
         item.ancestry = self.tree.ancestry(proc.pid, self.ancestry_depth)
-        after = self._after.get(item.kind)
+        after = self._after.get(kind)
         if after is not None:
             after(item)
         return item

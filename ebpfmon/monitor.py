@@ -118,8 +118,8 @@ class EventStream:
         event = self.enricher.apply(item)
         if event is None:  # a cgroup change
             handler, arg = self.on_cgroup, item
-        elif event.kind in self.kinds:
-            self.stats.events[event.kind] += 1
+        elif (kind := event.kind) in self.kinds:
+            self.stats.events[kind] += 1
             handler, arg = self._handler, event
         else:
             return

@@ -24,20 +24,17 @@ from __future__ import annotations
 
 import mmap
 import select
-import struct
 from collections.abc import Callable
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_SIZE = 8
 # Positions and lengths change under us (and ours is read by the kernel at any moment), so
-# each is read or written as one native word: struct's standard sizes ("<Q") go byte by
-# byte, and struct.pack_into zeroes its target before writing it, which let the kernel see
-# a consumer position of 0 (the ring looks full: records were lost at 50k/s). Reads use
-# native struct formats (one load); the consumer position is written through a memoryview
-# cast, which stores the value and nothing else.
-POSITION = struct.Struct("Q")
-LENGTH = struct.Struct("I")
+# each is read or written as one native word, through memoryview casts: one load or store
+# of the value and nothing else. (struct's standard sizes, "<Q", go byte by byte, and
+# struct.pack_into zeroes its target before writing it, which let the kernel see a
+# consumer position of 0: the ring looked full and records were lost at 50k/s.)
+SIZE_MASK = DISCARD_BIT - 1  # a record's length without its busy and discard bits
 
 
 class RingBufferReader:
@@ -51,6 +48,8 @@ class RingBufferReader:
         self.consumer_position = memoryview(self.consumer).cast("Q")
         # producer page, then the data twice; offsets into it below are data offsets + page
         self.producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self.producer_position = memoryview(self.producer)[:8].cast("Q")
+        self.words = memoryview(self.producer).cast("I")  # a record's length: the word at its offset / 4
         self.data_start = page
         self.epoll = select.epoll()
         self.epoll.register(map_fd, select.EPOLLIN)
@@ -65,19 +64,19 @@ class RingBufferReader:
         """Every record there is now, in order; returns how many. Each record's space is
         given back as soon as it is copied out, before the callback runs (as libbpf does)."""
         consumer, producer, data = self.consumer_position, self.producer, self.data_start
-        mask, callback = self.mask, self.callback
+        mask, callback, words, produced = self.mask, self.callback, self.words, self.producer_position
         position = consumer[0]
         taken = 0
         while True:
-            end = POSITION.unpack_from(producer)[0]
+            end = produced[0]
             if position >= end:
                 return taken
             while position < end:
                 offset = data + (position & mask)
-                length = LENGTH.unpack_from(producer, offset)[0]
+                length = words[offset >> 2]  # records are 8-byte aligned
                 if length & BUSY_BIT:  # reserved, not yet submitted: the rest waits behind it
                     return taken
-                size = length & ~DISCARD_BIT
+                size = length & SIZE_MASK
                 start = offset + HEADER_SIZE
                 record = None if length & DISCARD_BIT else producer[start:start + size]
                 position += (size + HEADER_SIZE + 7) & ~7
@@ -88,6 +87,7 @@ class RingBufferReader:
 
     def close(self) -> None:
         self.epoll.close()
-        self.consumer_position.release()
+        for view in (self.consumer_position, self.producer_position, self.words):
+            view.release()  # a map with views into it cannot close
         self.consumer.close()
         self.producer.close()
