@@ -7,9 +7,9 @@ per poll of the ring buffer (at most every drain interval): one write, not
 one per event. Rotation counts bytes itself instead of asking the filesystem
 each time.
 
-An event names its ancestry by id ("ancestry": "<id>"); the list itself is in an ancestry line
-written once per file, before the first event that names it (so each file
-reads alone). Ancestor command lines were most of each line: writing them once
+An event names its ancestry by id ("ancestry": "<id>"); the list itself is in
+an ancestry line written once per file, before the first event that names it
+(so each file reads alone). Ancestor command lines were most of each line: writing them once
 keeps more history in the same files, and costs less per event.
 """
 
