@@ -133,10 +133,14 @@ class Event:
         return names
 
     def serialized_ancestry(self) -> tuple[str, orjson.Fragment]:
-        """The ancestry's (id, JSON), made once per shared list (a plain list becomes one)."""
+        """The ancestry's (id, JSON), made once per shared list."""
+        return self._shared_ancestry().serialized()
+
+    def _shared_ancestry(self) -> Ancestry:
+        """The ancestry as an Ancestry, which keeps its JSON (a plain list becomes one)."""
         if not isinstance(self.ancestry, Ancestry):
             self.ancestry = Ancestry(self.ancestry)
-        return self.ancestry.serialized()
+        return self.ancestry
 
     def to_json(self, ancestry_by_id: bool = False) -> str:
         """One line of ASCII JSON. ancestry_by_id: the ancestry's id (a string) in place of the
@@ -149,7 +153,7 @@ class Event:
         was a quarter of the cost); json, which escapes them, for text with lone surrogates
         (bytes that are not UTF-8) or other non-ASCII characters (an agent's bidi overrides must
         not reach a responder's terminal raw)."""
-        ancestry_id, fragment = self.serialized_ancestry()
+        self._shared_ancestry()
         try:
             # the ancestry is a list subclass: passed through to the default, which writes it
             body = orjson.dumps(self, default=_ancestry_id if ancestry_by_id else _ancestry_listed,
@@ -161,7 +165,7 @@ class Event:
                 return self._json_start + body[1:]  # kind is a class attribute, not a field
         data = self.to_dict()
         if ancestry_by_id:
-            data["ancestry"] = ancestry_id
+            data["ancestry"] = self.ancestry.serialized()[0]
         return json.dumps(data, separators=(",", ":")).encode()
 
     def __init_subclass__(cls, **kwargs) -> None:
