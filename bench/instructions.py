@@ -127,6 +127,8 @@ def main() -> None:
     if args.child is not None:
         hot_loop(args.child)
         return
+    if args.events <= 0 or args.events % BATCH:
+        parser.error(f"--events must be a positive multiple of {BATCH} (records per batch), not {args.events}")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind (make bench installs it)")
     print(f"counting instructions under valgrind: without events, then with {args.events:,} (about a minute)...",
