@@ -9,8 +9,9 @@ each time.
 
 An event names its ancestry by id ("ancestry": "<id>"); the list itself is in
 an ancestry line written once per file, before the first event that names it
-(so each file reads alone). Ancestor command lines were most of each line: writing them once
-keeps more history in the same files, and costs less per event.
+(so each file reads alone). Ancestor command lines were most of each line:
+writing them once keeps more history in the same files, and costs less per
+event.
 """
 
 from __future__ import annotations
