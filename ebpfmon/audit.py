@@ -39,8 +39,8 @@ class AuditLog:
 
     def write(self, event: ev.Event) -> None:
         line = event.json_bytes(ancestry_by_id=True)
-        ancestry_id, fragment = event.ancestry.serialized()  # an Ancestry now
-        self.buffer.append((ancestry_id, fragment, line))
+        ancestry = event.ancestry  # an Ancestry now
+        self.buffer.append((ancestry.id, ancestry.json, line))
 
     def flush(self) -> None:
         if not self.buffer:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import operator
 from dataclasses import dataclass, field, fields
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 
@@ -65,24 +66,22 @@ class Ancestor:
 
 class Ancestry(list):
     """Ancestors, parent first. The process tree shares one between the events of a process
-    while the tree does not change, so its JSON is made once: long ancestor command lines
-    (container shims, agent runtimes) were most of the audit log's cost per event."""
+    while the tree does not change, so its JSON is made once, with it: long ancestor command
+    lines (container shims, agent runtimes) were most of the audit log's cost per event. Made
+    whole, then not changed: its id and JSON are of what it held when made."""
 
-    __slots__ = ("_serialized",)
+    __slots__ = ("id", "json")
 
-    def serialized(self) -> tuple[str, orjson.Fragment]:
-        """(id, ASCII JSON): the id names the list in the audit log (ancestry lines)."""
+    def __init__(self, ancestors=()):
+        super().__init__(ancestors)
         try:
-            return self._serialized
-        except AttributeError:
-            try:
-                raw = orjson.dumps(list(self))
-            except orjson.JSONEncodeError:  # lone surrogates
-                raw = b""
-            if not raw.isascii() or not raw:
-                raw = json.dumps([vars_of(a) for a in self], separators=(",", ":")).encode()
-            self._serialized = (hashlib.blake2b(raw, digest_size=8).hexdigest(), orjson.Fragment(raw))
-            return self._serialized
+            raw = orjson.dumps(list(self))
+        except orjson.JSONEncodeError:  # lone surrogates
+            raw = b""
+        if not raw.isascii() or not raw:
+            raw = json.dumps([a if isinstance(a, dict) else vars_of(a) for a in self], separators=(",", ":")).encode()
+        self.id = hashlib.blake2b(raw, digest_size=8).hexdigest()  # names the list in the audit log
+        self.json = orjson.Fragment(raw)  # ASCII
 
 
 def ancestry_line(ancestry_id: str, fragment: orjson.Fragment) -> bytes:
@@ -90,25 +89,24 @@ def ancestry_line(ancestry_id: str, fragment: orjson.Fragment) -> bytes:
     return orjson.dumps({"kind": "ancestry", "id": ancestry_id, "ancestry": fragment})
 
 
-def _ancestry_id(value) -> str:
-    """orjson's default for an event in the audit log: its Ancestry by id."""
-    if isinstance(value, Ancestry):
-        return value.serialized()[0]
-    raise TypeError  # anything else: json.dumps writes the line (to_dict)
+# orjson's defaults for an event's Ancestry (the one type in an event it does not write itself):
+# by id for the audit log, listed for an event's own line. C callables: orjson calls one per event.
+_ancestry_id = operator.attrgetter("id")
+_ancestry_listed = operator.attrgetter("json")
 
 
-def _ancestry_listed(value) -> orjson.Fragment:
-    """orjson's default for an event's own line: its Ancestry, listed."""
-    if isinstance(value, Ancestry):
-        return value.serialized()[1]
-    raise TypeError
+def kind_field(kind: str):
+    """The event's kind: the first field of its JSON, set by the class (keyword-only, so
+    builders pass the other fields by position). An instance attribute, not a ClassVar:
+    CPython 3.11 reads those fast, and orjson writes it with the rest."""
+    return field(default=kind, kw_only=True, repr=False)
 
 
 @dataclass
 class Event:
     """Fields every event has. Subclasses add what their kind carries."""
 
-    kind: ClassVar[str] = ""
+    kind: str = kind_field("")
     time_ns: int  # wall clock, ns since the epoch
     cgroup_id: int
     cgroup: str | None  # path relative to the cgroup2 mount; None if unknown
@@ -117,9 +115,7 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies and is the slowest part of JSON output
-        data = {"kind": self.kind}
-        for name in self._field_names():
-            data[name] = getattr(self, name)
+        data = {name: getattr(self, name) for name in self._field_names()}
         data["proc"] = vars_of(self.proc)
         data["ancestry"] = [vars_of(a) for a in self.ancestry]
         return data
@@ -131,10 +127,6 @@ class Event:
             names = tuple(f.name for f in fields(cls))
             cls._names = names
         return names
-
-    def serialized_ancestry(self) -> tuple[str, orjson.Fragment]:
-        """The ancestry's (id, JSON), made once per shared list."""
-        return self._shared_ancestry().serialized()
 
     def _shared_ancestry(self) -> Ancestry:
         """The ancestry as an Ancestry, which keeps its JSON (a plain list becomes one)."""
@@ -162,15 +154,11 @@ class Event:
             pass
         else:
             if body.isascii():
-                return self._json_start + body[1:]  # kind is a class attribute, not a field
+                return body
         data = self.to_dict()
         if ancestry_by_id:
-            data["ancestry"] = self.ancestry.serialized()[0]
+            data["ancestry"] = self.ancestry.id
         return json.dumps(data, separators=(",", ":")).encode()
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._json_start = b'{"kind":' + orjson.dumps(cls.kind) + b","
 
     @property
     def error(self) -> str | None:
@@ -179,7 +167,7 @@ class Event:
 
 @dataclass
 class ExecEvent(Event):
-    kind: ClassVar[str] = "exec"
+    kind: str = kind_field("exec")
     filename: str = ""
     argv: list[str] = field(default_factory=list)
     retval: int = 0
@@ -192,7 +180,7 @@ class ExecEvent(Event):
 
 @dataclass
 class ConnectEvent(Event):
-    kind: ClassVar[str] = "connect"
+    kind: str = kind_field("connect")
     family: str = "inet"  # inet or inet6
     address: str = ""  # IPv4-mapped IPv6 addresses are shown as IPv4
     port: int = 0
@@ -207,14 +195,14 @@ class ConnectEvent(Event):
 class UdpSendEvent(ConnectEvent):
     """A datagram sent to an address (sendto/sendmsg/sendmmsg)."""
 
-    kind: ClassVar[str] = "udp_send"
+    kind: str = kind_field("udp_send")
     length: int = 0  # bytes asked to send; retval is bytes (or messages) sent
     dns_query: str | None = None  # the name asked, for datagrams to port 53
 
 
 @dataclass
 class GpuOpenEvent(Event):
-    kind: ClassVar[str] = "gpu_open"
+    kind: str = kind_field("gpu_open")
     path: str = ""
     flags: int = 0
     access: str = ""  # r, w or rw
@@ -229,7 +217,7 @@ class GpuOpenEvent(Event):
 class RefusedEvent(Event):
     """Enforcement refused something, synchronously, in the kernel."""
 
-    kind: ClassVar[str] = "refused"
+    kind: str = kind_field("refused")
     reason: str = ""  # cut, port, net, gpu
     op: str = ""  # connect, sendmsg, device
     dry_run: bool = False  # only reported: the call went through
@@ -254,7 +242,7 @@ class DeviceEvent(Event):
     """A GPU device access seen by the cgroup device hook, not by the open probes
     (a relative path, a path outside the GPU prefixes)."""
 
-    kind: ClassVar[str] = "device"
+    kind: str = kind_field("device")
     device: str = ""
     vendor: str | None = None
     access: str = ""
@@ -264,13 +252,13 @@ class DeviceEvent(Event):
 
 @dataclass
 class ForkEvent(Event):
-    kind: ClassVar[str] = "fork"
+    kind: str = kind_field("fork")
     child_pid: int = 0
 
 
 @dataclass
 class ExitEvent(Event):
-    kind: ClassVar[str] = "exit"
+    kind: str = kind_field("exit")
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

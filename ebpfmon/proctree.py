@@ -154,7 +154,7 @@ class ProcessTree:
         return cached
 
     def _walk(self, pid: int, depth: int) -> Ancestry:
-        chain = Ancestry()
+        chain = []
         seen = {pid}
         node = self.get(pid)
         while node and node.ppid > 0 and len(chain) < depth and node.ppid not in seen:
@@ -165,4 +165,4 @@ class ProcessTree:
                 break
             chain.append(Ancestor(pid=parent.pid, comm=parent.comm, exe=parent.exe, argv=parent.argv))
             node = parent
-        return chain
+        return Ancestry(chain)
