@@ -11,7 +11,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ebpfmon import events as ev
+from ebpfmon import _decode, events as ev
 from ebpfmon.errors import DecodeError
 from ebpfmon.kernel import abi
 
@@ -40,9 +40,8 @@ BODIES = {
     abi.EventKind.REFUSED: body(abi.RefusedEvent),
     abi.EventKind.DEVICE: body(abi.DeviceEvent),
 }
-# where the variable part of a record starts: exec arguments, datagram payloads
+# where an exec record's arguments start
 EXEC_ARGS = HEADER_SIZE + BODIES[abi.EventKind.EXEC][0].size
-PAYLOAD = HEADER_SIZE + BODIES[abi.EventKind.UDP_SEND][0].size
 REFUSE_REASONS = {r.value: r.name.lower() for r in abi.RefuseReason}
 REFUSE_OPS = {o.value: o.name.lower() for o in abi.RefuseOp}
 
@@ -122,26 +121,40 @@ def _remember(cache: dict, key, value):
 
 
 class Decoder:
-    """Each kind's builder takes the header's parts (time, cgroup id, process, flags), the
-    record, and the fixed part's fields by position; the frequent kinds build their event by
-    position too, in the order its class declares the fields (keywords were a fifth of decoding
-    a connect)."""
+    """Records -> events. Connect and datagram records (every connect an agent makes) are
+    decoded in C, ebpfmon/_decode.c, through the probes' own struct; it builds the same events
+    from the same caches and hands every other record to decode_other. Each Python builder below
+    takes the header's parts (time, cgroup id, process, flags), the record, and the fixed part's
+    fields by position; frequent kinds build their event by position too, in the order its class
+    declares the fields (keywords were a fifth of decoding a connect).
+
+    decode(record) -> event or CgroupChange; DecodeError for a malformed record."""
 
     def __init__(self) -> None:
-        self.clock_offset = boot_to_wall_offset()
-        # kind number -> (struct, builder): one dict lookup per record
-        self.kinds = {kind.value: (unpacker, getattr(self, f"_{kind.name.lower()}"))
+        # kind number -> (struct, builder): one dict lookup per record; no builder for the kinds
+        # decoded in C
+        self.kinds = {kind.value: (unpacker, getattr(self, f"_{kind.name.lower()}", None))
                       for kind, (unpacker, _) in BODIES.items()}
         # the same few comms and destinations recur in every event of a process: their text
         # is made once (it was half of decoding a connect)
         self._comms: dict[bytes, str] = {}
         self._sockets: dict[tuple, tuple[str, str, str | None, str | None]] = {}
+        self.decode = _decode.SockaddrDecoder(self._comms, self._sockets, self._comm_text, self._socket,
+                                              dns_query_name, ev.Process, ev.ConnectEvent, ev.UdpSendEvent,
+                                              self.decode_other)
+        self.resync_clock()
+
+    @property
+    def clock_offset(self) -> int:
+        """ns added to the records' CLOCK_BOOTTIME times: wall-clock times."""
+        return self.decode.clock_offset
 
     def resync_clock(self) -> None:
         """Call now and then: the wall clock may be stepped (NTP) while we run."""
-        self.clock_offset = boot_to_wall_offset()
+        self.decode.clock_offset = boot_to_wall_offset()
 
-    def decode(self, record: bytes) -> ev.Event | CgroupChange:
+    def decode_other(self, record: bytes) -> ev.Event | CgroupChange:
+        """Records of the kinds decoded here, and malformed records of any kind (DecodeError)."""
         length = len(record)
         if length < HEADER_SIZE:
             raise DecodeError(f"record of {length} bytes is shorter than an event header ({HEADER_SIZE})")
@@ -156,11 +169,16 @@ class Decoder:
         if length < HEADER_SIZE + unpacker.size:
             raise DecodeError(f"{abi.EventKind(kind_value).name.lower()} record of {length} bytes is "
                               f"shorter than its fixed part ({HEADER_SIZE + unpacker.size})")
+        if build is None:  # a kind decoded in C, given as a bytearray or a memoryview
+            return self.decode(bytes(record))
         comm = self._comms.get(raw_comm)
         if comm is None:
-            comm = _remember(self._comms, raw_comm, cstr(raw_comm))
-        return build(time_ns + self.clock_offset, cgroup_id, ev.Process(pid, tid, ppid, uid, gid, comm),
+            comm = self._comm_text(raw_comm)
+        return build(time_ns + self.decode.clock_offset, cgroup_id, ev.Process(pid, tid, ppid, uid, gid, comm),
                      hdr_flags, record, *unpacker.unpack_from(record, HEADER_SIZE))
+
+    def _comm_text(self, raw_comm: bytes) -> str:
+        return _remember(self._comms, raw_comm, cstr(raw_comm))
 
     def _exec(self, time_ns, cgroup_id, proc, hdr_flags, record,
               retval, argc, args_size, syscall, dfd, at_flags, filename) -> ev.ExecEvent:
@@ -172,7 +190,8 @@ class Decoder:
                             "none" if hdr_flags & abi.EVENT_F_ARGV_UNREADABLE else "kernel")
 
     def _socket(self, family, addr, sock_type, protocol) -> tuple[str, str, str | None, str | None]:
-        """family, address, socket type and protocol of a sockaddr or refused record, as text."""
+        """family, address, socket type and protocol of a sockaddr or refused record, as text
+        (called from C on a miss, with the same key)."""
         key = (family, addr, sock_type, protocol)
         known = self._sockets.get(key)
         if known is None:
@@ -181,20 +200,6 @@ class Decoder:
             known = _remember(self._sockets, key, (FAMILIES.get(family, str(family)), _address(family, addr),
                                                    type_name, protocol_name))
         return known
-
-    def _connect(self, time_ns, cgroup_id, proc, hdr_flags, record,
-                 retval, fd, family, dport, sock_type, protocol, addr, length, payload_len) -> ev.ConnectEvent:
-        family_name, address, type_name, protocol_name = self._socket(family, addr, sock_type, protocol)
-        return ev.ConnectEvent(time_ns, cgroup_id, None, proc, [], family_name, address, dport, type_name,
-                               protocol_name, retval, fd,
-                               "cgroup_hook" if hdr_flags & abi.EVENT_F_FROM_HOOK else "syscall")
-
-    def _udp_send(self, time_ns, cgroup_id, proc, hdr_flags, record,
-                  retval, fd, family, dport, sock_type, protocol, addr, length, payload_len) -> ev.UdpSendEvent:
-        family_name, address, type_name, protocol_name = self._socket(family, addr, sock_type, protocol)
-        return ev.UdpSendEvent(time_ns, cgroup_id, None, proc, [], family_name, address, dport, type_name,
-                               protocol_name, retval, fd, "syscall", length,
-                               dns_query_name(record[PAYLOAD:PAYLOAD + payload_len]) if dport == 53 else None)
 
     def _gpu_open(self, time_ns, cgroup_id, proc, hdr_flags, record,
                   retval, dfd, flags, syscall, path) -> ev.GpuOpenEvent:
