@@ -63,6 +63,7 @@ def hot_loop(events: int) -> None:
     from ebpfmon.audit import AuditLog
     from ebpfmon.config import Config
     from ebpfmon.daemon import Daemon, rule_context, rule_paths
+    from ebpfmon.kernel._ringbuf import Consumer
     from ebpfmon.kernel.ringbuf import HEADER_SIZE, RingBufferReader
     from ebpfmon.metrics import Metrics
     from ebpfmon.monitor import EventStream
@@ -88,15 +89,12 @@ def hot_loop(events: int) -> None:
         ring[page + position + HEADER_SIZE:page + position + HEADER_SIZE + len(record)] = record
         position += (len(record) + HEADER_SIZE + 7) & ~7
     struct.pack_into("Q", ring, 0, position)  # the producer position
+    consumer = bytearray(8)  # the consumer position
     reader = RingBufferReader.__new__(RingBufferReader)  # no map: the same reading code on our memory
-    reader.callback, reader.mask, reader.data_start = stream._on_record, size - 1, page
-    reader.consumer_position = memoryview(bytearray(8)).cast("Q")
-    reader.producer = bytes(ring)
-    reader.producer_position = memoryview(reader.producer)[:8].cast("Q")
-    reader.words = memoryview(reader.producer).cast("I")
+    reader.records = Consumer(consumer, bytes(ring), page, size, stream._on_record)
 
     def batch() -> None:
-        reader.consumer_position[0] = 0
+        consumer[:] = bytes(8)
         if reader.consume() != BATCH:
             raise SystemExit("the reader did not take every record")
         daemon.audit.flush()

@@ -13,7 +13,7 @@ VENV=${VENV:-$ROOT/.venv}
 PIP_EXTRAS=${PIP_EXTRAS:-}
 # editable: the venv runs the checkout (development); install: a copy (make install)
 PIP_MODE=${PIP_MODE:-editable}
-# gcc, libc6-dev and python3-dev build the decoder's C part (ebpfmon/_decode.c) into the venv
+# gcc, libc6-dev and python3-dev build ebpfmon's C parts (the decoder's and the ring buffer reader's)
 PACKAGES="python3 python3-venv python3-pip python3-dev gcc libc6-dev python3-bpfcc iproute2 ${EXTRA_PACKAGES:-}"
 
 say() { echo "setup: $*"; }
@@ -106,7 +106,7 @@ fi
 stamp="$VENV/.ebpfmon-installed"
 # reinstalled when the project file or the C it builds changes (an editable venv runs the
 # checkout's Python but a built copy of its C)
-want=$(cat "$ROOT/pyproject.toml" "$ROOT/ebpfmon/_decode.c" "$ROOT/probes/events.h" | sha256sum | cut -d' ' -f1)"$PIP_EXTRAS$PIP_MODE"
+want=$(cat "$ROOT/pyproject.toml" "$ROOT/ebpfmon/_decode.c" "$ROOT/ebpfmon/kernel/_ringbuf.c" "$ROOT/probes/events.h" | sha256sum | cut -d' ' -f1)"$PIP_EXTRAS$PIP_MODE"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing ebpfmon into $VENV"
     if [ "$PIP_MODE" = install ]; then

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import platform
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,9 +35,9 @@ REQUIRES = {"enforce": {"connect", "gpu"}}
 # unless one of its class did less than this ago (probes/common.h, windowed_wake)
 WAKE_WINDOW_MS = 5
 
-# how records leave the ring buffer: its shared memory read directly where loads keep their
-# order (ebpfmon/kernel/ringbuf.py), else bcc's consumer, one ctypes callback per record
-RING_READER = "mmap" if platform.machine() in ("x86_64", "AMD64") else "bcc"
+# how records leave the ring buffer: its shared memory read directly (ebpfmon/kernel/ringbuf.py,
+# with libbpf's acquire loads, in C), or bcc's consumer, one ctypes callback per record
+RING_READER = "mmap"
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
