@@ -12,6 +12,11 @@ an ancestry line written once per file, before the first event that names it
 (so each file reads alone). Ancestor command lines were most of each line:
 writing them once keeps more history in the same files, and costs less per
 event.
+
+A connect's line is made by orjson once per distinct connect; the next ones
+that differ only in their time reuse it with the time put in (ConnectLines).
+An agent's connects repeat (a retry loop, a connection pool, a flood), and
+making each line was a third of the daemon's instructions per connect.
 """
 
 from __future__ import annotations
@@ -23,6 +28,34 @@ from ebpfmon import events as ev
 from ebpfmon.config import AuditSettings
 
 MAX_ANCESTRIES_REMEMBERED = 65536
+# distinct connects whose line is kept; all are forgotten when there are more (bounded memory)
+MAX_CONNECT_LINES = 4096
+TIME_PREFIX = b'{"kind":"connect","time_ns":'  # every connect's line starts so (kind, then time)
+
+
+class ConnectLines:
+    """Audit lines of connects, by everything in them but the time. A key holds every field
+    of the event and of its process but time_ns (tests/test_audit.py changes each field of the
+    dataclasses in turn: a field missing here fails it)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple, bytes] = {}  # key -> the line after its time
+
+    def line(self, e: ev.ConnectEvent) -> bytes:
+        p = e.proc
+        key = (e.cgroup_id, e.cgroup, e.ancestry.id, e.family, e.address, e.port, e.sock_type, e.protocol,
+               e.retval, e.fd, e.source, p.pid, p.tid, p.ppid, p.uid, p.gid, p.comm, p.exe,
+               None if p.argv is None else tuple(p.argv))
+        after = self.lines.get(key)
+        if after is not None:
+            return TIME_PREFIX + b"%d" % e.time_ns + after
+        line = e.json_bytes(ancestry_by_id=True)
+        time_text = b"%d" % e.time_ns
+        if line.startswith(TIME_PREFIX + time_text + b","):  # where the time is, checked, not assumed
+            if len(self.lines) >= MAX_CONNECT_LINES:
+                self.lines.clear()
+            self.lines[key] = line[len(TIME_PREFIX) + len(time_text):]
+        return line
 
 
 class AuditLog:
@@ -36,9 +69,13 @@ class AuditLog:
         self.file = open(self.path, "ab")
         self.size = self.file.tell()
         self.ancestries_written: set[str] = set()  # ids with a line in the current file
+        self.connect_lines = ConnectLines()
 
     def write(self, event: ev.Event) -> None:
-        line = event.json_bytes(ancestry_by_id=True)
+        if type(event) is ev.ConnectEvent and type(event.ancestry) is ev.Ancestry:
+            line = self.connect_lines.line(event)
+        else:
+            line = event.json_bytes(ancestry_by_id=True)
         ancestry = event.ancestry  # an Ancestry now
         self.buffer.append((ancestry.id, ancestry.json, line))
 

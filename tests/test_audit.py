@@ -63,3 +63,47 @@ def test_an_event_naming_an_unknown_ancestry_is_reported_with_its_line(tmp_path)
     path.write_text(agent_events(1)[0].to_json(ancestry_by_id=True) + "\n")
     [(number, error)] = list(ev.read_jsonl(path))
     assert number == 1 and f"{path}:1:" in str(error) and "no ancestry line before it" in str(error)
+
+
+def test_a_connect_line_made_once_is_right_for_every_connect_after_it():
+    """AuditLog keeps a connect's line by every field but the time: each field of the event and
+    of its process changed in turn gives the line orjson makes for it (a field the key lacks
+    would give the first event's line)."""
+    from dataclasses import fields, replace
+
+    from ebpfmon.audit import ConnectLines
+
+    base = agent_events(1)[0]
+    base.proc = replace(base.proc, exe="/usr/bin/agent", argv=["agent", "--go"])
+    other_values = {
+        "cgroup_id": 8, "cgroup": "/agents/b", "ancestry": ev.Ancestry([ev.Ancestor(pid=5)]), "family": "inet6",
+        "address": "2001:db8::1", "port": 443, "sock_type": "dgram", "protocol": "udp", "retval": 0, "fd": 9,
+        "source": "cgroup_hook",
+    }
+    other_process = {"pid": 5, "tid": 6, "ppid": 7, "uid": 1000, "gid": 1000, "comm": "other", "exe": None,
+                     "argv": ["agent", "--stop"]}
+    assert set(other_values) == {f.name for f in fields(ev.ConnectEvent)} - {"kind", "time_ns", "proc"}
+    assert set(other_process) == {f.name for f in fields(ev.Process)}
+    lines = ConnectLines()
+    variants = [replace(base, **{name: value}) for name, value in other_values.items()]
+    variants += [replace(base, proc=replace(base.proc, **{name: value})) for name, value in other_process.items()]
+    variants.append(replace(base, proc=replace(base.proc, argv=None)))
+    for time_ns in (1_000, 2_000_000_000_000_000_000):  # made, then reused with another time
+        for event in [base] + variants:
+            event = replace(event, time_ns=time_ns)
+            assert lines.line(event) == event.json_bytes(ancestry_by_id=True), event
+    assert len(lines.lines) == len(variants) + 1
+
+
+def test_a_connect_with_text_json_must_escape_is_written_right_each_time(tmp_path):
+    """Lines json.dumps makes (lone surrogates, non-ASCII: escaped) are made each time, not reused."""
+    log = AuditLog(AuditSettings(), tmp_path)
+    events = agent_events(3)
+    for n, event in enumerate(events):
+        event.proc = ev.Process(pid=1, tid=1, ppid=0, uid=0, gid=0, comm="caf\udce9\u202e", argv=["x"])
+        event.time_ns = n
+        log.write(event)
+    log.close()
+    assert [e.time_ns for e in read_back(log.path)] == [0, 1, 2]
+    assert all(e.proc.comm == "caf\udce9\u202e" for e in read_back(log.path))
+    assert log.path.read_text().isascii()
