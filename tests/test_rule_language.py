@@ -261,3 +261,31 @@ def test_output_escapes_agent_text(tmp_path):
     ruleset = ruleset_from(tmp_path, RULE.format(condition="evt.type = execve"))
     verdict = Engine(ruleset).evaluate(make_event({"exec": {"argv": ["evil\nFAKE"], "comm": "x"}}, 0))[0]
     assert verdict.output == "fired evil\\x0aFAKE"
+
+
+@pytest.mark.parametrize("kind,values", [
+    ("connect", {"address": "127.0.0.1", "port": 9, "retval": -111, "protocol": "tcp"}),
+    ("connect", {"address": "2001:db8::1", "port": 443, "retval": 0, "family": "inet6"}),
+    ("udp_send", {"address": "10.1.2.3", "port": 53, "retval": 40}),
+    ("refused", {"address": "192.0.2.1", "port": 22, "family": "inet"}),
+    ("refused", {"device": "195:0", "access": "rw"}),
+])
+def test_fields_compiled_in_place_read_what_their_extractor_reads(tmp_path, kind, values):
+    """Fields written as expressions (fields._inline) are evaluated inside the compiled judge:
+    for each, a rule on the value its extractor gives fires, and one on another value does not."""
+    from ebpfmon.rules.fields import FIELDS
+
+    event = make_event({kind: values}, 0)
+    context = Context(networks=NetworkClassifier(["10.0.0.0/8"], use_routes=False))
+    inline = [f for f in FIELDS.values() if getattr(f.extractor_for(kind), "inline", None) and kind in f.kinds]
+    # a refused event's destination may be missing: its socket fields are called, not inlined
+    assert ({"evt.res", "fd.is_internal"} if kind != "refused" else {"evt.res"}) <= {f.name for f in inline}
+    for field in inline:
+        value = field.extractor_for(kind)(event, context)
+        if value is None:
+            assert not fires(tmp_path, f"{field.name} exists", {kind: values}), field.name
+            continue
+        text = str(value).lower() if isinstance(value, bool) else f'"{value}"'
+        assert fires(tmp_path, f"{field.name} = {text}", {kind: values}), field.name
+        other = str(not value).lower() if isinstance(value, bool) else '"no-such-value"'
+        assert not fires(tmp_path, f"{field.name} = {other}", {kind: values}), field.name

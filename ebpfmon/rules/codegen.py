@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ebpfmon.rules.condition import BoolOp, Check, Not, check_test
+from ebpfmon.rules.fields import INLINE_NAMES
 
 MISSING = object()
 
@@ -37,9 +38,14 @@ class _Generator:
             return f"e.{check.field.attribute}"  # a call per field was a fifth of judging a connect
         key = check.field.name if check.index is None else f"{check.field.name}[{check.index}]"
         var = self.fields.get(key)
+        extract = check.field.extractor_for(self.kind)
+        inline = getattr(extract, "inline", None)  # an expression, evaluated in place (fields._inline)
+        if inline is not None and check.index is None and not check.field.indexed:
+            var = self.fields[key] = var or f"_f{len(self.fields)}"
+            self.names.update(INLINE_NAMES)
+            return f"({var} if {var} is not _M else ({var} := ({inline})))"
         if var is None:
             var = self.fields[key] = f"_f{len(self.fields)}"
-            extract = check.field.extractor_for(self.kind)
             if check.index is not None or check.field.indexed:
                 index = check.index
                 reader = lambda e, c, extract=extract, index=index: extract(e, c, index)  # noqa: E731

@@ -73,6 +73,17 @@ class Context:
 
 MISSING = object()
 Extractor = Callable[[ev.Event, Context], Any]
+# names the inline expressions below may use
+INLINE_NAMES = {"_error_name": ev.error_name}
+
+
+def _inline(expression: str) -> Extractor:
+    """An extractor written as an expression of the event e and the context c. Compiled rules
+    evaluate the expression in place, without a call (ebpfmon/rules/codegen.py: a call per
+    field was a fifth of judging a connect); everything else calls the function made of it."""
+    extract = eval(f"lambda e, c: {expression}", dict(INLINE_NAMES))  # noqa: S307 (our constant text)
+    extract.inline = expression
+    return extract
 
 
 @dataclass(frozen=True)
@@ -136,8 +147,8 @@ _field("evt.dir", ALL_KINDS, STR, "always '<': events are reported when the call
 _attribute("evt.time", ALL_KINDS, INT, "wall-clock time, ns since the epoch", "time_ns")
 _attribute("evt.rawres", ALL_KINDS, INT, "the call's return value (negative errno on failure)", "retval")
 _field("evt.res", ALL_KINDS, STR, "SUCCESS, or the errno name (ENOENT, ECONNREFUSED, EINPROGRESS...)")(
-    lambda e, c: "SUCCESS" if e.retval >= 0 else ev.error_name(e.retval))
-_field("evt.failed", ALL_KINDS, BOOL, "true when the call returned an error")(lambda e, c: e.retval < 0)
+    _inline('"SUCCESS" if e.retval >= 0 else _error_name(e.retval)'))
+_field("evt.failed", ALL_KINDS, BOOL, "true when the call returned an error")(_inline("e.retval < 0"))
 
 _attribute("proc.pid", ALL_KINDS, INT, "process id", "proc.pid")
 _attribute("thread.tid", ALL_KINDS, INT, "thread id", "proc.tid")
@@ -226,15 +237,15 @@ _attribute("fd.rip", SOCKET_KINDS, IP, "remote address (same as fd.sip for outbo
 _attribute("fd.sport", SOCKET_KINDS, INT, "destination (server) port", "port")
 _attribute("fd.rport", SOCKET_KINDS, INT, "remote port (same as fd.sport for outbound connections)", "port")
 _socket_field("fd.l4proto", STR, "tcp, udp... ('unknown' when the socket type is not known)",
-              lambda e, c: e.protocol or "unknown")
-_socket_field("fd.type", STR, "ipv4 or ipv6", lambda e, c: "ipv4" if e.family == "inet" else "ipv6")
-_socket_field("fd.typechar", STR, "4 or 6", lambda e, c: "4" if e.family == "inet" else "6")
+              _inline('e.protocol or "unknown"'))
+_socket_field("fd.type", STR, "ipv4 or ipv6", _inline('"ipv4" if e.family == "inet" else "ipv6"'))
+_socket_field("fd.typechar", STR, "4 or 6", _inline('"4" if e.family == "inet" else "6"'))
 _socket_field("fd.sockfamily", STR, "always 'ip'", lambda e, c: "ip")
 _attribute("fd.num", {CONNECT, UDP}, INT, "file descriptor number", "fd")
 _socket_field("fd.is_internal", BOOL, "destination is in an internal network: configured, loopback, or routed "
-              "other than by the default route", lambda e, c: c.networks.is_internal(e.address))
+              "other than by the default route", _inline("c.networks.is_internal(e.address)"))
 _socket_field("fd.is_loopback", BOOL, "destination is a loopback address",
-              lambda e, c: e.address.startswith("127.") or e.address == "::1")
+              _inline('e.address.startswith("127.") or e.address == "::1"'))
 _attribute("evt.source", {CONNECT}, STR, "syscall, or cgroup_hook for a connect only the cgroup hooks saw "
        "(io_uring): its result is not known", "source")
 
