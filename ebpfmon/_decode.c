@@ -36,6 +36,9 @@ typedef struct {
 	PyObject *process;        /* events.Process */
 	PyObject *connect;        /* events.ConnectEvent */
 	PyObject *udp_send;       /* events.UdpSendEvent */
+	PyObject *process_init;   /* their __init__ functions (see construct()) */
+	PyObject *connect_init;
+	PyObject *udp_send_init;
 	PyObject *other;          /* callable(record): every other record */
 	PyObject *source_syscall; /* "syscall" */
 	PyObject *source_hook;    /* "cgroup_hook" */
@@ -53,6 +56,9 @@ static int Decoder_traverse(Decoder *self, visitproc visit, void *arg)
 	Py_VISIT(self->process);
 	Py_VISIT(self->connect);
 	Py_VISIT(self->udp_send);
+	Py_VISIT(self->process_init);
+	Py_VISIT(self->connect_init);
+	Py_VISIT(self->udp_send_init);
 	Py_VISIT(self->other);
 	return 0;
 }
@@ -67,6 +73,9 @@ static int Decoder_clear(Decoder *self)
 	Py_CLEAR(self->process);
 	Py_CLEAR(self->connect);
 	Py_CLEAR(self->udp_send);
+	Py_CLEAR(self->process_init);
+	Py_CLEAR(self->connect_init);
+	Py_CLEAR(self->udp_send_init);
 	Py_CLEAR(self->other);
 	Py_CLEAR(self->source_syscall);
 	Py_CLEAR(self->source_hook);
@@ -78,6 +87,47 @@ static void Decoder_dealloc(Decoder *self)
 	PyObject_GC_UnTrack(self);
 	Decoder_clear(self);
 	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *empty_tuple;
+
+/* cls.__init__, a Python function: construct() calls it directly */
+static PyObject *init_of(PyObject *cls)
+{
+	PyObject *init;
+
+	if (!PyType_Check(cls)) {
+		PyErr_Format(PyExc_TypeError, "%R is not a class", cls);
+		return NULL;
+	}
+	init = PyObject_GetAttrString(cls, "__init__");
+	if (init && !PyFunction_Check(init)) {
+		PyErr_Format(PyExc_TypeError, "%R.__init__ is not a Python function", cls);
+		Py_CLEAR(init);
+	}
+	return init;
+}
+
+/* cls(*args) as type.__call__ makes it: an instance from cls's tp_new, then cls.__init__(it,
+ * *args). Here the function is called straight, with no argument tuple made and no __init__
+ * looked up per object (calling the class was a third of building an event). items[0] is
+ * free for the instance, items[1..n] are the arguments; a new reference or NULL. */
+static PyObject *construct(PyObject *cls, PyObject *init, PyObject **items, size_t n)
+{
+	PyObject *instance, *result;
+
+	instance = ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, empty_tuple, NULL);
+	if (!instance)
+		return NULL;
+	items[0] = instance;
+	result = PyObject_Vectorcall(init, items, n + 1, NULL);
+	items[0] = NULL;
+	if (!result) {
+		Py_DECREF(instance);
+		return NULL;
+	}
+	Py_DECREF(result);  /* None: a dataclass's __init__ */
+	return instance;
 }
 
 static int Decoder_init(Decoder *self, PyObject *args, PyObject *kwargs)
@@ -100,6 +150,11 @@ static int Decoder_init(Decoder *self, PyObject *args, PyObject *kwargs)
 	self->connect = Py_NewRef(connect);
 	self->udp_send = Py_NewRef(udp_send);
 	self->other = Py_NewRef(other);
+	self->process_init = init_of(process);
+	self->connect_init = init_of(connect);
+	self->udp_send_init = init_of(udp_send);
+	if (!self->process_init || !self->connect_init || !self->udp_send_init)
+		return -1;
 	self->source_syscall = PyUnicode_InternFromString("syscall");
 	self->source_hook = PyUnicode_InternFromString("cgroup_hook");
 	self->vectorcall = Decoder_call;
@@ -120,7 +175,7 @@ static PyObject *cached(PyObject *cache, PyObject *key, PyObject *make, PyObject
 /* the Process of a record's header, its comm's text from the cache */
 static PyObject *process_of(Decoder *self, const struct event_header *hdr)
 {
-	PyObject *items[6] = {NULL};
+	PyObject *slots[7] = {NULL}, **items = slots + 1;  /* slots[0]: the instance (construct) */
 	PyObject *raw = NULL, *result = NULL;
 
 	raw = PyBytes_FromStringAndSize(hdr->comm, COMM_LEN);
@@ -133,7 +188,7 @@ static PyObject *process_of(Decoder *self, const struct event_header *hdr)
 	items[3] = PyLong_FromUnsignedLong(hdr->uid);
 	items[4] = PyLong_FromUnsignedLong(hdr->gid);
 	if (items[0] && items[1] && items[2] && items[3] && items[4] && items[5])
-		result = PyObject_Vectorcall(self->process, items, 6, NULL);
+		result = construct(self->process, self->process_init, slots, 6);
 	for (int i = 0; i < 6; i++)
 		Py_XDECREF(items[i]);
 	Py_DECREF(raw);
@@ -171,7 +226,7 @@ out:
  * the order the classes declare their fields (tests/test_decode.py checks every field) */
 static PyObject *sockaddr_event(Decoder *self, PyObject *record, const struct sockaddr_event *e, Py_ssize_t length)
 {
-	PyObject *items[15] = {NULL};
+	PyObject *slots[16] = {NULL}, **items = slots + 1;  /* slots[0]: the instance (construct) */
 	PyObject *text = NULL, *result = NULL;
 	int udp = e->hdr.kind == EVENT_UDP_SEND;
 	size_t n = udp ? 15 : 13, i;
@@ -208,7 +263,8 @@ static PyObject *sockaddr_event(Decoder *self, PyObject *record, const struct so
 	for (i = 0; i < n && items[i]; i++)
 		;
 	if (i == n)
-		result = PyObject_Vectorcall(udp ? self->udp_send : self->connect, items, n, NULL);
+		result = udp ? construct(self->udp_send, self->udp_send_init, slots, n)
+			     : construct(self->connect, self->connect_init, slots, n);
 	for (i = 0; i < n; i++)
 		Py_XDECREF(items[i]);
 	Py_DECREF(text);
@@ -274,6 +330,9 @@ PyMODINIT_FUNC PyInit__decode(void)
 	PyObject *m;
 
 	if (PyType_Ready(&DecoderType) < 0)
+		return NULL;
+	empty_tuple = PyTuple_New(0);
+	if (!empty_tuple)
 		return NULL;
 	m = PyModule_Create(&module);
 	if (!m)
