@@ -209,3 +209,31 @@ def test_every_command_and_group_has_an_example_in_its_help():
         if "Example" not in out.stdout or f"ebpfmon {' '.join(path)}".strip() not in " ".join(out.stdout.split()):
             without.append(" ".join(path) or "(top level)")
     assert not without, f"--help without an example of itself: {without}"
+
+
+SIGNAL_INSIDE_THE_HANDLER = """
+import signal, threading
+from ebpfmon.cli.common import stop_on_signals
+
+stop = stop_on_signals()
+inner = []
+
+class SignalWhileHeld(type(stop._cond)):
+    # a second SIGTERM arriving while the first handler's stop.set() holds the event's lock
+    def __enter__(self):
+        held = super().__enter__()
+        if not inner:
+            inner.append(1)
+            signal.raise_signal(signal.SIGTERM)  # its handler runs at the next bytecode, lock held
+        return held
+
+stop._cond = SignalWhileHeld(threading.Lock())
+signal.raise_signal(signal.SIGTERM)
+print("stopped" if stop.is_set() and inner else "not stopped", flush=True)
+"""
+
+
+def test_a_second_signal_inside_the_first_ones_handler_does_not_hang():
+    out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", SIGNAL_INSIDE_THE_HANDLER], capture_output=True,
+                         text=True, timeout=20)
+    assert out.stdout.strip() == "stopped", out.stderr

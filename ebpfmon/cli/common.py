@@ -65,10 +65,17 @@ def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
 
 
 def stop_on_signals() -> threading.Event:
-    """An event set by Ctrl-C or SIGTERM, so loops end cleanly with a summary."""
+    """An event set by Ctrl-C or SIGTERM, so loops end cleanly with a summary. Python runs a
+    handler between two bytecodes of the main thread, so a second signal can come inside the
+    first one's stop.set(), which holds the event's lock: that handler must not take it again
+    (a double SIGTERM, or Ctrl-C twice, hung `ebpfmon run` in its shutdown)."""
     stop = threading.Event()
+    signalled = []
 
     def handler(signum, _frame):
+        if signalled:
+            return
+        signalled.append(signum)
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
