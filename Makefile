@@ -34,6 +34,7 @@ bench:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+	find ebpfmon -name "*.so" -delete  # the C parts pip built in place (editable venv)
 
 # ---- on a host: the service (see README, "Running it as a service") ----
 PREFIX ?= /opt/ebpfmon
