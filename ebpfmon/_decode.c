@@ -5,9 +5,9 @@
  * three calls around them were a third of the daemon's instructions per
  * connect (bench/instructions.py). This reads the record through the probes'
  * own struct (probes/events.h: no layout is written twice) and builds the
- * same objects ebpfmon/decode.py did: the event classes are called as before,
- * and text (comm, addresses) comes from the decoder's caches, filled by its
- * Python functions on a miss. Any other record, and any record whose sizes do
+ * same objects ebpfmon/decode.py did, through the event classes' own __init__
+ * (construct()); text (comm, addresses) comes from the decoder's caches,
+ * filled by its Python functions on a miss. Any other record, and any record whose sizes do
  * not add up, goes to the Python decoder, which builds it or says what is
  * wrong with it.
  */

@@ -79,7 +79,7 @@ class Ancestry(list):
         except orjson.JSONEncodeError:  # lone surrogates
             raw = b""
         if not raw.isascii() or not raw:
-            raw = json.dumps([a if isinstance(a, dict) else vars_of(a) for a in self], separators=(",", ":")).encode()
+            raw = json.dumps([vars_of(a) for a in self], separators=(",", ":")).encode()
         self.id = hashlib.blake2b(raw, digest_size=8).hexdigest()  # names the list in the audit log
         self.json = orjson.Fragment(raw)  # ASCII
 
