@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from ebpfmon.cgroups import Hierarchy  # noqa: E402
+from ebpfmon.host.cgroups import Hierarchy  # noqa: E402
 from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
 from run import build_storm, run_storm  # noqa: E402  (bench/run.py)
 

@@ -31,9 +31,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from ebpfmon.cgroups import Hierarchy  # noqa: E402
+from ebpfmon.host.cgroups import Hierarchy  # noqa: E402
 from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings  # noqa: E402
-from ebpfmon.daemon import Daemon  # noqa: E402
+from ebpfmon.service.daemon import Daemon  # noqa: E402
 from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
 from servers import internet  # noqa: E402
 

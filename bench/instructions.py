@@ -60,13 +60,13 @@ def connect_record() -> bytes:
 
 def hot_loop(events: int) -> None:
     """Runs the daemon's hot loop over events connect records (in the process valgrind counts)."""
-    from ebpfmon.audit import AuditLog
+    from ebpfmon.alerts.audit import AuditLog
     from ebpfmon.config import Config
-    from ebpfmon.daemon import Daemon, rule_context, rule_paths
+    from ebpfmon.service.daemon import Daemon, rule_context, rule_paths
     from ebpfmon.kernel._ringbuf import Consumer
     from ebpfmon.kernel.ringbuf import HEADER_SIZE, RingBufferReader
-    from ebpfmon.metrics import Metrics
-    from ebpfmon.monitor import EventStream
+    from ebpfmon.service.metrics import Metrics
+    from ebpfmon.stream.stream import EventStream
     from ebpfmon.rules.engine import Engine
     from ebpfmon.rules.loader import load_rules
 

@@ -30,8 +30,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from ebpfmon import events as ev  # noqa: E402
-from ebpfmon.cgroups import Hierarchy  # noqa: E402
-from ebpfmon.daemon import rule_context  # noqa: E402
+from ebpfmon.host.cgroups import Hierarchy  # noqa: E402
+from ebpfmon.service.daemon import rule_context  # noqa: E402
 from ebpfmon.config import Config  # noqa: E402
 from ebpfmon.rules.engine import Engine  # noqa: E402
 from ebpfmon.rules.loader import load_rules  # noqa: E402
@@ -58,7 +58,7 @@ def throughput(seconds: float) -> dict:
 
 
 def latency(rate: int, seconds: int) -> dict:
-    from ebpfmon.monitor import EventStream
+    from ebpfmon.stream.stream import EventStream
 
     hierarchy = Hierarchy()
     root = f"/ebpfmon-bench-{os.getpid()}"

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from ebpfmon.cgroups import Hierarchy  # noqa: E402
+from ebpfmon.host.cgroups import Hierarchy  # noqa: E402
 from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
 
 AGENT_ROOT = f"/ebpfmon-bench-{os.getpid()}"

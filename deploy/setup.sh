@@ -106,7 +106,7 @@ fi
 stamp="$VENV/.ebpfmon-installed"
 # reinstalled when the project file or the C it builds changes (an editable venv runs the
 # checkout's Python but a built copy of its C)
-want=$(cat "$ROOT/pyproject.toml" "$ROOT/ebpfmon/_decode.c" "$ROOT/ebpfmon/kernel/_ringbuf.c" "$ROOT/probes/events.h" | sha256sum | cut -d' ' -f1)"$PIP_EXTRAS$PIP_MODE"
+want=$(find "$ROOT/ebpfmon" -name '*.c' | sort | xargs cat "$ROOT/pyproject.toml" "$ROOT/probes/events.h" | sha256sum | cut -d' ' -f1)"$PIP_EXTRAS$PIP_MODE"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing ebpfmon into $VENV"
     if [ "$PIP_MODE" = install ]; then

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ebpfmon.errors import ConfigError
-from ebpfmon.network import DEFAULT_INTERNAL_NETWORKS
+from ebpfmon.host.network import DEFAULT_INTERNAL_NETWORKS
 
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
 # "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebpfmon.cgroups import cgroup2_mount
+from ebpfmon.host.cgroups import cgroup2_mount
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.kernel import enforcer, features
 from ebpfmon.kernel.probeset import PROBES, ProbeSet, import_bcc, tracefs_dir

@@ -14,7 +14,7 @@
  * never wake it; the reader drains them on a timer. Events that can lead to
  * containment wake it at once, unless another event of their class (execs;
  * the others) woke it less than WAKE_WINDOW_NS ago: the reader, after a batch
- * with such an event, polls again within the window (ebpfmon/monitor.py), so
+ * with such an event, polls again within the window (ebpfmon/stream/stream.py), so
  * those that did not wake it wait at most that long, and a storm is read in
  * batches (one wakeup per record made an exec storm half again as slow on a
  * 2-core machine, and the reader's CPU per connect twice the cost of judging

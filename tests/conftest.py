@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpfmon.cgroups import Hierarchy, cgroup2_mount
+from ebpfmon.host.cgroups import Hierarchy, cgroup2_mount
 from ebpfmon.config import DEFAULT_GPU_PREFIXES, Config
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.kernel.probeset import import_bcc, tracefs_dir
@@ -212,9 +212,9 @@ class Collector:
 @pytest.fixture(scope="session")
 def monitor(bpf, test_root, fake_gpu_dir):
     """All probes loaded once, scoped to the test root, events collected."""
-    from ebpfmon.monitor import EventStream
+    from ebpfmon.stream.stream import EventStream
 
-    from ebpfmon.daemon import rule_context
+    from ebpfmon.service.daemon import rule_context
     from ebpfmon.rules.engine import Engine
     from ebpfmon.rules.loader import load_rules
 
@@ -350,7 +350,7 @@ def contained_root(hierarchy):
 def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_factory):
     """ebpfmon's daemon with containment armed: agents under contained_root; GPUs for gpu-* agents only."""
     from ebpfmon.config import AlertSettings, EnforceSettings, MetricsSettings
-    from ebpfmon.daemon import Daemon
+    from ebpfmon.service.daemon import Daemon
 
     config = Config(agent_root=contained_root, gpu_prefixes=DEFAULT_GPU_PREFIXES + (f"{fake_gpu_dir}/nvidia",),
                     gpu_entitled=(f"{contained_root}/gpu-*",),

@@ -4,7 +4,7 @@ each rotated file readable alone."""
 import json
 
 from ebpfmon import events as ev
-from ebpfmon.audit import AuditLog
+from ebpfmon.alerts.audit import AuditLog
 from ebpfmon.config import AuditSettings
 
 
@@ -71,7 +71,7 @@ def test_a_connect_line_made_once_is_right_for_every_connect_after_it():
     would give the first event's line)."""
     from dataclasses import fields, replace
 
-    from ebpfmon.audit import ConnectLines
+    from ebpfmon.alerts.audit import ConnectLines
 
     base = agent_events(1)[0]
     base.proc = replace(base.proc, exe="/usr/bin/agent", argv=["agent", "--go"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ebpfmon.cgroups import Hierarchy, cgroup2_mount
+from ebpfmon.host.cgroups import Hierarchy, cgroup2_mount
 from ebpfmon.errors import CgroupError, NoCgroup2Error
 
 

@@ -5,7 +5,7 @@ import errno
 
 import pytest
 
-from ebpfmon.decode import CgroupChange, Decoder, dns_query_name
+from ebpfmon.stream.decode import CgroupChange, Decoder, dns_query_name
 from ebpfmon.errors import DecodeError
 from ebpfmon.kernel import abi
 
@@ -107,7 +107,7 @@ def test_dns_query_name(payload, name):
 
 
 def test_text_caches_stay_right_and_bounded():
-    from ebpfmon.decode import TEXT_CACHE_MAX
+    from ebpfmon.stream.decode import TEXT_CACHE_MAX
 
     d = Decoder()
     for i in range(TEXT_CACHE_MAX + 10):
@@ -171,7 +171,7 @@ def test_each_builder_takes_its_records_fields_in_their_order():
     would take another field's value, silently."""
     import inspect
 
-    from ebpfmon.decode import BODIES
+    from ebpfmon.stream.decode import BODIES
 
     d = Decoder()
     for kind, (_, names) in BODIES.items():
@@ -185,9 +185,9 @@ def test_each_builder_takes_its_records_fields_in_their_order():
 
 
 def test_the_c_decoder_reads_the_layout_the_python_mirror_knows():
-    """ebpfmon/_decode.c reads records through probes/events.h, abi.py through its mirror."""
-    from ebpfmon import _decode
-    from ebpfmon.decode import BODIES, HEADER_SIZE
+    """ebpfmon/stream/_decode.c reads records through probes/events.h, abi.py through its mirror."""
+    from ebpfmon.stream import _decode
+    from ebpfmon.stream.decode import BODIES, HEADER_SIZE
 
     assert _decode.SOCKADDR_FIXED == abi.SockaddrEvent.payload.offset == \
         HEADER_SIZE + BODIES[abi.EventKind.CONNECT][0].size

@@ -2,7 +2,7 @@
 
 import os
 
-from ebpfmon.devices import DeviceResolver, char_drivers
+from ebpfmon.host.devices import DeviceResolver, char_drivers
 
 PROC_DEVICES = """Character devices:
   1 mem

@@ -1,10 +1,10 @@
 """Enrich: argv the probe could not read comes from /proc only while /proc shows the same program."""
 
 from ebpfmon import events as ev
-from ebpfmon.cgroups import CgroupNames, Hierarchy
-from ebpfmon.devices import DeviceResolver
-from ebpfmon.enrich import Enricher
-from ebpfmon.proctree import ProcessTree
+from ebpfmon.host.cgroups import CgroupNames, Hierarchy
+from ebpfmon.host.devices import DeviceResolver
+from ebpfmon.stream.enrich import Enricher
+from ebpfmon.stream.proctree import ProcessTree
 
 
 def fake_proc(root, pid: int, comm: str, argv: list[str]) -> None:

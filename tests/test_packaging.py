@@ -19,7 +19,7 @@ def test_wheel_carries_probes_and_rules(tmp_path):
     assert "Reverse SSH tunnel" in out.stdout and str(venv / "share/ebpfmon/rules") in out.stdout
     out = subprocess.run([str(venv / "bin/ebpfmon"), "trace", "--print-c"], cwd="/", capture_output=True, text=True)
     assert out.returncode == 0 and "sys_enter_execve" in out.stdout
-    out = subprocess.run([str(venv / "bin/python"), "-c", "import ebpfmon._decode as d; print(d.__file__)"], cwd="/",
+    out = subprocess.run([str(venv / "bin/python"), "-c", "import ebpfmon.stream._decode as d; print(d.__file__)"], cwd="/",
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith(str(venv)), out.stderr  # the decoder's C, built
     out = subprocess.run([str(venv / "bin/ebpfmon"), "--version"], capture_output=True, text=True)

@@ -4,7 +4,7 @@ import os
 import subprocess
 import time
 
-from ebpfmon.proctree import ProcessTree, read_proc
+from ebpfmon.stream.proctree import ProcessTree, read_proc
 
 
 def test_read_proc_of_a_real_process():

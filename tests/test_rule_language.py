@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from ebpfmon.network import NetworkClassifier
+from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.rules.cases import make_event
 from ebpfmon.rules.engine import Engine
 from ebpfmon.rules.fields import ALL_KINDS, Context

@@ -40,7 +40,7 @@ app.add_typer(config.app, name="config")
 def reload(state_dir: run.StateDirOption = None) -> None:
     """Ask the running daemon to reload its rules and configuration."""
     from ebpfmon.config import Config
-    from ebpfmon.containment import control
+    from ebpfmon.service import control
 
     answer = control.request(state_dir or Config.state_dir, {"cmd": "reload"})
     if answer is None:

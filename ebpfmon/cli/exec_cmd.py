@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ebpfmon.cgroups import Hierarchy
+from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.cli.common import AgentRootOption
 from ebpfmon.config import DEFAULT_AGENT_ROOT
 from ebpfmon.kernel.probeset import require_root

@@ -13,11 +13,11 @@ from typing import Annotated
 
 import typer
 
-from ebpfmon.cgroups import Hierarchy
+from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.cli.common import AgentRootOption, make_config
 from ebpfmon.cli.run import StateDirOption
 from ebpfmon.config import DEFAULT_AGENT_ROOT, Config
-from ebpfmon.containment import control
+from ebpfmon.service import control
 from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.alerts.spool import Spool
 from ebpfmon.containment.quarantine import QuarantineStore, Record
@@ -54,7 +54,7 @@ def _offline(agent_root: str, state_dir: str):
     hierarchy = Hierarchy()
     probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
     enforcer = Enforcer(probes, hierarchy, config.agent_root, config.agent_level)
-    from ebpfmon.daemon import configure_enforcer
+    from ebpfmon.service.daemon import configure_enforcer
     from ebpfmon.rules.loader import load_rules
 
     configure_enforcer(enforcer, config, load_rules().lists)

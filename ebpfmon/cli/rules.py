@@ -10,7 +10,7 @@ import typer
 
 from ebpfmon import events as ev
 from ebpfmon.cli.common import AgentRootOption, make_config
-from ebpfmon.daemon import rule_context
+from ebpfmon.service.daemon import rule_context
 from ebpfmon.config import DEFAULT_AGENT_ROOT
 from ebpfmon.output import clock
 from ebpfmon.rules.cases import load_cases

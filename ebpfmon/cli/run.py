@@ -14,7 +14,7 @@ import typer
 
 from ebpfmon.cli.common import setup_logging, stop_on_signals
 from ebpfmon.config import DEFAULT_CONFIG, Config, load_config
-from ebpfmon.daemon import Daemon, stdout_printer
+from ebpfmon.service.daemon import Daemon, stdout_printer
 from ebpfmon.kernel.probeset import require_root
 
 log = logging.getLogger("ebpfmon")

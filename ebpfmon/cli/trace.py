@@ -13,7 +13,7 @@ from ebpfmon.cli.common import (AgentRootOption, GpuPrefixOption, make_config, s
                                 stop_on_signals)
 from ebpfmon.config import DEFAULT_AGENT_ROOT
 from ebpfmon.events import KIND_GROUPS
-from ebpfmon.monitor import PROBE_OF_KIND, EventStream
+from ebpfmon.stream.stream import PROBE_OF_KIND, EventStream
 from ebpfmon.kernel.probeset import probe_source
 
 

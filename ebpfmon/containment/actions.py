@@ -19,9 +19,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebpfmon.cgroups import Hierarchy, cgroup_of
+from ebpfmon.host.cgroups import Hierarchy, cgroup_of
 from ebpfmon.config import Config
-from ebpfmon.containment import dns, sockets
+from ebpfmon.containment import dns
+from ebpfmon.host import sockets
 from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.kernel.enforcer import Enforcer

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ebpfmon.cgroups import Hierarchy
+from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.errors import CgroupError, ProbeLoadError
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import BPFFS, ProbeSet, import_bcc
@@ -41,7 +41,7 @@ def pin_dir(hierarchy: Hierarchy, agent_root: str) -> Path:
 
 
 def gpu_majors(proc_devices: str = "/proc/devices") -> set[int]:
-    from ebpfmon.devices import char_drivers
+    from ebpfmon.host.devices import char_drivers
 
     majors = set(STATIC_GPU_MAJORS)
     for major, name in char_drivers(proc_devices).items():

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from ebpfmon import events as ev
-from ebpfmon.network import DEFAULT_INTERNAL_NETWORKS, NetworkClassifier
+from ebpfmon.host.network import DEFAULT_INTERNAL_NETWORKS, NetworkClassifier
 from ebpfmon.rules.engine import Engine, Verdict
 from ebpfmon.rules.fields import Context
 from ebpfmon.rules.ruleset import RuleSet

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfmon import events as ev
-from ebpfmon.network import NetworkClassifier
+from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.rules.argv import parse_ssh
 
 EXEC, CONNECT, UDP, GPU = "exec", "connect", "udp_send", "gpu_open"

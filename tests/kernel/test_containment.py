@@ -177,7 +177,7 @@ def test_reverse_tunnel_is_cut_before_it_carries_anything(containment_daemon, co
     assert connect_from(contained_agent, netns_host.address, 22) == errno.EPERM
     containment_daemon.wait_line("Connection refused by policy", "reason=cut", agent.split("/")[-1])
     # release (as `ebpfmon quarantine release` does through the socket) restores it
-    from ebpfmon.containment import control
+    from ebpfmon.service import control
 
     answer = control.request(containment_daemon.daemon.config.state_dir,
                              {"cmd": "release", "agent": agent, "reason": "test over"})
@@ -424,7 +424,7 @@ class OwnDaemon:
 
     def start(self, deny_networks: tuple[str, ...], notify=None):
         from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings, RuleSettings
-        from ebpfmon.daemon import Daemon
+        from ebpfmon.service.daemon import Daemon
 
         config = Config(agent_root=self.root, state_dir=str(self.state_dir),
                         rules=RuleSettings(files=(str(self.rules),)),

@@ -293,7 +293,7 @@ def test_events_that_do_not_wake_the_reader_still_arrive_within_the_window(agent
     # Events of one class less than WAKE_WINDOW_MS apart wake the reader once; the others must
     # not wait for the drain timer (5 s here): containment would be late by that much.
     from ebpfmon.kernel.probeset import WAKE_WINDOW_MS
-    from ebpfmon.monitor import EventStream
+    from ebpfmon.stream.stream import EventStream
 
     stream = EventStream(Config(drain_interval_ms=5000), kinds=kinds, cgroups=[agent_cgroup.name])
     delays_ms = []  # ms from the kernel's timestamp to the handler, per matching event
@@ -349,7 +349,7 @@ def test_compiling_the_probes_leaves_the_compiler_paged_out(bpf):
 
 def test_a_new_scope_takes_effect_at_once_despite_cached_verdicts(agent_cgroup, hierarchy, test_root):
     # the probes cache their last scope verdict per CPU: a change of scope must void it
-    from ebpfmon.monitor import EventStream
+    from ebpfmon.stream.stream import EventStream
 
     sibling = make_agent_cgroup(hierarchy, test_root)
     stream = EventStream(Config(), kinds=["exec"], cgroups=[sibling.name])

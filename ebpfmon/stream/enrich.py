@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 from ebpfmon import events as ev
-from ebpfmon.cgroups import CgroupNames
-from ebpfmon.decode import CgroupChange
-from ebpfmon.devices import DeviceResolver
-from ebpfmon.proctree import ProcessTree, read_proc
+from ebpfmon.host.cgroups import CgroupNames
+from ebpfmon.stream.decode import CgroupChange
+from ebpfmon.host.devices import DeviceResolver
+from ebpfmon.stream.proctree import ProcessTree, read_proc
 
 
 class Enricher:

@@ -15,15 +15,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ebpfmon import events as ev
-from ebpfmon.cgroups import CgroupNames, Hierarchy
+from ebpfmon.host.cgroups import CgroupNames, Hierarchy
 from ebpfmon.config import Config
-from ebpfmon.decode import CgroupChange, Decoder
-from ebpfmon.devices import DeviceResolver
-from ebpfmon.enrich import Enricher
+from ebpfmon.stream.decode import CgroupChange, Decoder
+from ebpfmon.host.devices import DeviceResolver
+from ebpfmon.stream.enrich import Enricher
 from ebpfmon.errors import CgroupError, DecodeError
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import WAKE_WINDOW_MS, ProbeSet
-from ebpfmon.proctree import ProcessTree
+from ebpfmon.stream.proctree import ProcessTree
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
  * three calls around them were a third of the daemon's instructions per
  * connect (bench/instructions.py). This reads the record through the probes'
  * own struct (probes/events.h: no layout is written twice) and builds the
- * same objects ebpfmon/decode.py did, through the event classes' own __init__
+ * same objects ebpfmon/stream/decode.py did, through the event classes' own __init__
  * (construct()); text (comm, addresses) comes from the decoder's caches,
  * filled by its Python functions on a miss. Any other record, and any record whose sizes do
  * not add up, goes to the Python decoder, which builds it or says what is
@@ -302,7 +302,7 @@ static PyMemberDef Decoder_members[] = {
 
 static PyTypeObject DecoderType = {
 	PyVarObject_HEAD_INIT(NULL, 0)
-	.tp_name = "ebpfmon._decode.SockaddrDecoder",
+	.tp_name = "ebpfmon.stream._decode.SockaddrDecoder",
 	.tp_doc = PyDoc_STR("SockaddrDecoder(comms, sockets, comm_text, socket_text, dns_query, process, connect, "
 			    "udp_send, other)(record) -> event: connect and datagram records decoded here, "
 			    "every other record by other(record)."),
@@ -320,8 +320,8 @@ static PyTypeObject DecoderType = {
 
 static struct PyModuleDef module = {
 	PyModuleDef_HEAD_INIT,
-	.m_name = "ebpfmon._decode",
-	.m_doc = PyDoc_STR("connect and datagram records decoded in C (see ebpfmon/decode.py)"),
+	.m_name = "ebpfmon.stream._decode",
+	.m_doc = PyDoc_STR("connect and datagram records decoded in C (see ebpfmon/stream/decode.py)"),
 	.m_size = -1,
 };
 

@@ -11,7 +11,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ebpfmon import _decode, events as ev
+from ebpfmon import events as ev
+from ebpfmon.stream import _decode
 from ebpfmon.errors import DecodeError
 from ebpfmon.kernel import abi
 
@@ -122,7 +123,7 @@ def _remember(cache: dict, key, value):
 
 class Decoder:
     """Records -> events. Connect and datagram records (every connect an agent makes) are
-    decoded in C, ebpfmon/_decode.c, through the probes' own struct; it builds the same events
+    decoded in C, ebpfmon/stream/_decode.c, through the probes' own struct; it builds the same events
     from the same caches and hands every other record to decode_other. Each Python builder below
     takes the header's parts (time, cgroup id, process, flags), the record, and the fixed part's
     fields by position; frequent kinds build their event by position too, in the order its class

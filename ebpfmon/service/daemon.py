@@ -17,22 +17,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ebpfmon import events as ev
-from ebpfmon import output, sdnotify
+from ebpfmon import output
 from ebpfmon.alerts.incidents import Alerting
-from ebpfmon.audit import AuditLog
-from ebpfmon.cgroups import Hierarchy
+from ebpfmon.alerts.audit import AuditLog
+from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.config import Config, load_config
-from ebpfmon.containment import sockets
+from ebpfmon.host import sockets
 from ebpfmon.containment.actions import Containment, Notice
-from ebpfmon.containment.control import ControlServer
+from ebpfmon.service import sdnotify
+from ebpfmon.service.control import ControlServer
 from ebpfmon.containment.quarantine import QuarantineStore
-from ebpfmon.decode import CgroupChange
+from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.kernel.enforcer import Enforcer, pin_dir
 from ebpfmon.kernel.probeset import ProbeSet
-from ebpfmon.metrics import Metrics
-from ebpfmon.monitor import EventStream
-from ebpfmon.network import NetworkClassifier
+from ebpfmon.service.metrics import Metrics
+from ebpfmon.stream.stream import EventStream
+from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.rules.engine import Engine, Verdict
 from ebpfmon.rules.fields import Context
 from ebpfmon.rules.loader import RULES_DIR, RuleLoadError, load_rules

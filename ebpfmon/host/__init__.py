@@ -1,0 +1,1 @@
+"""The host as ebpfmon reads it: cgroups and where agents are, devices, networks, sockets, users."""
