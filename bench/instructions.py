@@ -62,20 +62,21 @@ def hot_loop(events: int) -> None:
     """Runs the daemon's hot loop over events connect records (in the process valgrind counts)."""
     from ebpfmon.alerts.audit import AuditLog
     from ebpfmon.config import Config
-    from ebpfmon.service.daemon import Daemon, rule_context, rule_paths
+    from ebpfmon.service.assemble import rule_context
+    from ebpfmon.service.daemon import Daemon
     from ebpfmon.kernel._ringbuf import Consumer
     from ebpfmon.kernel.ringbuf import HEADER_SIZE, RingBufferReader
     from ebpfmon.service.metrics import Metrics
     from ebpfmon.stream.stream import EventStream
     from ebpfmon.rules.engine import Engine
-    from ebpfmon.rules.loader import load_rules
+    from ebpfmon.rules.loader import load_rules, rule_paths
 
     config = Config()
     stream = EventStream(config)  # probes are not loaded: records come from memory below
     stream.tree.bootstrap()
     daemon = Daemon.__new__(Daemon)  # the parts judge() uses, without probes or cgroups
     daemon.config, daemon.show_events, daemon.judged, daemon.containment = config, None, 0, None
-    daemon.engine = Engine(load_rules(rule_paths(config)), rule_context(config))
+    daemon.engine = Engine(load_rules(rule_paths(config.rules)), rule_context(config))
     daemon.metrics = Metrics()
     daemon.audit = AuditLog(config.audit, tempfile.mkdtemp(prefix="ebpfmon-bench-"))
     stream._handler = daemon.judge

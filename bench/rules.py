@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from ebpfmon import events as ev  # noqa: E402
 from ebpfmon.host.cgroups import Hierarchy  # noqa: E402
-from ebpfmon.service.daemon import rule_context  # noqa: E402
+from ebpfmon.service.assemble import rule_context  # noqa: E402
 from ebpfmon.config import Config  # noqa: E402
 from ebpfmon.rules.engine import Engine  # noqa: E402
 from ebpfmon.rules.loader import load_rules  # noqa: E402

@@ -17,8 +17,11 @@ from typing import Any
 
 import yaml
 
+from ebpfmon.alerts.sinks import SINKS
 from ebpfmon.errors import ConfigError
+from ebpfmon.host.cgroups import AgentLayout
 from ebpfmon.host.network import DEFAULT_INTERNAL_NETWORKS
+from ebpfmon.rules.vocabulary import PRIORITIES
 
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
 # "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.
@@ -34,8 +37,6 @@ DEFAULT_GPU_PREFIXES = (
 # child cgroup per agent. Not a .slice: systemd owns those names.
 DEFAULT_AGENT_ROOT = "/ebpfmon-agents"
 DEFAULT_CONFIG = "/etc/ebpfmon/config.yaml"
-PRIORITIES = ("EMERGENCY", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFORMATIONAL", "DEBUG")
-SINK_TYPES = ("console", "jsonl", "webhook", "slack", "pagerduty", "alertmanager")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,10 @@ class Config:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+
+    @property
+    def agents(self) -> AgentLayout:
+        return AgentLayout(self.agent_root, self.agent_level)
 
 
 # ---- loading ----
@@ -254,8 +259,8 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
         raise loader.error("reader_nice", f"must be a nice value from -20 to 19, got {config.reader_nice}")
     for i, sink in enumerate(config.alerts.sinks):
         where = f"alerts.sinks[{i}]"
-        if sink.type not in SINK_TYPES:
-            raise loader.error(f"{where}.type", f"{sink.type!r} is not one of {', '.join(SINK_TYPES)}")
+        if sink.type not in SINKS:
+            raise loader.error(f"{where}.type", f"{sink.type!r} is not one of {', '.join(SINKS)}")
         if sink.min_priority.upper() not in PRIORITIES:
             raise loader.error(f"{where}.min_priority", f"{sink.min_priority!r} is not one of {', '.join(PRIORITIES)}")
         if sink.type == "jsonl" and not sink.path:

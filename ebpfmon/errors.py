@@ -61,3 +61,31 @@ class ConfigError(EbpfmonError):
 
 class DecodeError(EbpfmonError):
     """A record from the kernel or a recorded trace is malformed."""
+
+
+class RuleLoadError(EbpfmonError):
+    """Rule files with problems, every one listed as file:line:col: message."""
+
+    def __init__(self, problems: list):
+        self.problems = problems
+        listing = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the rules:\n{listing}",
+                         "Fix them; a daemon keeps running on its last good rules meanwhile.")
+
+
+class ConditionError(EbpfmonError):
+    """A problem at a position of a condition; the loader turns pos into file:line:col."""
+
+    def __init__(self, message: str, pos: int, text: str = "", where: str = ""):
+        super().__init__(message)
+        self.pos = pos
+        self.text = text  # the token at pos, to find it in the YAML source
+        self.where = where  # the macro the error is in, when it is not the rule's own condition
+
+
+class ContainmentRefused(EbpfmonError):
+    """A containment request that would touch something it must never touch."""
+
+
+class DeliveryError(EbpfmonError):
+    """A remote sink did not take the alert; it will be tried again."""

@@ -214,7 +214,7 @@ def monitor(bpf, test_root, fake_gpu_dir):
     """All probes loaded once, scoped to the test root, events collected."""
     from ebpfmon.stream.stream import EventStream
 
-    from ebpfmon.service.daemon import rule_context
+    from ebpfmon.service.assemble import rule_context
     from ebpfmon.rules.engine import Engine
     from ebpfmon.rules.loader import load_rules
 

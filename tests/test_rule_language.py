@@ -11,7 +11,8 @@ from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.rules.cases import make_event
 from ebpfmon.rules.engine import Engine
 from ebpfmon.rules.fields import ALL_KINDS, Context
-from ebpfmon.rules.loader import RuleLoadError, load_rules
+from ebpfmon.errors import RuleLoadError
+from ebpfmon.rules.loader import load_rules
 
 RULE = """
 - rule: r

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebpfmon.alerts.sinks import DeliveryError, Sink, make_sink
+from ebpfmon.alerts.sinks import Sink, make_sink
 from ebpfmon.alerts.spool import Spool
 from ebpfmon.config import AlertSettings
+from ebpfmon.errors import DeliveryError
 
 log = logging.getLogger(__name__)
 

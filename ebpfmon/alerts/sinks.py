@@ -15,21 +15,19 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ebpfmon.config import SinkSettings
-from ebpfmon.errors import ConfigError
+from ebpfmon.errors import ConfigError, DeliveryError
 from ebpfmon.output import clock
+from ebpfmon.rules.vocabulary import PRIORITY_RANK
+
+if TYPE_CHECKING:  # config validates sink types against SINKS below
+    from ebpfmon.config import SinkSettings
 
 # Falco priority -> PagerDuty severity
 PD_SEVERITY = {"EMERGENCY": "critical", "ALERT": "critical", "CRITICAL": "critical", "ERROR": "error",
                "WARNING": "warning", "NOTICE": "info", "INFORMATIONAL": "info", "DEBUG": "info"}
-PRIORITY_RANK = {p: i for i, p in enumerate(PD_SEVERITY)}
 COLOURS = {"critical": "\x1b[1;31m", "error": "\x1b[31m", "warning": "\x1b[33m", "info": "\x1b[36m"}
-
-
-class DeliveryError(Exception):
-    """A remote sink did not take the alert; it will be tried again."""
 
 
 def secret(inline: str, file: str, env: str, what: str) -> str:

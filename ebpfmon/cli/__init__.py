@@ -7,10 +7,9 @@ import sys
 import typer
 
 from ebpfmon import __version__
-from ebpfmon.cli import config, doctor, exec_cmd, quarantine, rules, run, trace
+from ebpfmon.cli import config, doctor, exec_cmd, quarantine, reload, rules, run, trace
 from ebpfmon.cli.common import report_error
-from ebpfmon.errors import EbpfmonError
-from ebpfmon.rules.loader import RuleLoadError
+from ebpfmon.errors import EbpfmonError, RuleLoadError
 
 app = typer.Typer(
     name="ebpfmon",
@@ -27,28 +26,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("trace", epilog=trace.EPILOG)(trace.trace)
-app.command("exec", epilog=exec_cmd.EPILOG)(exec_cmd.exec_command)
-app.command("doctor", epilog=doctor.EPILOG)(doctor.doctor)
-app.command("run", epilog=run.EPILOG)(run.run)
+# one typer app per command file: a single command joins this app as it is, a group by its name
+for single in (trace, exec_cmd, doctor, run, reload):
+    app.add_typer(single.app)
 app.add_typer(rules.app, name="rules")
 app.add_typer(quarantine.app, name="quarantine")
 app.add_typer(config.app, name="config")
-
-
-@app.command("reload", epilog="Example:\n\n  sudo ebpfmon reload\n\nThe same as SIGHUP to the daemon.")
-def reload(state_dir: run.StateDirOption = None) -> None:
-    """Ask the running daemon to reload its rules and configuration."""
-    from ebpfmon.config import Config
-    from ebpfmon.service import control
-
-    answer = control.request(state_dir or Config.state_dir, {"cmd": "reload"})
-    if answer is None:
-        raise EbpfmonError("no daemon is running (no control socket in the state directory).",
-                           "Start it with 'ebpfmon run', or give its --state-dir.")
-    if not answer.get("ok"):
-        raise EbpfmonError(answer.get("error", "the daemon refused to reload"), "")
-    print(answer["message"])
 
 
 def _version(value: bool) -> None:

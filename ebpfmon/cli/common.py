@@ -1,33 +1,66 @@
-"""What several commands share: options, error reports, logging, stop signals."""
+"""What several commands share: the options, the effective configuration, error reports,
+logging, stop signals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
-import threading
 import textwrap
+import threading
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ebpfmon.config import DEFAULT_AGENT_ROOT, DEFAULT_GPU_PREFIXES, Config
+from ebpfmon.config import DEFAULT_AGENT_ROOT, DEFAULT_CONFIG, Config, load_config, validate
 from ebpfmon.errors import EbpfmonError
+from ebpfmon.paths import RULES_DIR
 
-AgentRootOption = Annotated[str, typer.Option(
-    "--agent-root", envvar="EBPFMON_AGENT_ROOT", show_envvar=True,
-    help="cgroup under which agents run, relative to the cgroup2 mount.")]
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", "-f", metavar="FILE", envvar="EBPFMON_CONFIG", show_envvar=True,
+    help=f"Configuration file (YAML). Default: {DEFAULT_CONFIG} when it exists, else built-in defaults.")]
+AgentRootOption = Annotated[Optional[str], typer.Option(
+    "--agent-root", metavar="CGROUP", envvar="EBPFMON_AGENT_ROOT", show_envvar=True,
+    help=f"cgroup under which agents run, relative to the cgroup2 mount (overrides the configuration; "
+         f"default {DEFAULT_AGENT_ROOT}).")]
+StateDirOption = Annotated[Optional[str], typer.Option(
+    "--state-dir", metavar="DIR", envvar="EBPFMON_STATE_DIR", show_envvar=True,
+    help=f"Where quarantine records, the alert spool, the audit log and the control socket live "
+         f"(overrides the configuration; default {Config.state_dir}).")]
+RulesOption = Annotated[Optional[list[Path]], typer.Option(
+    "--rules", "-r", metavar="PATH", help="A rule file or directory loaded after the configured ones "
+    "(repeat for more); later files override earlier ones.")]
+NoDefaultsOption = Annotated[bool, typer.Option(
+    "--no-defaults", help=f"Leave out the shipped packs ({RULES_DIR}).")]
 
-GpuPrefixOption = Annotated[Optional[list[str]], typer.Option(
-    "--gpu-prefix", metavar="PATH",
-    help="Device path prefix counted as a GPU (repeat it; replaces the defaults: "
-         + ", ".join(f"{p}*" for p in DEFAULT_GPU_PREFIXES) + ").")]
+
+def effective_config(config_file: Path | None, agent_root: str | None = None,
+                     state_dir: str | None = None) -> tuple[Config, Path | None]:
+    """The configuration file given, or the default one when present, or the built-in
+    defaults; then --agent-root and --state-dir over it, when given."""
+    if config_file is None and os.path.exists(DEFAULT_CONFIG):
+        config_file = Path(DEFAULT_CONFIG)
+    config = load_config(config_file) if config_file else Config()
+    overrides = {key: value for key, value in (("agent_root", agent_root), ("state_dir", state_dir)) if value}
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+        validate(config)
+    return config, config_file
 
 
-def make_config(agent_root: str = DEFAULT_AGENT_ROOT, gpu_prefixes: list[str] | None = None) -> Config:
-    return Config(agent_root=agent_root,
-                  gpu_prefixes=tuple(gpu_prefixes) if gpu_prefixes else DEFAULT_GPU_PREFIXES)
+def with_rules(config: Config, rules: list[Path] | None, no_defaults: bool) -> Config:
+    """The configured rules, with --rules loaded after them and --no-defaults leaving out the packs."""
+    if not rules and not no_defaults:
+        return config
+    settings = dataclasses.replace(config.rules, defaults=config.rules.defaults and not no_defaults,
+                                   files=config.rules.files + tuple(str(r) for r in rules or ()))
+    if not settings.defaults and not settings.files:
+        raise typer.BadParameter("no rules: give --rules, or drop --no-defaults")
+    return dataclasses.replace(config, rules=settings)
 
 
 def report_error(error: EbpfmonError) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from ebpfmon.cli.run import ConfigOption, effective_config
+from ebpfmon.cli.common import ConfigOption, effective_config
 from ebpfmon.config import effective, load_config
 
 app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True,

@@ -13,7 +13,10 @@ Exit status 0 when everything required is there, 1 when something is missing.
 Rows marked n/a are optional features ebpfmon does not depend on.
 """
 
+app = typer.Typer()
 
+
+@app.command("doctor", epilog=EPILOG)
 def doctor() -> None:
     """Check what the monitor needs: privileges, bcc, headers, tracefs, cgroup v2, probes, hooks."""
     checks = run_checks()

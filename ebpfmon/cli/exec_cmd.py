@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ebpfmon.cli.common import AgentRootOption, ConfigOption, effective_config
 from ebpfmon.host.cgroups import Hierarchy
-from ebpfmon.cli.common import AgentRootOption
-from ebpfmon.config import DEFAULT_AGENT_ROOT
 from ebpfmon.kernel.probeset import require_root
 
 EPILOG = """\
@@ -21,17 +20,22 @@ The cgroup is created when missing. The command replaces ebpfmon (same pid),
 so its exit status, signals and terminal are its own.
 """
 
+app = typer.Typer()
 
+
+@app.command("exec", epilog=EPILOG)
 def exec_command(
     command: Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")],
     cgroup: Annotated[str, typer.Option("--cgroup", "-c", metavar="NAME",
                                         help="Agent cgroup, below the agent root.")] = "adhoc",
-    agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
+    config_file: ConfigOption = None,
+    agent_root: AgentRootOption = None,
 ) -> None:
     """Run a command inside an agent cgroup, so the monitor watches it."""
     require_root()
+    config, _ = effective_config(config_file, agent_root)
     hierarchy = Hierarchy()
-    name = hierarchy.child(agent_root, cgroup)
+    name = hierarchy.child(config.agent_root, cgroup)
     hierarchy.ensure(name)
     hierarchy.join(name)
     print(f"ebpfmon: running {command[0]} in cgroup {name}", file=sys.stderr)

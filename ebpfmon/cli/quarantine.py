@@ -7,21 +7,19 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import pwd
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ebpfmon.host.cgroups import Hierarchy
-from ebpfmon.cli.common import AgentRootOption, make_config
-from ebpfmon.cli.run import StateDirOption
-from ebpfmon.config import DEFAULT_AGENT_ROOT, Config
-from ebpfmon.service import control
 from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.alerts.spool import Spool
+from ebpfmon.cli.common import AgentRootOption, ConfigOption, StateDirOption, effective_config
 from ebpfmon.containment.quarantine import QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
+from ebpfmon.host.users import user_name
+from ebpfmon.service import control
+from ebpfmon.service.assemble import offline_containment
 
 app = typer.Typer(help="Contained agents: list them, release them, cut one by hand.", no_args_is_help=True,
                   epilog="Examples:\n\n  sudo ebpfmon quarantine list\n\n"
@@ -39,27 +37,12 @@ and the records in the state directory.
 
 
 def _who() -> str:
-    return f"{pwd.getpwuid(os.getuid()).pw_name} (cli)"
+    return f"{user_name(os.getuid())} (cli)"
 
 
-def _offline(agent_root: str, state_dir: str):
-    """A containment working directly on the kernel (no daemon): programs attached, pinned maps."""
-    from ebpfmon.containment.actions import Containment
-    from ebpfmon.kernel.enforcer import Enforcer, pin_dir
-    from ebpfmon.kernel.probeset import ProbeSet, require_root
-
-    require_root()
-    config = make_config(agent_root)
-    config = dataclasses.replace(config, state_dir=state_dir)
-    hierarchy = Hierarchy()
-    probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
-    enforcer = Enforcer(probes, hierarchy, config.agent_root, config.agent_level)
-    from ebpfmon.service.daemon import configure_enforcer
-    from ebpfmon.rules.loader import load_rules
-
-    configure_enforcer(enforcer, config, load_rules().lists)
-    enforcer.attach()
-    spool = Spool(Path(state_dir) / "alerts.db")
+def _offline(config):
+    """Containment straight on the kernel state (no daemon), from the same configuration."""
+    spool = Spool(Path(config.state_dir) / "alerts.db")
 
     def released(record: Record) -> None:
         # no daemon to page: the resolves wait in the spool for the next one to deliver
@@ -67,7 +50,7 @@ def _offline(agent_root: str, state_dir: str):
         if pending:
             print(f"ebpfmon: {pending} incident resolve(s) spooled for the daemon to deliver")
 
-    return Containment(enforcer, hierarchy, config, QuarantineStore(state_dir), on_release=released)
+    return offline_containment(config, on_release=released)
 
 
 def _when(ns: int | None) -> str:
@@ -96,10 +79,12 @@ def _answer(answer: dict) -> dict:
 def list_records(
     all_records: Annotated[bool, typer.Option("--all", help="Released and closed records too.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Records as JSON.")] = False,
+    config_file: ConfigOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
     """Show contained agents: the rule, the actions, the connections they held."""
-    state_dir = state_dir or Config.state_dir
+    config, _ = effective_config(config_file, state_dir=state_dir)
+    state_dir = config.state_dir
     answer = control.request(state_dir, {"cmd": "list"})
     if answer is None:
         records = [dataclasses.asdict(r) for r in QuarantineStore(state_dir).records]
@@ -116,13 +101,14 @@ def list_records(
         _show(record)
 
 
-def _change(cmd: str, agent: str, reason: str, agent_root: str, state_dir: str | None) -> None:
-    state_dir = state_dir or Config.state_dir
-    answer = control.request(state_dir, {"cmd": cmd, "agent": agent, "reason": reason})
+def _change(cmd: str, agent: str, reason: str, config_file: Path | None, agent_root: str | None,
+            state_dir: str | None) -> None:
+    config, _ = effective_config(config_file, agent_root, state_dir)
+    answer = control.request(config.state_dir, {"cmd": cmd, "agent": agent, "reason": reason})
     if answer is not None:
         record = _answer(answer)["record"]
     else:
-        containment = _offline(agent_root, state_dir)
+        containment = _offline(config)
         done: Record = (containment.release(agent, _who(), reason) if cmd == "release"
                         else containment.cut(agent, _who(), reason))
         record = dataclasses.asdict(done)
@@ -133,19 +119,21 @@ def _change(cmd: str, agent: str, reason: str, agent_root: str, state_dir: str |
 def release(
     agent: Annotated[str, typer.Argument(help="The agent's cgroup, as listed.")],
     reason: Annotated[str, typer.Option("--reason", help="Why; kept in the record.")] = "",
-    agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
+    config_file: ConfigOption = None,
+    agent_root: AgentRootOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
     """Give an agent its network and GPUs back, thaw it, and close its record."""
-    _change("release", agent, reason, agent_root, state_dir)
+    _change("release", agent, reason, config_file, agent_root, state_dir)
 
 
 @app.command("cut", epilog=EPILOG)
 def cut(
     agent: Annotated[str, typer.Argument(help="The agent's cgroup, below the agent root.")],
     reason: Annotated[str, typer.Option("--reason", help="Why; required, kept in the record.")] = ...,
-    agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
+    config_file: ConfigOption = None,
+    agent_root: AgentRootOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
     """Cut an agent's network by hand (loopback stays open)."""
-    _change("cut", agent, reason, agent_root, state_dir)
+    _change("cut", agent, reason, config_file, agent_root, state_dir)

@@ -9,36 +9,33 @@ from typing import Annotated, Optional
 import typer
 
 from ebpfmon import events as ev
-from ebpfmon.cli.common import AgentRootOption, make_config
-from ebpfmon.service.daemon import rule_context
-from ebpfmon.config import DEFAULT_AGENT_ROOT
+from ebpfmon.cli.common import (AgentRootOption, ConfigOption, NoDefaultsOption, RulesOption, effective_config,
+                                with_rules)
+from ebpfmon.config import Config
 from ebpfmon.output import clock
 from ebpfmon.rules.cases import load_cases
 from ebpfmon.rules.engine import Engine
-from ebpfmon.rules.loader import RULES_DIR, load_rules
+from ebpfmon.rules.loader import load_rules, rule_paths
+from ebpfmon.service.assemble import rule_context
 
 app = typer.Typer(help="List, validate and test rules.", no_args_is_help=True,
                   epilog="Examples:\n\n  ebpfmon rules list\n\n  ebpfmon rules validate --rules my-rules.yaml\n\n"
                          "  ebpfmon rules test --events /var/lib/ebpfmon/audit/events.jsonl")
 
-RulesOption = Annotated[Optional[list[Path]], typer.Option(
-    "--rules", "-r", metavar="PATH", help="A rule file or directory loaded after the shipped packs "
-    "(repeat for more); later files override earlier ones.")]
-NoDefaultsOption = Annotated[bool, typer.Option(
-    "--no-defaults", help=f"Leave out the shipped packs ({RULES_DIR}).")]
 
 
-def rule_paths(extra: list[Path] | None, no_defaults: bool) -> list[Path]:
-    paths = ([] if no_defaults else [RULES_DIR]) + list(extra or [])
-    if not paths:
-        raise typer.BadParameter("no rules: give --rules, or drop --no-defaults")
-    return paths
+def configured_rules(config_file: Path | None, extra: list[Path] | None, no_defaults: bool,
+                     agent_root: str | None = None) -> Config:
+    """The configuration, with the rules the daemon would load, and extra after them."""
+    config, _ = effective_config(config_file, agent_root)
+    return with_rules(config, extra, no_defaults)
 
 
 @app.command("list", epilog="Example:\n\n  ebpfmon rules list --rules /etc/ebpfmon/rules.d")
-def list_rules(rules: RulesOption = None, no_defaults: NoDefaultsOption = False) -> None:
+def list_rules(rules: RulesOption = None, no_defaults: NoDefaultsOption = False,
+               config_file: ConfigOption = None) -> None:
     """Show the loaded rules: priority, event kinds, state, actions, where defined."""
-    ruleset = load_rules(rule_paths(rules, no_defaults))
+    ruleset = load_rules(rule_paths(configured_rules(config_file, rules, no_defaults).rules))
     rows = [("RULE", "PRIORITY", "KINDS", "STATE", "ACTIONS", "ENABLED", "SOURCE")]
     for r in ruleset.rules:
         rows.append((r.name, r.priority, ",".join(sorted(r.kinds)), r.stateful or "-",
@@ -54,11 +51,10 @@ def list_rules(rules: RulesOption = None, no_defaults: NoDefaultsOption = False)
              "  ebpfmon rules validate --no-defaults mine.yaml\n\n"
              "Exit status 0 when every file loads, 1 with a file:line:col list of problems.")
 def validate(files: Annotated[Optional[list[Path]], typer.Argument(
-        help="Rule files or directories, loaded after the shipped packs.")] = None,
-        no_defaults: NoDefaultsOption = False) -> None:
+        help="Rule files or directories, loaded after the configured ones (the shipped packs by default).")] = None,
+        no_defaults: NoDefaultsOption = False, config_file: ConfigOption = None) -> None:
     """Check rule files: YAML, fields, operators, lists, macros, regexes, outputs."""
-    paths = rule_paths(files, no_defaults)
-    ruleset = load_rules(paths)  # RuleLoadError: printed by main, exit 2... but validate says 1
+    ruleset = load_rules(rule_paths(configured_rules(config_file, files, no_defaults).rules))
     print(f"ok: {len(ruleset.rules)} rules ({sum(r.enabled for r in ruleset.rules)} enabled), "
           f"{len(ruleset.lists)} lists, from {len(ruleset.files)} file(s)")
 
@@ -76,15 +72,17 @@ def test(
     rules: RulesOption = None,
     no_defaults: NoDefaultsOption = False,
     json: Annotated[bool, typer.Option("--json", help="Verdicts as JSON lines.")] = False,
-    agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
+    config_file: ConfigOption = None,
+    agent_root: AgentRootOption = None,
 ) -> None:
     """Replay recorded events, or rule test cases, through the rules."""
     if not events and not cases:
         raise typer.BadParameter("give --events TRACE.jsonl, --cases CASES.yaml, or both")
-    ruleset = load_rules(rule_paths(rules, no_defaults))
+    config = configured_rules(config_file, rules, no_defaults, agent_root)
+    ruleset = load_rules(rule_paths(config.rules))
     failed = False
     if events:
-        engine = Engine(ruleset, rule_context(make_config(agent_root)))
+        engine = Engine(ruleset, rule_context(config))
         read = bad = fired = 0
         for number, item in ev.read_jsonl(events):
             if isinstance(item, Exception):

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from ebpfmon.cli.common import setup_logging, stop_on_signals
-from ebpfmon.config import DEFAULT_CONFIG, Config, load_config
+from ebpfmon.cli.common import (AgentRootOption, ConfigOption, NoDefaultsOption, RulesOption, StateDirOption,
+                                effective_config, setup_logging, stop_on_signals, with_rules)
 from ebpfmon.service.daemon import Daemon, stdout_printer
 from ebpfmon.kernel.probeset import require_root
 
@@ -33,30 +31,15 @@ quarantine'. SIGHUP or 'ebpfmon reload' reloads rules and configuration; a
 set with problems is refused and the running one stays.
 """
 
-StateDirOption = Annotated[Optional[str], typer.Option(
-    "--state-dir", metavar="DIR", envvar="EBPFMON_STATE_DIR", show_envvar=True,
-    help="Where quarantine records, the alert spool, the audit log and the control socket live "
-         "(default: the configuration's state_dir, /var/lib/ebpfmon).")]
-ConfigOption = Annotated[Optional[Path], typer.Option(
-    "--config", "-f", metavar="FILE", envvar="EBPFMON_CONFIG", show_envvar=True,
-    help=f"Configuration file (YAML). Default: {DEFAULT_CONFIG} when it exists, else built-in defaults.")]
+app = typer.Typer()
 
 
-def effective_config(config_file: Path | None) -> tuple[Config, Path | None]:
-    """The configuration file given, or the default one when present, or the built-in defaults."""
-    if config_file is None and os.path.exists(DEFAULT_CONFIG):
-        config_file = Path(DEFAULT_CONFIG)
-    return (load_config(config_file), config_file) if config_file else (Config(), None)
-
-
+@app.command("run", epilog=EPILOG)
 def run(
     config_file: ConfigOption = None,
-    agent_root: Annotated[Optional[str], typer.Option(
-        "--agent-root", envvar="EBPFMON_AGENT_ROOT", show_envvar=True,
-        help="cgroup under which agents run (overrides the configuration).")] = None,
-    rules: Annotated[Optional[list[Path]], typer.Option(
-        "--rules", "-r", metavar="PATH", help="Rule file or directory loaded after the configured ones.")] = None,
-    no_defaults: Annotated[bool, typer.Option("--no-defaults", help="Leave out the shipped packs.")] = False,
+    agent_root: AgentRootOption = None,
+    rules: RulesOption = None,
+    no_defaults: NoDefaultsOption = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Contain nothing: report what would be cut, "
                                           "refused, killed or frozen.")] = False,
     state_dir: StateDirOption = None,
@@ -67,21 +50,14 @@ def run(
     """Run the monitor: watch every agent, judge what they do, alert, contain."""
     setup_logging(json_lines=log_json)
     require_root()
-    config, path = effective_config(config_file)
-    overrides = {}
-    if agent_root:
-        overrides["agent_root"] = agent_root
-    if state_dir:
-        overrides["state_dir"] = state_dir
-    if rules or no_defaults:
-        overrides["rules"] = dataclasses.replace(config.rules, defaults=config.rules.defaults and not no_defaults,
-                                                 files=config.rules.files + tuple(str(r) for r in rules or ()))
+    config, path = effective_config(config_file, agent_root, state_dir)
+    config = with_rules(config, rules, no_defaults)
     if dry_run:
-        overrides["enforce"] = dataclasses.replace(config.enforce, dry_run=True)
-    config = dataclasses.replace(config, **overrides)
-    daemon = Daemon(config, path if not overrides else None,
+        config = dataclasses.replace(config, enforce=dataclasses.replace(config.enforce, dry_run=True))
+    overridden = bool(agent_root or state_dir or rules or no_defaults or dry_run)
+    daemon = Daemon(config, path if not overridden else None,
                     show_events=stdout_printer if show_events else None)
-    if overrides and path:
+    if overridden and path:
         log.info("command-line options override %s: reload re-reads the rule files only", path)
     stop = stop_on_signals()
     signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sys
 from typing import Annotated, Optional
@@ -9,9 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from ebpfmon import output
-from ebpfmon.cli.common import (AgentRootOption, GpuPrefixOption, make_config, setup_logging,
-                                stop_on_signals)
-from ebpfmon.config import DEFAULT_AGENT_ROOT
+from ebpfmon.cli.common import AgentRootOption, ConfigOption, effective_config, setup_logging, stop_on_signals
+from ebpfmon.config import DEFAULT_GPU_PREFIXES
 from ebpfmon.events import KIND_GROUPS
 from ebpfmon.stream.stream import PROBE_OF_KIND, EventStream
 from ebpfmon.kernel.probeset import probe_source
@@ -34,7 +34,15 @@ Columns: TIME, CGROUP (relative to the cgroup2 mount), PID, PPID, COMM, WHAT
 (the call, its arguments and its result: ok or the errno name).
 """
 
+GpuPrefixOption = Annotated[Optional[list[str]], typer.Option(
+    "--gpu-prefix", metavar="PATH",
+    help="Device path prefix counted as a GPU (repeat it; replaces the configured ones, by default "
+         + ", ".join(f"{p}*" for p in DEFAULT_GPU_PREFIXES) + ").")]
 
+app = typer.Typer()
+
+
+@app.command("trace", epilog=EPILOG)
 def trace(
     kind: Annotated[TraceKind, typer.Argument(help="What to trace: exec (with argv), connect "
                                               "(connects and addressed UDP sends), gpu (GPU "
@@ -50,7 +58,8 @@ def trace(
     duration: Annotated[Optional[float], typer.Option(
         "--duration", "-d", metavar="SECONDS", min=0.1, help="Stop after this long. "
         "Default: until Ctrl-C.")] = None,
-    agent_root: AgentRootOption = DEFAULT_AGENT_ROOT,
+    config_file: ConfigOption = None,
+    agent_root: AgentRootOption = None,
     gpu_prefix: GpuPrefixOption = None,
     print_c: Annotated[bool, typer.Option("--print-c", help="Print the C the probes are "
                                           "compiled from, and exit.")] = False,
@@ -65,7 +74,9 @@ def trace(
     if print_c:
         print(probe_source({PROBE_OF_KIND[k] for k in kinds if k in PROBE_OF_KIND}))
         return
-    config = make_config(agent_root, gpu_prefix)
+    config, _ = effective_config(config_file, agent_root)
+    if gpu_prefix:
+        config = dataclasses.replace(config, gpu_prefixes=tuple(gpu_prefix))
     stream = EventStream(config, kinds, cgroups=cgroup or (), all_cgroups=all_cgroups)
     format_line = output.json_line if json else output.table_line
     stop = stop_on_signals()

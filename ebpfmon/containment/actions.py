@@ -24,17 +24,11 @@ from ebpfmon.config import Config
 from ebpfmon.containment import dns
 from ebpfmon.host import sockets
 from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
-from ebpfmon.errors import EbpfmonError
+from ebpfmon.errors import ContainmentRefused
 from ebpfmon.kernel.enforcer import Enforcer
+from ebpfmon.rules.vocabulary import DISRUPTIVE_ACTIONS
 
 log = logging.getLogger(__name__)
-
-DISRUPTIVE = ("cut_network", "freeze", "kill", "deny_gpu")
-
-
-class ContainmentRefused(EbpfmonError):
-    """A containment request that would touch something it must never touch."""
-
 
 @dataclass
 class Notice:
@@ -53,7 +47,7 @@ class Containment:
         self.settings = config.enforce
         self.store = store
         self.clock = clock
-        self.agent_root = enforcer.agent_root
+        self.agents = enforcer.agents
         self.own_cgroup = cgroup_of(os.getpid()) or "/"
         self.on_release = on_release or (lambda record: None)  # e.g. resolve the pager's incidents
         self.on_action = on_action or (lambda action, result: None)  # e.g. count it
@@ -65,14 +59,14 @@ class Containment:
     def check_target(self, agent: str) -> str:
         """The agent cgroup path, if containment may act on it; else ContainmentRefused."""
         agent = "/" + agent.strip("/") if agent else "/"
-        root = self.agent_root.rstrip("/")
+        root = self.agents.root_path.rstrip("/")
         if agent == "/":
             raise ContainmentRefused("refused: the root cgroup is never contained (it is the whole host).")
-        if agent == root or not agent.startswith(root + "/"):
+        depth = self.agents.levels_below_root(agent)
+        if depth is None:
             raise ContainmentRefused(f"refused: {agent} is not an agent cgroup below the agent root {root}.")
-        depth = len([p for p in agent[len(root):].split("/") if p])
-        if depth != self.enforcer.agent_level:
-            raise ContainmentRefused(f"refused: {agent} is not at the agent level ({self.enforcer.agent_level} "
+        if depth != self.agents.level:
+            raise ContainmentRefused(f"refused: {agent} is not at the agent level ({self.agents.level} "
                                      f"below {root}); name the agent's own cgroup.")
         own = self.own_cgroup.rstrip("/") or "/"
         if own == agent or own.startswith(agent + "/"):
@@ -110,7 +104,7 @@ class Containment:
             if record is not None:
                 if len(record.triggers) < 100:
                     record.triggers.append({"rule": verdict.rule, "time_ns": now})
-            elif not dry and any(a in DISRUPTIVE for a in verdict.actions) and self._rate_limited(agent, now):
+            elif not dry and any(a in DISRUPTIVE_ACTIONS for a in verdict.actions) and self._rate_limited(agent, now):
                 return [Notice("CRITICAL", f"containment rate limit: more than {self.settings.rate_limit} agents "
                                            f"in {self.settings.rate_seconds:.0f}s; not acting on {agent} for rule "
                                            f"{verdict.rule!r}. Check the rule; contain by hand if needed.")]
@@ -268,7 +262,7 @@ class Containment:
                 notices.append(Notice("NOTICE", f"opened {network}: denied in the kernel, but neither configured "
                                                 "nor held by a quarantine"))
             recorded = {r.agent_id for r in self.store.active() if r.cut}
-            names = {self.hierarchy.cgroup_id_or_none(p): p for p in self._agent_paths()}
+            names = {self.hierarchy.cgroup_id_or_none(p): p for p in self.agent_paths()}
             for agent_id, since in kernel_cut.items():
                 if agent_id in recorded:
                     continue
@@ -285,15 +279,8 @@ class Containment:
             self.store.save()
         return notices
 
-    def _agent_paths(self) -> list[str]:
-        root = self.hierarchy.path(self.agent_root)
-        out = []
-        for directory, _, _ in os.walk(root):
-            rel = self.hierarchy.relative(Path(directory))
-            depth = len([p for p in rel[len(self.agent_root.rstrip("/")):].split("/") if p])
-            if depth == self.enforcer.agent_level:
-                out.append(rel)
-        return out
+    def agent_paths(self) -> list[str]:
+        return self.agents.agents(self.hierarchy)
 
 
 def _host_network(address: str | None) -> str | None:

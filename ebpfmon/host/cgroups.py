@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ebpfmon.errors import CgroupError, NoCgroup2Error
@@ -101,6 +102,59 @@ class Hierarchy:
             raise CgroupError(f"cgroup name {name!r} must be a relative path below the agent root {root}, "
                               "without '..'.", "Use a plain name such as 'agent-1'.")
         return str(Path(self.relative(self.path(root))) / name)
+
+
+@dataclass(frozen=True)
+class AgentLayout:
+    """Where the agents are: each agent is the cgroup `level` levels below `root`
+    (level 1: /ebpfmon-agents/a1; level 2: /ebpfmon-agents/team/a1), and every cgroup
+    below an agent is part of it. The one definition the rules, containment and the
+    kernel's agent-level setting share."""
+
+    root: str
+    level: int = 1
+
+    @property
+    def root_path(self) -> str:
+        return "/" + self.root.strip("/")
+
+    def levels_below_root(self, cgroup: str) -> int | None:
+        """How deep below the root a cgroup is (None: not below it)."""
+        root = self.root_path.rstrip("/")
+        cgroup = "/" + cgroup.strip("/")
+        if not cgroup.startswith(root + "/"):
+            return None
+        return len([p for p in cgroup[len(root):].split("/") if p])
+
+    def agent_of(self, cgroup: str | None) -> str | None:
+        """The agent a cgroup belongs to (itself or its ancestor at the agent level), or None."""
+        if not cgroup:
+            return None
+        root = self.root_path.rstrip("/")
+        if not cgroup.startswith(root + "/"):
+            return None
+        parts = cgroup[len(root) + 1:].split("/")
+        if len(parts) < self.level:
+            return None
+        return root + "/" + "/".join(parts[:self.level])
+
+    def is_agent(self, cgroup: str) -> bool:
+        return self.levels_below_root(cgroup) == self.level
+
+    @property
+    def absolute_level(self) -> int:
+        """The agents' level below the cgroup2 mount, as the kernel counts ancestors."""
+        return len([p for p in self.root_path.split("/") if p]) + self.level
+
+    def agents(self, hierarchy: Hierarchy) -> list[str]:
+        """The agent cgroups that exist now."""
+        found = []
+        for directory, below, _ in os.walk(hierarchy.path(self.root_path)):
+            relative = hierarchy.relative(Path(directory))
+            if self.is_agent(relative):
+                found.append(relative)
+                below.clear()  # an agent's own cgroups are not agents
+        return found
 
 
 def cgroup_of(pid: int) -> str | None:

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ebpfmon.host.cgroups import Hierarchy
+from ebpfmon.host.cgroups import AgentLayout, Hierarchy
 from ebpfmon.errors import CgroupError, ProbeLoadError
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import BPFFS, ProbeSet, import_bcc
@@ -69,14 +69,15 @@ def _lpm_network(key, size: int) -> str:
 
 
 class Enforcer:
-    def __init__(self, probes: ProbeSet, hierarchy: Hierarchy, agent_root: str, agent_level: int = 1):
-        if hierarchy.relative(hierarchy.path(agent_root)) == "/":
+    def __init__(self, probes: ProbeSet, hierarchy: Hierarchy, agents: AgentLayout):
+        root = hierarchy.relative(hierarchy.path(agents.root))
+        if root == "/":
             raise CgroupError("the agent root cannot be the root cgroup: enforcement there would reach "
                               "every process on the host.", "Set an agent root such as /ebpfmon-agents.")
         self.probes = probes
         self.hierarchy = hierarchy
-        self.agent_root = hierarchy.relative(hierarchy.path(agent_root))
-        self.agent_level = agent_level
+        self.agents = AgentLayout(root, agents.level)
+        self.agent_root = root
         self._attached: list[tuple] = []
         # the deny lists have two owners: the configuration and the quarantines'
         # deny_connect actions; an entry goes when neither holds it any more
@@ -87,17 +88,12 @@ class Enforcer:
     def bpf(self):
         return self.probes.bpf
 
-    @property
-    def absolute_agent_level(self) -> int:
-        depth = len([p for p in self.agent_root.split("/") if p])
-        return depth + self.agent_level
-
     def configure(self, dry_run: bool, gpu_default_deny: bool, keep_open: tuple[str, ...],
                   deny_ports: tuple[int, ...], deny_networks: tuple[str, ...] = ()) -> None:
         """Writes the policy the programs read; deny_networks are the configured ones (actions add
         theirs with hold_network)."""
         self.bpf[b"enforce_config"][ctypes.c_int(0)] = abi.EnforceConfig(
-            agent_level=self.absolute_agent_level, dry_run=int(dry_run), gpu_default_deny=int(gpu_default_deny))
+            agent_level=self.agents.absolute_level, dry_run=int(dry_run), gpu_default_deny=int(gpu_default_deny))
         for name in (b"cut_allow4", b"cut_allow6"):
             self.bpf[name].clear()
         for network in keep_open:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ebpfmon.errors import ConditionError
 from ebpfmon.rules.fields import ALL_KINDS, BOOL, FIELDS, INT, IP, STR, Field
 
 KEYWORDS = {"and", "or", "not"}
@@ -32,6 +33,8 @@ STRING_OPS = {"contains", "icontains", "startswith", "endswith", "glob", "regex"
 LIST_OPS = {"in", "intersects", "pmatch"}
 ALL_OPS = COMPARISONS | STRING_OPS | LIST_OPS | {"exists"}
 LIST_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
+# a %field reference in an output template
+FIELD_REFERENCE = re.compile(r"%([a-z0-9_.]+(?:\[\d+\])?)")
 
 TOKEN = re.compile(r"""
     (?P<ws>\s+)
@@ -42,17 +45,6 @@ TOKEN = re.compile(r"""
   | (?P<op>==|!=|<=|>=|=|<|>)
   | (?P<word>[^\s(),=<>!'"]+)
 """, re.VERBOSE)
-
-class ConditionError(Exception):
-    """A problem at a position of a condition; the loader turns pos into file:line:col."""
-
-    def __init__(self, message: str, pos: int, text: str = "", where: str = ""):
-        super().__init__(message)
-        self.message = message
-        self.pos = pos
-        self.text = text  # the token at pos, to find it in the YAML source
-        self.where = where  # the macro the error is in, when it is not the rule's own condition
-
 
 @dataclass
 class Token:
@@ -484,4 +476,4 @@ def compile_condition(text: str, macros: Macros) -> Condition:
 
 def fields_in(text: str) -> Iterable[str]:
     """%field references of an output string."""
-    return re.findall(r"%([a-z0-9_.]+(?:\[\d+\])?)", text)
+    return FIELD_REFERENCE.findall(text)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-import pwd
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfmon import events as ev
+from ebpfmon.config import DEFAULT_AGENT_ROOT
+from ebpfmon.host.cgroups import AgentLayout
 from ebpfmon.host.network import NetworkClassifier
+from ebpfmon.host.users import user_name
 from ebpfmon.rules.argv import parse_ssh
 
 EXEC, CONNECT, UDP, GPU = "exec", "connect", "udp_send", "gpu_open"
@@ -34,8 +36,7 @@ STR, INT, BOOL, IP = "string", "number", "bool", "ip address"
 class Context:
     """What fields need besides the event: configuration and node lookups."""
 
-    agent_root: str = "/ebpfmon-agents"
-    agent_level: int = 1  # the agent is the cgroup this many levels below the agent root
+    agents: AgentLayout = field(default_factory=lambda: AgentLayout(DEFAULT_AGENT_ROOT))
     gpu_entitled: tuple[str, ...] = ()  # cgroup path globs of agents allowed to use GPUs
     networks: NetworkClassifier = field(default_factory=NetworkClassifier)
     _users: dict[int, str] = field(default_factory=dict)
@@ -48,26 +49,13 @@ class Context:
         if known is MISSING:
             if len(self._agents) > 65536:
                 self._agents.clear()
-            known = self._agents[cgroup] = self._agent_of(cgroup)
+            known = self._agents[cgroup] = self.agents.agent_of(cgroup)
         return known
-
-    def _agent_of(self, cgroup: str) -> str | None:
-        root = self.agent_root.rstrip("/")
-        if not cgroup.startswith(root + "/"):
-            return None
-        parts = cgroup[len(root) + 1:].split("/")
-        if len(parts) < self.agent_level:
-            return None
-        return root + "/" + "/".join(parts[:self.agent_level])
 
     def user_name(self, uid: int) -> str:
         name = self._users.get(uid)
         if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = str(uid)
-            self._users[uid] = name
+            name = self._users[uid] = user_name(uid)
         return name
 
 

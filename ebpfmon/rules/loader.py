@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
-from ebpfmon.errors import EbpfmonError
+from ebpfmon.config import RuleSettings
+from ebpfmon.errors import ConditionError, RuleLoadError
 from ebpfmon.paths import RULES_DIR
-from ebpfmon.rules.condition import ConditionError, Macros, compile_condition, fields_in, resolve_field, Token
-from ebpfmon.rules.ruleset import (ACTIONS, PRIORITIES, CompiledRule, Output, RuleSet, SequenceSpec,
+from ebpfmon.rules.vocabulary import ACTIONS, PRIORITIES
+from ebpfmon.rules.condition import Macros, compile_condition, fields_in, resolve_field, Token
+from ebpfmon.rules.ruleset import (DEFAULT_MAX_KEYS, CompiledRule, Output, RuleSet, SequenceSpec,
                                    WindowSpec)
 
 
@@ -40,14 +42,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}: {self.message}"
-
-
-class RuleLoadError(EbpfmonError):
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        listing = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in the rules:\n{listing}",
-                         "Fix them; a daemon keeps running on its last good rules meanwhile.")
 
 
 @dataclass
@@ -412,7 +406,7 @@ class Compiler:
                               within=_duration(spec["within"]),
                               distinct=_field_list(spec["distinct"], "window.distinct") if "distinct" in spec
                               else None,
-                              max_keys=int(spec.get("max_keys", 10000)))
+                              max_keys=int(spec.get("max_keys", DEFAULT_MAX_KEYS)))
         except (ValueError, KeyError, TypeError) as e:
             self.problems.append(loc.problem(f"window of rule {item.name!r}: {e}"))
             return None
@@ -438,7 +432,7 @@ class Compiler:
             if compiled is None:
                 return None
             steps.append(compiled)
-        return SequenceSpec(by=by, within=within, steps=steps, max_keys=int(spec.get("max_keys", 10000)))
+        return SequenceSpec(by=by, within=within, steps=steps, max_keys=int(spec.get("max_keys", DEFAULT_MAX_KEYS)))
 
     def macros_check(self) -> None:
         """Every macro parses and compiles, even one no rule uses yet."""
@@ -447,6 +441,12 @@ class Compiler:
                 compile_condition(name, self.macros)
             except ConditionError as e:
                 self.problems.append(self.condition_problem(item.fields.get("condition", item.where), e))
+
+
+def rule_paths(settings: RuleSettings) -> list[Path]:
+    """The rule files and directories to load, in order: the shipped packs (unless left out),
+    then the operator's, which override them."""
+    return ([RULES_DIR] if settings.defaults else []) + [Path(f) for f in settings.files]
 
 
 def load_rules(paths: list[Path] | None = None) -> RuleSet:

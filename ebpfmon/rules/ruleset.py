@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfmon.output import safe
 from ebpfmon.rules.codegen import compile_judge
-from ebpfmon.rules.condition import BoolOp, Condition, Evaluation, Not, Token, resolve_field
+from ebpfmon.rules.condition import FIELD_REFERENCE, BoolOp, Condition, Evaluation, Not, Token, resolve_field
 from ebpfmon.rules.fields import Field
 
-# Falco's priorities, most severe first
-PRIORITIES = ("EMERGENCY", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFORMATIONAL", "DEBUG")
-# what a rule may ask for besides an alert; carried out by enforcement
-ACTIONS = ("cut_network", "deny_connect", "deny_gpu", "kill", "freeze")
+# keys a window or a sequence keeps state for, least recently used dropped first past it
+DEFAULT_MAX_KEYS = 10000
 
 FieldRef = tuple[Field, int | None, str]
 
@@ -28,7 +25,7 @@ class WindowSpec:
     count: int
     within: float
     distinct: list[FieldRef] | None = None
-    max_keys: int = 10000
+    max_keys: int = DEFAULT_MAX_KEYS
 
 
 @dataclass
@@ -38,7 +35,7 @@ class SequenceSpec:
     by: list[FieldRef]
     within: float
     steps: list[Condition]
-    max_keys: int = 10000
+    max_keys: int = DEFAULT_MAX_KEYS
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -48,13 +45,11 @@ class SequenceSpec:
 class Output:
     """An output template: text with %field references, rendered with escaped values."""
 
-    PATTERN = re.compile(r"%([a-z0-9_.]+(?:\[\d+\])?)")
-
     def __init__(self, template: str):
         self.template = template
         self.parts: list[str | FieldRef] = []
         pos = 0
-        for m in self.PATTERN.finditer(template):
+        for m in FIELD_REFERENCE.finditer(template):
             self.parts.append(template[pos:m.start()])
             name = m.group(1)
             if name.startswith("window."):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pwd
 import socket
 import socketserver
 import struct
@@ -19,7 +18,9 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from ebpfmon.containment.actions import Containment, ContainmentRefused
+from ebpfmon.containment.actions import Containment
+from ebpfmon.errors import ContainmentRefused
+from ebpfmon.host.users import user_name
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ def socket_path(state_dir: str | Path) -> Path:
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def handle(containment: Containment, request: dict, by: str, reload=None) -> dict:

@@ -1,18 +1,23 @@
-"""Prometheus metrics (prometheus-client), served on metrics.listen (127.0.0.1:9464).
+"""Prometheus metrics (prometheus-client), served on metrics.listen (127.0.0.1:9464): the
+whole schema is here.
 
-Counters the daemon increments live here; numbers that are kept elsewhere
+Counters the daemon increments live in Metrics; numbers that are kept elsewhere
 (the kernel's lost/truncated/refusal counters, the spool, the quarantine) are
-read when Prometheus scrapes, by a collector.
+read when Prometheus scrapes, by snapshot().
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ebpfmon import __version__
+
+if TYPE_CHECKING:
+    from ebpfmon.service.daemon import Daemon
 
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -64,3 +69,30 @@ class _Snapshot:
             for label_values, value in values.items():
                 family.add_metric(list(label_values), value)
             yield family
+
+
+def snapshot(daemon: "Daemon") -> dict:
+    """What is read at scrape time, from the kernel counters and the daemon's state."""
+    daemon.stream.refresh_counters()
+    stats = daemon.stream.stats
+    kinds = sorted(set(stats.events) | set(stats.lost))
+    refusals = daemon.enforcer.counters() if daemon.enforcer else {}
+    return {
+        "ebpfmon_events": ("counter", "Events delivered, by kind.", ["kind"],
+                           {(k,): stats.events.get(k, 0) for k in kinds}),
+        "ebpfmon_events_lost": ("counter", "Events the kernel could not deliver (ring full), by kind.",
+                                ["kind"], {(k,): stats.lost.get(k, 0) for k in kinds}),
+        "ebpfmon_events_truncated": ("counter", "Events delivered with a field cut, by kind.", ["kind"],
+                                     {(k,): stats.truncated.get(k, 0) for k in kinds}),
+        "ebpfmon_events_malformed": ("counter", "Records that did not decode.", [], {(): stats.malformed}),
+        "ebpfmon_refusals": ("counter", "Refusals by the kernel enforcement programs, by reason.", ["reason"],
+                             {(k,): v for k, v in refusals.items() if k != "skb_dropped"}),
+        "ebpfmon_cut_packets_dropped": ("counter", "Packets of cut agents dropped.", [],
+                                        {(): refusals.get("skb_dropped", 0)}),
+        "ebpfmon_quarantined_agents": ("gauge", "Agents in quarantine.", [],
+                                       {(): len(daemon.containment.store.active()) if daemon.containment else 0}),
+        "ebpfmon_alert_spool_depth": ("gauge", "Alerts waiting for a sink.", [], {(): daemon.alerting.spool.depth()}),
+        "ebpfmon_alert_spool_dropped": ("counter", "Alerts dropped because the spool was full.", [],
+                                        {(): daemon.alerting.spool.dropped}),
+        "ebpfmon_probes_attached": ("gauge", "Probes attached.", [], {(): len(daemon.stream.probes.probes)}),
+    }

@@ -258,7 +258,7 @@ def test_gpu_refused_by_number_whatever_the_path(containment_daemon, contained_a
 
 
 def test_containment_never_touches_root_or_outsiders(containment_daemon, test_root):
-    from ebpfmon.containment.actions import ContainmentRefused
+    from ebpfmon.errors import ContainmentRefused
 
     c = containment_daemon.containment
     for target, why in (("/", "root cgroup"), (test_root, "not an agent cgroup"),

@@ -1,0 +1,101 @@
+"""The one place that puts the kernel side and containment together from a Config.
+
+The daemon and every command that works on the kernel state without one
+(`ebpfmon quarantine cut` and `release` with no daemon running) build them here,
+so both apply the operator's configuration: the agent root and level, dry run,
+keep_open, the deny lists from the configuration and the rules, the GPU policy
+and its grants.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from ebpfmon.config import Config
+from ebpfmon.containment.actions import Containment
+from ebpfmon.containment.gpu import grant_gpus
+from ebpfmon.containment.quarantine import QuarantineStore, Record
+from ebpfmon.errors import EbpfmonError
+from ebpfmon.host.cgroups import Hierarchy
+from ebpfmon.host.network import NetworkClassifier
+from ebpfmon.kernel.enforcer import Enforcer, pin_dir
+from ebpfmon.kernel.probeset import ProbeSet, require_root
+from ebpfmon.rules.fields import Context
+from ebpfmon.rules.loader import load_rules, rule_paths
+from ebpfmon.stream.decode import CgroupChange
+from ebpfmon.stream.stream import EventStream
+
+
+def rule_context(config: Config) -> Context:
+    """What rule fields need from the configuration and the node."""
+    return Context(agents=config.agents, gpu_entitled=config.gpu_entitled,
+                   networks=NetworkClassifier(config.internal_networks))
+
+
+def deny_ports(config: Config, lists: dict[str, list[str]]) -> tuple[int, ...]:
+    """The ports no agent may reach: configured, or the rules' mining_pool_ports list."""
+    if config.enforce.deny_ports is not None:
+        return config.enforce.deny_ports
+    return tuple(int(p) for p in lists.get("mining_pool_ports", []) if str(p).isdigit())
+
+
+def deny_networks(config: Config, lists: dict[str, list[str]]) -> tuple[str, ...]:
+    """The networks no agent may reach from the start: configured, and the rules'
+    mining_pool_networks list. A list item that is not a network is an error that names it."""
+    networks = tuple(config.enforce.deny_networks) + tuple(str(n) for n in lists.get("mining_pool_networks", []))
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise EbpfmonError(f"{network!r} in enforce.deny_networks or the rules' mining_pool_networks list "
+                               "is not an IP network", "Write it as an address or a CIDR, such as "
+                               "192.0.2.0/24.") from None
+    return networks
+
+
+def configure_enforcer(enforcer: Enforcer, config: Config, lists: dict[str, list[str]]) -> None:
+    """The enforcement policy from the configuration and the rules' lists."""
+    enforcer.configure(dry_run=config.enforce.dry_run, gpu_default_deny="*" not in config.gpu_entitled,
+                       keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, lists),
+                       deny_networks=deny_networks(config, lists))
+
+
+def event_stream(config: Config, hierarchy: Hierarchy,
+                 on_cgroup: Callable[[CgroupChange], None] | None = None) -> EventStream:
+    """Every kind of event from the agents, with the enforcement programs loaded beside the
+    probes (their maps pinned, so cuts outlive the daemon)."""
+    hierarchy.ensure(config.agent_root)
+    return EventStream(config, hierarchy=hierarchy, enforce_pins=pin_dir(hierarchy, config.agent_root),
+                       on_cgroup=on_cgroup)
+
+
+def enforcement(probes: ProbeSet, hierarchy: Hierarchy, config: Config, lists: dict[str, list[str]]) -> Enforcer:
+    """The enforcement programs configured and attached at the agent root."""
+    enforcer = Enforcer(probes, hierarchy, config.agents)
+    configure_enforcer(enforcer, config, lists)
+    enforcer.attach()
+    return enforcer
+
+
+def containment(enforcer: Enforcer, hierarchy: Hierarchy, config: Config,
+                on_release: Callable[[Record], None] | None = None,
+                on_action: Callable[[str, str], None] | None = None) -> Containment:
+    """Containment over the enforcer, with the quarantine records in the state directory,
+    and the GPU grants of the entitled agents in place."""
+    result = Containment(enforcer, hierarchy, config, QuarantineStore(config.state_dir), on_release=on_release,
+                         on_action=on_action)
+    grant_gpus(enforcer, config, hierarchy, result.store, result.agent_paths())
+    return result
+
+
+def offline_containment(config: Config, on_release: Callable[[Record], None] | None = None) -> Containment:
+    """Containment straight on the kernel's pinned state, for a command run with no daemon:
+    the enforcement programs loaded and attached as the daemon would, from the same
+    configuration and rules."""
+    require_root()
+    hierarchy = Hierarchy()
+    hierarchy.ensure(config.agent_root)
+    probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
+    enforcer = enforcement(probes, hierarchy, config, load_rules(rule_paths(config.rules)).lists)
+    return containment(enforcer, hierarchy, config, on_release=on_release)
