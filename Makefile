@@ -5,12 +5,12 @@
 VENV ?= $(CURDIR)/.venv
 EBPFMON := $(VENV)/bin/ebpfmon
 # test servers and tools the tests talk to
-TEST_PACKAGES := procps util-linux openssh-client openssh-server prometheus-alertmanager systemd shellcheck vagrant gcc liburing-dev
+TEST_PACKAGES := procps util-linux openssh-client openssh-server prometheus-alertmanager systemd shellcheck vagrant gcc liburing-dev bpftool
 
 # what bench/compare.py runs side by side with ebpfmon, and the plot
 BENCH_PACKAGES := $(TEST_PACKAGES) gcc bpftrace auditd bpfcc-tools python3-matplotlib valgrind
 
-.PHONY: setup setup-test run test doctor bench clean
+.PHONY: setup setup-test run test test-unit doctor bench clean
 
 setup:
 	VENV=$(VENV) sh deploy/setup.sh
@@ -23,6 +23,10 @@ run: setup
 
 test: setup-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# the fast tier alone (tests/unit: no BPF programs, no daemon), in seconds
+test-unit: setup-test
+	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)
 
 doctor: setup
 	$(EBPFMON) doctor

@@ -59,7 +59,7 @@ if [ -n "$missing" ]; then
 fi
 
 # bcc compiles probes against a kernel header tree. The probes read no kernel
-# structs (DESIGN.md, principle 1), so when the distribution has no headers for
+# structs (docs/architecture.md), so when the distribution has no headers for
 # the running kernel, another version's headers serve: link them and say so.
 release=$(uname -r)
 modules=/lib/modules/$release

@@ -118,8 +118,8 @@ class Config:
     # destinations counted as internal (fd.is_internal), besides what the
     # node's own routes reach other than by the default route
     internal_networks: tuple[str, ...] = DEFAULT_INTERNAL_NETWORKS
-    # 4 MiB: a Python reader keeps up with ~500k events/s; a 900k/s producer
-    # was seen to overflow a ring of this size (DESIGN.md)
+    # 4 MiB: room for the bursts a storm of agents makes while the reader judges
+    # (how fast it drains, and what overflows it: bench/README.md)
     ringbuf_pages: int = 1024
     # longest a no-wakeup event waits in the ring before the reader drains it
     drain_interval_ms: int = 50

@@ -140,9 +140,9 @@ class Event:
         return self.json_bytes(ancestry_by_id).decode()
 
     def json_bytes(self, ancestry_by_id: bool = False) -> bytes:
-        """to_json's line as bytes (the audit log writes bytes). orjson (several times faster:
-        the audit log writes every event) when it can, from the dataclass itself (a dict of it
-        was a quarter of the cost); json, which escapes them, for text with lone surrogates
+        """to_json's line as bytes (the audit log writes bytes). orjson (much faster: the
+        audit log writes every event) when it can, from the dataclass itself (no dict made of
+        it first); json, which escapes them, for text with lone surrogates
         (bytes that are not UTF-8) or other non-ASCII characters (an agent's bidi overrides must
         not reach a responder's terminal raw)."""
         self._shared_ancestry()

@@ -1,7 +1,7 @@
 /* Maps and helpers every probe uses. Included once, before the probe sources,
  * by the loader (ebpfmon/kernel/probeset.py), which defines RINGBUF_PAGES.
  * No kernel headers beyond what bcc brings: the probes read no kernel structs,
- * and <linux/sched.h> alone cost half a second of compiling at every start.
+ * and <linux/sched.h> alone is a large part of compiling at every start.
  */
 #include "events.h"
 
@@ -16,9 +16,8 @@
  * the others) woke it less than WAKE_WINDOW_NS ago: the reader, after a batch
  * with such an event, polls again within the window (ebpfmon/stream/stream.py), so
  * those that did not wake it wait at most that long, and a storm is read in
- * batches (one wakeup per record made an exec storm half again as slow on a
- * 2-core machine, and the reader's CPU per connect twice the cost of judging
- * it). Each class has its own clock so a connect storm never delays an exec's
+ * batches (one wakeup per record slows an exec storm down, and costs the
+ * reader more per connect than judging it; bench/README.md). Each class has its own clock so a connect storm never delays an exec's
  * wakeup: an exec can start a tunnel a few milliseconds later. (The ring
  * buffer's adaptive wakeup is no substitute: a record behind an unconsumed
  * no-wakeup record wakes nobody, and a busy reader is woken per record.)

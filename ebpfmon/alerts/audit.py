@@ -16,7 +16,7 @@ event.
 A connect's line is made by orjson once per distinct connect; the next ones
 that differ only in their time reuse it with the time put in (ConnectLines).
 An agent's connects repeat (a retry loop, a connection pool, a flood), and
-making each line was a third of the daemon's instructions per connect.
+making each line is a large part of the daemon's work per connect.
 """
 
 from __future__ import annotations

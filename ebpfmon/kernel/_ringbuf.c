@@ -1,8 +1,8 @@
 /* The ring buffer reader's loop in C (ebpfmon/kernel/ringbuf.py maps the
  * buffer and waits for wakeups; this takes the records).
  *
- * In Python the loop over records was a tenth of the daemon's instructions
- * per connect. This is libbpf's ringbuf_process_ring() (src/ringbuf.c) with a
+ * It runs once per record, so it is C (what it saves: bench/README.md). This
+ * is libbpf's ringbuf_process_ring() (src/ringbuf.c) with a
  * Python callback: positions and record lengths are read with acquire loads
  * and the consumer position written with a release store, as the kernel's
  * side (kernel/bpf/ringbuf.c) expects, so it is right on any architecture.

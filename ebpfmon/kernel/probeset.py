@@ -172,11 +172,10 @@ class ProbeSet:
         if self.ringbuf_pages <= 0 or self.ringbuf_pages & (self.ringbuf_pages - 1):
             raise ValueError(f"ring buffer pages must be a power of two, not {self.ringbuf_pages}")
         # -fno-unroll-loops: the kernel's verifier takes bounded loops (5.3+; the ring
-        # buffer needs 5.8), and clang unrolling the argv and GPU-prefix loops was 0.4-0.6 s
-        # of a 3 s start on a 2-core VM; the programs' run time is the same either way.
-        # -O1: the same programs (5,972 BPF instructions in all against 5,994 without it;
-        # everything is always_inline) for 40% less of the compile's CPU (1.34 s against
-        # 2.28 s, medians of 3 alternated on this VM), the largest part of the start
+        # buffer needs 5.8), and clang unrolling the argv and GPU-prefix loops is a large
+        # part of the start; the programs' run time is the same either way.
+        # -O1: the same programs (everything is always_inline) for much less of the
+        # compile's CPU, the largest part of the start (bench/README.md has the numbers)
         flags = [f"-I{self.probes_dir}", f"-DRINGBUF_PAGES={self.ringbuf_pages}",
                  f"-DWAKE_WINDOW_NS={WAKE_WINDOW_MS * 1_000_000}", "-fno-unroll-loops", "-O1"]
         if self.pin_dir is not None:

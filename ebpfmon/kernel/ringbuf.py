@@ -1,12 +1,12 @@
 """The BPF ring buffer read straight from its shared memory.
 
 bcc's consumer (libbpf's ring_buffer__poll) calls back into Python through a
-ctypes trampoline for every record: at 10k events/s that machinery (the
-callback, bcc's wrapper around it, ctypes.string_at) was a third of the
-daemon's CPU. This reader maps the ring buffer as libbpf does; its loop over
-the records is C (ebpfmon/kernel/_ringbuf.c, libbpf's own loop with a Python
-callback: the loop in Python was a tenth of the daemon's instructions per
-connect), in the same order and with the same guarantees.
+ctypes trampoline for every record, and that machinery (the callback, bcc's
+wrapper around it, ctypes.string_at) costs more than the record's own work.
+This reader maps the ring buffer as libbpf does; its loop over the records is
+C (ebpfmon/kernel/_ringbuf.c, libbpf's own loop with a Python callback), in
+the same order and with the same guarantees. What each step saved is in
+bench/README.md.
 
 The layout is the kernel's (kernel/bpf/ringbuf.c; libbpf's src/ringbuf.c reads
 it the same way): page 0 holds the consumer position (ours to write), page 1

@@ -68,7 +68,7 @@ INLINE_NAMES = {"_error_name": ev.error_name}
 def _inline(expression: str) -> Extractor:
     """An extractor written as an expression of the event e and the context c. Compiled rules
     evaluate the expression in place, without a call (ebpfmon/rules/codegen.py: a call per
-    field was a fifth of judging a connect); everything else calls the function made of it."""
+    field is a large part of judging an event); everything else calls the function made of it."""
     extract = eval(f"lambda e, c: {expression}", dict(INLINE_NAMES))  # noqa: S307 (our constant text)
     extract.inline = expression
     return extract

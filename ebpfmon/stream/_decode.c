@@ -1,10 +1,10 @@
 /* The decode stage's hot path in C: connect and datagram records -> events.
  *
- * Every connect an agent makes comes through here (10k/s in a connect storm).
- * In Python, unpacking the header and the socket address into tuples and the
- * three calls around them were a third of the daemon's instructions per
- * connect (bench/instructions.py). This reads the record through the probes'
- * own struct (probes/events.h: no layout is written twice) and builds the
+ * Every connect an agent makes comes through here, thousands a second in a
+ * connect storm. In Python, unpacking the header and the socket address into
+ * tuples and the calls around them were a large part of the daemon's work per
+ * connect (bench/instructions.py counts it). This reads the record through the
+ * probes' own struct (probes/events.h: no layout is written twice) and builds the
  * same objects ebpfmon/stream/decode.py did, through the event classes' own __init__
  * (construct()); text (comm, addresses) comes from the decoder's caches,
  * filled by its Python functions on a miss. Any other record, and any record whose sizes do
@@ -110,7 +110,7 @@ static PyObject *init_of(PyObject *cls)
 
 /* cls(*args) as type.__call__ makes it: an instance from cls's tp_new, then cls.__init__(it,
  * *args). Here the function is called straight, with no argument tuple made and no __init__
- * looked up per object (calling the class was a third of building an event). items[0] is
+ * looked up per object (calling the class costs more than the fields). items[0] is
  * free for the instance, items[1..n] are the arguments; a new reference or NULL. */
 static PyObject *construct(PyObject *cls, PyObject *init, PyObject **items, size_t n)
 {

@@ -127,7 +127,7 @@ class Decoder:
     from the same caches and hands every other record to decode_other. Each Python builder below
     takes the header's parts (time, cgroup id, process, flags), the record, and the fixed part's
     fields by position; frequent kinds build their event by position too, in the order its class
-    declares the fields (keywords were a fifth of decoding a connect).
+    declares the fields (keywords are a large part of decoding a connect).
 
     decode(record) -> event or CgroupChange; DecodeError for a malformed record."""
 

@@ -14,19 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, AgentCgroup, make_agent_cgroup, remove_cgroup_tree
-
-CONNECT = """
-import socket, sys
-s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
-s.settimeout(3)
-print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))
-"""
-
-
-def connect_from(cgroup, host: str, port: int) -> int:
-    out = cgroup.run([sys.executable, "-c", CONNECT, host, str(port)], text=True)
-    return int(out.stdout)
+from helpers import CONNECT, REPO, AgentCgroup, connect_from, make_agent_cgroup, remove_cgroup_tree
 
 
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"

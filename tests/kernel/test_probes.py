@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, make_agent_cgroup, remove_cgroup_tree
+from helpers import REPO, make_agent_cgroup, remove_cgroup_tree
 from ebpfmon.config import Config
 from ebpfmon.events import ExecEvent, raw_bytes, text
 

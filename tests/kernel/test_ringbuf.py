@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import make_agent_cgroup
+from helpers import make_agent_cgroup
 from ebpfmon.stream.decode import Decoder
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import ProbeSet

@@ -3,13 +3,12 @@ network namespace (OpenSSH, a fake stratum pool), judged as the daemon judges.""
 
 from __future__ import annotations
 
-import socket
 import sys
 
 from ebpfmon import events as ev
 from ebpfmon.rules.engine import Engine
 
-from conftest import REPO
+from helpers import REPO, free_port
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
             "-o", "ConnectTimeout=5", "-o", "ExitOnForwardFailure=yes"]
@@ -26,12 +25,6 @@ def test_reverse_ssh_tunnel_through_a_real_sshd(monitor, agent_cgroup, sshd, net
     assert f"host=root@{netns_host.address}" in alert.output
     established = monitor.wait_for_verdict("SSH tunnel established", agent_cgroup.name)
     assert f"to={netns_host.address}:22" in established.output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ssh_local_forward_is_not_an_alert(monitor, agent_cgroup, sshd, netns_host):

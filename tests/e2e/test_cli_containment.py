@@ -4,61 +4,11 @@ real daemon processes, kill -9, restart, release."""
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 import signal
 import subprocess
 import sys
-import threading
 
-from conftest import EBPFMON, REPO, Lines, make_agent_cgroup
-from test_cli import ebpfmon
-
-CONNECT = """
-import socket, sys
-s = socket.socket()
-s.settimeout(3)
-print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))
-"""
-
-
-def connect_from(cgroup, host: str, port: int) -> int:
-    return int(cgroup.run([sys.executable, "-c", CONNECT, host, str(port)], text=True).stdout)
-
-
-class DaemonProcess(Lines):
-    """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many)."""
-
-    def __init__(self, root: str, state: str, *extra: str):
-        config = Path(state) / "config.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        if not config.exists():
-            config.write_text("metrics: {enabled: false}\n")
-        self.proc = subprocess.Popen([*EBPFMON, "run", "--config", str(config), "--agent-root", root,
-                                      "--state-dir", state, *extra], cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        Lines.__init__(self)
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            self.wait("ready:", timeout=90)
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.emit(line)
-
-    def wait(self, *parts: str, timeout: float = 15) -> str:
-        return self.wait_line(*parts, timeout=timeout, alive=lambda: self.proc.poll() is None)
-
-    def stop(self, sig=signal.SIGINT) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+from helpers import DaemonProcess, attached_maps, connect_from, ebpfmon, make_agent_cgroup
 
 
 def test_cut_survives_kill_9_and_restart_reconciles(bpf, hierarchy, own_root, tmp_path, sshd, stratum_pool,
@@ -138,3 +88,32 @@ def test_dry_run_reports_and_lets_through(bpf, hierarchy, own_root, tmp_path, st
         assert "dry_run=true" in line and "reason=port" in line
     finally:
         daemon.stop()
+
+
+def test_quarantine_without_a_daemon_applies_the_configuration(bpf, hierarchy, own_root, tmp_path, sshd,
+                                                               netns_host):
+    """A cut with no daemon loads the enforcement programs from the operator's configuration
+    (agent level, dry run, keep_open, deny ports, GPU entitlement), not from the defaults."""
+    team = f"{own_root}/team"
+    hierarchy.ensure(team)
+    agent, entitled = make_agent_cgroup(hierarchy, team), make_agent_cgroup(hierarchy, team)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"agent_root: {own_root}\nagent_level: 2\nstate_dir: {tmp_path / 'state'}\n"
+                      f"gpu_entitled: ['{entitled.name}']\nmetrics: {{enabled: false}}\n"
+                      "enforce: {dry_run: true, keep_open: ['127.0.0.0/8', '192.0.2.0/24'], deny_ports: [3333, 4444]}\n")
+    out = ebpfmon("quarantine", "cut", agent.name, "--reason", "offline", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    maps = attached_maps(hierarchy.path(own_root), "enforce_config", "deny_ports", "cut_allow4", "cut_cgroups",
+                         "gpu_policy")
+    depth = len([p for p in own_root.split("/") if p])
+    [settings] = maps["enforce_config"]
+    assert settings["value"] == {"agent_level": depth + 2, "dry_run": 1, "gpu_default_deny": 1, "_pad": 0}
+    assert sorted(e["key"] for e in maps["deny_ports"]) == [3333, 4444]
+    assert sorted((e["key"]["addr"], e["key"]["prefixlen"]) for e in maps["cut_allow4"]) == [
+        ([127, 0, 0, 0], 8), ([192, 0, 2, 0], 24)]
+    assert [e["key"] for e in maps["cut_cgroups"]] == [agent.id]  # the agent at level 2
+    assert [(e["key"], e["value"]["allow"]) for e in maps["gpu_policy"]] == [(entitled.id, 1)]
+    # dry run: the cut agent is reported, not refused
+    assert connect_from(agent, netns_host.address, 22) == 0
+    out = ebpfmon("quarantine", "list", "--config", str(config))
+    assert "no daemon running" in out.stdout and agent.name in out.stdout

@@ -8,8 +8,8 @@ import subprocess
 import time
 import uuid
 
-from conftest import EBPFMON, REPO
-from test_cli import ebpfmon
+from helpers import EBPFMON, REPO
+from helpers import ebpfmon
 
 from ebpfmon.rules.cases import make_event
 

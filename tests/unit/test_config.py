@@ -4,10 +4,10 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from ebpfmon.config import Config, effective, load_config
 from ebpfmon.errors import ConfigError
-from test_cli import ebpfmon
+from helpers import ebpfmon
 
 
 def write(tmp_path, text):

@@ -13,14 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import EBPFMON, REPO
-
-
-def ebpfmon(*args, **kwargs) -> subprocess.CompletedProcess:
-    kwargs.setdefault("capture_output", True)
-    kwargs.setdefault("text", True)
-    kwargs.setdefault("timeout", 120)
-    return subprocess.run([*EBPFMON, *args], cwd=REPO, **kwargs)
+from helpers import EBPFMON, REPO, ebpfmon
 
 
 class Tracer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.config import AlertSettings, SinkSettings
 from ebpfmon.rules.cases import make_event
 from ebpfmon.rules.engine import Verdict
+from helpers import free_port
 from servers.pagerduty import FakePagerDuty
 
 
@@ -141,12 +141,6 @@ def test_secrets_from_files_and_environment(tmp_path, pagerduty, monkeypatch):
         assert pagerduty.wait(1)[0]["routing_key"] == "FROMFILE"
     finally:
         a.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

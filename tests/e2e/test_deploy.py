@@ -2,7 +2,7 @@
 
 import subprocess
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_setup_scripts_are_shellcheck_clean():

@@ -6,8 +6,9 @@ import pytest
 
 from ebpfmon.rules.cases import load_cases
 from ebpfmon.rules.loader import RULES_DIR, load_rules
+from helpers import REPO
 
-CASES_DIR = Path(__file__).parent / "rules"
+CASES_DIR = REPO / "tests/rules"
 CASE_FILES = sorted(p for p in CASES_DIR.glob("*.yaml") if p.name != "local.yaml")
 
 

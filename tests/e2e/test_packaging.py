@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_wheel_carries_probes_and_rules(tmp_path):

@@ -1,0 +1,277 @@
+"""Helpers the tests share: the repository, running ebpfmon as a user does, agent cgroups
+made and removed, lines waited for by content, the containment daemon's handle, the maps
+attached at a cgroup. Fixtures are in conftest.py; the servers tests talk to in servers/."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ebpfmon.errors import EbpfmonError
+from ebpfmon.host.cgroups import Hierarchy, cgroup2_mount
+from ebpfmon.kernel.probeset import import_bcc, tracefs_dir
+
+REQUIRE_BPF = os.environ.get("EBPFMON_REQUIRE_BPF") == "1"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+EBPFMON = [sys.executable, "-m", "ebpfmon"]
+
+
+def bpf_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "not running as root (loading BPF programs needs root)"
+    try:
+        import_bcc()
+        tracefs_dir()
+        cgroup2_mount()
+    except EbpfmonError as e:
+        return e.message
+    return None
+
+
+def remove_cgroup_tree(path: Path) -> None:
+    """Kills what runs in a test cgroup tree, then removes it bottom-up."""
+    if not path.exists():
+        return
+    dirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    for d in dirs + [path]:
+        for _ in range(50):
+            pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+        d.rmdir()
+
+
+@dataclass
+class AgentCgroup:
+    name: str  # relative to the cgroup2 mount
+    path: Path
+    id: int
+
+    def preexec(self):
+        """For subprocess: moves the child into this cgroup before it execs."""
+        procs = str(self.path / "cgroup.procs")
+
+        def join():
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        return join
+
+    def run(self, argv, **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("timeout", 30)
+        return subprocess.run(argv, preexec_fn=self.preexec(), **kwargs)
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(argv, preexec_fn=self.preexec(), **kwargs)
+
+
+def make_agent_cgroup(hierarchy: Hierarchy, parent: str) -> AgentCgroup:
+    name = f"{parent}/agent-{uuid.uuid4().hex[:8]}"
+    path = hierarchy.ensure(name)
+    return AgentCgroup(name, path, hierarchy.cgroup_id(name))
+
+
+@dataclass
+class Collector:
+    """Runs an EventStream in a thread, judges each event with the rules, keeps both."""
+
+    stream: object
+    engine: object
+    events: list = field(default_factory=list)
+    verdicts: list = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def add(self, event) -> None:
+        verdicts = self.engine.evaluate(event)
+        with self.cond:
+            self.events.append(event)
+            self.verdicts.extend(verdicts)
+            self.cond.notify_all()
+
+    def wait_for_verdict(self, rule: str, agent: str, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for v in self.verdicts:
+                    if v.rule == rule and v.agent == agent:
+                        return v
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    fired = sorted({(v.rule, v.agent) for v in self.verdicts if v.agent == agent})
+                    pytest.fail(f"rule {rule!r} did not fire for {agent} within {timeout}s; fired: {fired}")
+                self.cond.wait(left)
+
+    def verdicts_for(self, agent: str) -> list:
+        with self.cond:
+            return [v for v in self.verdicts if v.agent == agent]
+
+    def wait_for(self, predicate, timeout: float = 10.0):
+        """The first event matching predicate; fails the test after timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"no matching event within {timeout}s; have {len(self.events)} events")
+                self.cond.wait(left)
+
+    def in_cgroup(self, cgroup_id: int, kind: str | None = None) -> list:
+        with self.cond:
+            return [e for e in self.events if e.cgroup_id == cgroup_id and (kind is None or e.kind == kind)]
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Pool:
+    host: str
+    port: int
+    accepted: list  # "accepted ip:port" lines, as the pool prints them
+
+
+class Lines:
+    """Lines something prints, gathered from another thread, waited for by content."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+
+    def emit(self, line: str) -> None:
+        with self.cond:
+            self.lines.append(line)
+            self.cond.notify_all()
+
+    def wait_line(self, *parts: str, timeout: float = 10.0, alive=lambda: True) -> str:
+        """The first line holding every part; fails the test after timeout or once alive() is false."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    if all(p in line for p in parts):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or not alive():
+                    pytest.fail(f"no line with {parts} (after {timeout}s or exit); last: {self.lines[-8:]}")
+                self.cond.wait(min(left, 0.2))
+
+
+@dataclass
+class RunningDaemon(Lines):
+    daemon: object
+    root: str
+    stop: threading.Event
+
+    def __post_init__(self):
+        Lines.__init__(self)
+
+    @property
+    def containment(self):
+        return self.daemon.containment
+
+
+def ebpfmon(*args, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run([*EBPFMON, *args], cwd=REPO, **kwargs)
+
+
+CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.settimeout(3)
+print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))
+"""
+
+
+def connect_from(cgroup, host: str, port: int) -> int:
+    out = cgroup.run([sys.executable, "-c", CONNECT, host, str(port)], text=True)
+    return int(out.stdout)
+
+
+class DaemonProcess(Lines):
+    """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many)."""
+
+    def __init__(self, root: str, state: str, *extra: str):
+        config = Path(state) / "config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        if not config.exists():
+            config.write_text("metrics: {enabled: false}\n")
+        self.proc = subprocess.Popen([*EBPFMON, "run", "--config", str(config), "--agent-root", root,
+                                      "--state-dir", state, *extra], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        Lines.__init__(self)
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            self.wait("ready:", timeout=90)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.emit(line)
+
+    def wait(self, *parts: str, timeout: float = 15) -> str:
+        return self.wait_line(*parts, timeout=timeout, alive=lambda: self.proc.poll() is None)
+
+    def stop(self, sig=signal.SIGINT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def attached_maps(cgroup_dir: Path, *names: str) -> dict[str, list[dict]]:
+    """Maps of the programs attached at a cgroup, by name, dumped as bpftool formats them."""
+    def bpftool(*args: str):
+        out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(out.stdout)
+
+    map_ids = {m for prog in bpftool("cgroup", "show", str(cgroup_dir))
+               for m in bpftool("prog", "show", "id", str(prog["id"]))["map_ids"]}
+    by_name = {bpftool("map", "show", "id", str(m))["name"]: m for m in map_ids}
+    return {name: [entry["formatted"] for entry in bpftool("map", "dump", "id", str(by_name[name]))]
+            for name in names}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
