@@ -20,7 +20,7 @@ import pytest
 from ebpfmon.config import DEFAULT_GPU_PREFIXES, Config
 from ebpfmon.host.cgroups import Hierarchy
 from helpers import (REPO, REQUIRE_BPF, Collector, Pool, RunningDaemon, bpf_unavailable_reason, make_agent_cgroup,
-                     remove_cgroup_tree, stop_process)
+                     remove_cgroup_tree, stopped_after)
 
 TIERS = ("unit", "kernel", "e2e")
 
@@ -140,10 +140,8 @@ def sshd(netns_host, tmp_path_factory):
     from servers import internet
 
     server, key = internet.start_sshd(netns_host, tmp_path_factory.mktemp("sshd"))
-    try:
+    with stopped_after(server):
         yield key
-    finally:
-        stop_process(server)
 
 
 @pytest.fixture(scope="session")
@@ -159,14 +157,11 @@ def stratum_pool(netns_host):
             pool.accepted.append(line.strip())
 
     threading.Thread(target=read, daemon=True).start()
-    try:
+    with stopped_after(server):
         yield pool
-    finally:
-        stop_process(server)
 
 
 # ---- a daemon with containment armed, on an agent root of its own ----
-
 
 @pytest.fixture(scope="session")
 def contained_root(hierarchy):

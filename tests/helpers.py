@@ -4,6 +4,7 @@ attached at a cgroup. Fixtures are in conftest.py; the servers tests talk to in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -146,13 +147,18 @@ class Collector:
             return [e for e in self.events if e.cgroup_id == cgroup_id and (kind is None or e.kind == kind)]
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    proc.terminate()
+@contextlib.contextmanager
+def stopped_after(proc: subprocess.Popen):
+    """The process terminated (killed if it lingers) when the block ends, however it ends."""
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass

@@ -55,8 +55,8 @@ def import_bcc():
             "package named 'bcc' is an unrelated project: do not install it.",
         ) from e
     if first:
-        # loading libbcc runs LLVM's static constructors, which touch ~45 MiB of its pages
-        # once: given back before the compile, the peak RSS of a start is 30 MiB lower
+        # loading libbcc runs LLVM's static constructors, which touch many of its pages
+        # once: given back before the compile, they do not add to a start's peak RSS
         release_compiler_memory()
     return bcc
 

@@ -24,7 +24,7 @@ HEADER_SIZE = HEADER.size
 def body(cls, upto: str | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
     """The struct reading a record's fixed part after the header, and the fields' names. Its
     builder below takes the values as parameters of those names, in that order (checked by
-    tests/test_decode.py): a named tuple was a tenth of decoding a connect."""
+    tests/unit/test_decode.py): a named tuple per record costs more than the fields."""
     return abi.unpacker(cls, upto, after_header=True)
 
 
@@ -137,7 +137,7 @@ class Decoder:
         self.kinds = {kind.value: (unpacker, getattr(self, f"_{kind.name.lower()}", None))
                       for kind, (unpacker, _) in BODIES.items()}
         # the same few comms and destinations recur in every event of a process: their text
-        # is made once (it was half of decoding a connect)
+        # is made once (making it is most of decoding a connect)
         self._comms: dict[bytes, str] = {}
         self._sockets: dict[tuple, tuple[str, str, str | None, str | None]] = {}
         self.decode = _decode.SockaddrDecoder(self._comms, self._sockets, self._comm_text, self._socket,
