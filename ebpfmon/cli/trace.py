@@ -13,7 +13,8 @@ from ebpfmon import output
 from ebpfmon.cli.common import AgentRootOption, ConfigOption, effective_config, setup_logging, stop_on_signals
 from ebpfmon.config import DEFAULT_GPU_PREFIXES
 from ebpfmon.events import KIND_GROUPS
-from ebpfmon.stream.stream import PROBE_OF_KIND, EventStream
+from ebpfmon.service.assemble import trace_stream
+from ebpfmon.stream.stream import PROBE_OF_KIND
 from ebpfmon.kernel.probeset import probe_source
 
 
@@ -77,7 +78,7 @@ def trace(
     config, _ = effective_config(config_file, agent_root)
     if gpu_prefix:
         config = dataclasses.replace(config, gpu_prefixes=tuple(gpu_prefix))
-    stream = EventStream(config, kinds, cgroups=cgroup or (), all_cgroups=all_cgroups)
+    stream = trace_stream(config, kinds, cgroups=cgroup or (), all_cgroups=all_cgroups)
     format_line = output.json_line if json else output.table_line
     stop = stop_on_signals()
 

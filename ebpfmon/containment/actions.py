@@ -22,6 +22,7 @@ from pathlib import Path
 from ebpfmon.host.cgroups import Hierarchy, cgroup_of
 from ebpfmon.config import Config
 from ebpfmon.containment import dns
+from ebpfmon.containment.gpu import grant_gpus
 from ebpfmon.host import sockets
 from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
 from ebpfmon.errors import ContainmentRefused
@@ -281,6 +282,10 @@ class Containment:
 
     def agent_paths(self) -> list[str]:
         return self.agents.agents(self.hierarchy)
+
+    def grant_gpus(self, paths: list[str]) -> None:
+        """GPU entries for the entitled agents among paths (new cgroups, or all at start)."""
+        grant_gpus(self.enforcer, self.config, self.hierarchy, self.store, paths)
 
 
 def _host_network(address: str | None) -> str | None:

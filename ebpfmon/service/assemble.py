@@ -4,17 +4,16 @@ The daemon and every command that works on the kernel state without one
 (`ebpfmon quarantine cut` and `release` with no daemon running) build them here,
 so both apply the operator's configuration: the agent root and level, dry run,
 keep_open, the deny lists from the configuration and the rules, the GPU policy
-and its grants.
+and its grants. `ebpfmon trace` gets its probes here too, without enforcement.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ebpfmon.config import Config
 from ebpfmon.containment.actions import Containment
-from ebpfmon.containment.gpu import grant_gpus
 from ebpfmon.containment.quarantine import QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.host.cgroups import Hierarchy
@@ -23,8 +22,14 @@ from ebpfmon.kernel.enforcer import Enforcer, pin_dir
 from ebpfmon.kernel.probeset import ProbeSet, require_root
 from ebpfmon.rules.fields import Context
 from ebpfmon.rules.loader import load_rules, rule_paths
+from ebpfmon.rules.ruleset import RuleSet
 from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.stream.stream import EventStream
+
+
+def load_ruleset(config: Config) -> RuleSet:
+    """The configured rules: the shipped packs unless left out, then the operator's files."""
+    return load_rules(rule_paths(config.rules))
 
 
 def rule_context(config: Config) -> Context:
@@ -65,9 +70,17 @@ def event_stream(config: Config, hierarchy: Hierarchy,
                  on_cgroup: Callable[[CgroupChange], None] | None = None) -> EventStream:
     """Every kind of event from the agents, with the enforcement programs loaded beside the
     probes (their maps pinned, so cuts outlive the daemon)."""
+    ProbeSet.preflight()  # a user without root or bcc hears that, not a cgroup error
     hierarchy.ensure(config.agent_root)
     return EventStream(config, hierarchy=hierarchy, enforce_pins=pin_dir(hierarchy, config.agent_root),
                        on_cgroup=on_cgroup)
+
+
+def trace_stream(config: Config, kinds: Iterable[str], cgroups: Iterable[str] = (),
+                 all_cgroups: bool = False) -> EventStream:
+    """The probes for the kinds asked, scoped to cgroups (the agent root by default) or to the
+    whole host; no enforcement programs: tracing changes nothing."""
+    return EventStream(config, kinds, cgroups=cgroups, all_cgroups=all_cgroups)
 
 
 def enforcement(probes: ProbeSet, hierarchy: Hierarchy, config: Config, lists: dict[str, list[str]]) -> Enforcer:
@@ -85,7 +98,7 @@ def containment(enforcer: Enforcer, hierarchy: Hierarchy, config: Config,
     and the GPU grants of the entitled agents in place."""
     result = Containment(enforcer, hierarchy, config, QuarantineStore(config.state_dir), on_release=on_release,
                          on_action=on_action)
-    grant_gpus(enforcer, config, hierarchy, result.store, result.agent_paths())
+    result.grant_gpus(result.agent_paths())
     return result
 
 
@@ -97,5 +110,5 @@ def offline_containment(config: Config, on_release: Callable[[Record], None] | N
     hierarchy = Hierarchy()
     hierarchy.ensure(config.agent_root)
     probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
-    enforcer = enforcement(probes, hierarchy, config, load_rules(rule_paths(config.rules)).lists)
+    enforcer = enforcement(probes, hierarchy, config, load_ruleset(config).lists)
     return containment(enforcer, hierarchy, config, on_release=on_release)

@@ -14,24 +14,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ebpfmon import events as ev
 from ebpfmon import output
 from ebpfmon.alerts.audit import AuditLog
 from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.config import Config, load_config
-from ebpfmon.containment.actions import Containment, Notice
-from ebpfmon.containment.gpu import grant_gpus
 from ebpfmon.errors import EbpfmonError, RuleLoadError
 from ebpfmon.host.cgroups import Hierarchy
-from ebpfmon.kernel.enforcer import Enforcer
-from ebpfmon.kernel.probeset import ProbeSet
 from ebpfmon.rules.engine import Engine, Verdict
-from ebpfmon.rules.loader import load_rules, rule_paths
 from ebpfmon.service import assemble, sdnotify
 from ebpfmon.service.control import ControlServer
 from ebpfmon.service.metrics import Metrics, snapshot
-from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.stream.existing import existing_connections
+
+if TYPE_CHECKING:  # built by assemble
+    from ebpfmon.containment.actions import Containment, Notice
+    from ebpfmon.kernel.enforcer import Enforcer
+    from ebpfmon.stream.decode import CgroupChange
 
 log = logging.getLogger("ebpfmon")
 
@@ -57,8 +58,7 @@ class Daemon:
         self.show_events = show_events
         self.echo = echo or (lambda line: None)
         self.hierarchy = Hierarchy()
-        self.engine = Engine(load_rules(rule_paths(config.rules)), assemble.rule_context(config))
-        ProbeSet.preflight()
+        self.engine = Engine(assemble.load_ruleset(config), assemble.rule_context(config))
         self.stream = assemble.event_stream(config, self.hierarchy, on_cgroup=self.cgroup_changed)
         self.metrics = Metrics()
         self.metrics.rules_loaded.set(len(self.engine.ruleset.rules))
@@ -183,8 +183,8 @@ class Daemon:
         (self.metrics.alerts_delivered if ok else self.metrics.alerts_failed).labels(sink).inc()
 
     def cgroup_changed(self, change: CgroupChange) -> None:
-        if change.created and self.enforcer and self.containment:
-            grant_gpus(self.enforcer, self.config, self.hierarchy, self.containment.store, [change.path])
+        if change.created and self.containment:
+            self.containment.grant_gpus([change.path])
 
 
     # ---- reload ----
@@ -197,7 +197,7 @@ class Daemon:
             changed = [k for k in RESTART_KEYS if getattr(config, k) != getattr(self.config, k)]
             if changed:
                 raise EbpfmonError(f"{', '.join(changed)} changed: that needs a restart", "")
-            ruleset = load_rules(rule_paths(config.rules))
+            ruleset = assemble.load_ruleset(config)
             assemble.deny_networks(config, ruleset.lists)  # a bad network is refused here, not half applied
         except (RuleLoadError, EbpfmonError) as e:
             self.metrics.reload_failures.inc()
