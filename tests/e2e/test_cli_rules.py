@@ -8,8 +8,7 @@ import subprocess
 import time
 import uuid
 
-from helpers import EBPFMON, REPO
-from helpers import ebpfmon
+from helpers import EBPFMON, REPO, ebpfmon
 
 from ebpfmon.rules.cases import make_event
 

@@ -14,11 +14,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import EBPFMON, REPO, make_agent_cgroup
+from helpers import EBPFMON, REPO, DaemonProcess, ebpfmon, free_port, make_agent_cgroup
 from servers.pagerduty import FakePagerDuty
-from helpers import free_port
-from helpers import ebpfmon
-from helpers import DaemonProcess
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
             "-o", "ConnectTimeout=3"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ebpfmon.host.cgroups import Hierarchy, cgroup2_mount
+from ebpfmon.host.cgroups import AgentLayout, Hierarchy, cgroup2_mount
 from ebpfmon.errors import CgroupError, NoCgroup2Error
 
 
@@ -44,3 +44,32 @@ def test_agent_child_name(tmp_path):
 def test_missing_cgroup_id_says_which(tmp_path):
     with pytest.raises(CgroupError, match="cgroup /nope does not exist"):
         Hierarchy(tmp_path).cgroup_id("/nope")
+
+
+@pytest.mark.parametrize("level, cgroup, agent", [
+    (1, "/agents/a1", "/agents/a1"),
+    (1, "/agents/a1/worker/x", "/agents/a1"),
+    (2, "/agents/team/a1/worker", "/agents/team/a1"),
+    (2, "/agents/team", None),  # above the agent level: nobody's
+    (1, "/agents", None),
+    (1, "/agentsx/a1", None),  # a sibling that shares the prefix
+    (1, "/other/a1", None),
+    (1, None, None),
+])
+def test_the_agent_a_cgroup_belongs_to(level, cgroup, agent):
+    assert AgentLayout("/agents", level).agent_of(cgroup) == agent
+
+
+def test_agent_level_counted_from_the_root_and_from_the_mount(tmp_path):
+    layout = AgentLayout("/nodes/agents/", 2)
+    assert layout.levels_below_root("/nodes/agents/team/a1") == 2
+    assert layout.levels_below_root("/nodes/agents") is None
+    assert layout.is_agent("/nodes/agents/team/a1") and not layout.is_agent("/nodes/agents/team")
+    assert layout.absolute_level == 4  # what the kernel compares ancestor levels with
+
+
+def test_agents_found_at_their_level_only(tmp_path):
+    for d in ("agents/team/a1/worker", "agents/team/a2", "agents/lonely"):
+        (tmp_path / d).mkdir(parents=True)
+    assert sorted(AgentLayout("/agents", 2).agents(Hierarchy(tmp_path))) == ["/agents/team/a1", "/agents/team/a2"]
+    assert sorted(AgentLayout("/agents", 1).agents(Hierarchy(tmp_path))) == ["/agents/lonely", "/agents/team"]

@@ -1,13 +1,13 @@
 """The configuration file: defaults, overrides, errors that name the key and line."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from helpers import REPO
 from ebpfmon.config import Config, effective, load_config
 from ebpfmon.errors import ConfigError
-from helpers import ebpfmon
+from helpers import REPO, ebpfmon
 
 
 def write(tmp_path, text):
@@ -76,3 +76,17 @@ def test_the_example_configuration_is_valid_and_documents_every_key():
     shown = effective(Config())
     for key in shown:
         assert f"{key}:" in text, f"deploy/config.example.yaml does not show {key}"
+
+
+def test_command_line_options_override_the_file_and_keep_the_rest(tmp_path):
+    from ebpfmon.cli.common import effective_config, with_rules
+
+    path = tmp_path / "config.yaml"
+    path.write_text("agent_root: /agents\nagent_level: 2\nstate_dir: /tmp/s\nenforce: {dry_run: true}\n"
+                    "rules: {files: [/etc/mine.yaml]}\n")
+    config, used = effective_config(path, agent_root="/other")
+    assert used == path and config.agent_root == "/other" and config.agent_level == 2
+    assert config.state_dir == "/tmp/s" and config.enforce.dry_run
+    assert with_rules(config, [Path("/x.yaml")], no_defaults=True).rules.files == ("/etc/mine.yaml", "/x.yaml")
+    with pytest.raises(ConfigError, match="agent_root: must be an absolute cgroup path"):
+        effective_config(path, agent_root="/")
