@@ -21,6 +21,7 @@ from ebpfmon.alerts.sinks import SINKS
 from ebpfmon.errors import ConfigError
 from ebpfmon.host.cgroups import AgentLayout
 from ebpfmon.host.network import DEFAULT_INTERNAL_NETWORKS
+from ebpfmon.policy.profiles import compile_policy
 from ebpfmon.rules.vocabulary import PRIORITIES
 
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
@@ -105,6 +106,36 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class EgressAllow:
+    """One destination an egress profile allows: a network (cidr), with ports and a protocol."""
+
+    cidr: str = ""  # an address or a CIDR, IPv4 or IPv6
+    name: str = ""  # a DNS name (exact, or *.example.org)
+    ports: tuple[int | str, ...] = ()  # 443, or "8000-8999"; none: every port
+    proto: str = ""  # tcp or udp; empty: both
+
+
+@dataclass(frozen=True)
+class EgressProfile:
+    """What the agents it applies to may reach: the allow entries, and nothing else."""
+
+    name: str
+    agents: tuple[str, ...] = ()  # cgroup globs; the first profile that matches an agent wins
+    mode: str = "enforce"  # enforce: refuse the rest; audit: allow it, report would-refuse; off
+    allow: tuple[EgressAllow, ...] = ()
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    """The sandbox: egress profiles, enforced in the kernel on every connect and datagram."""
+
+    # the profile of agents no profile's globs name; null: no policy for them
+    default_profile: str | None = None
+    dns_upstream: tuple[str, ...] = ()  # empty: the host's resolvers
+    profiles: tuple[EgressProfile, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     agent_root: str = DEFAULT_AGENT_ROOT
     # the agent is the cgroup this many levels below the agent root
@@ -133,6 +164,7 @@ class Config:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
     @property
     def agents(self) -> AgentLayout:
@@ -176,7 +208,15 @@ class _Loader:
             args = typing.get_args(hint)
             if raw is None and type(None) in args:
                 return None
-            hint = next(a for a in args if a is not type(None))
+            choices = [a for a in args if a is not type(None)]
+            if len(choices) > 1:  # the first that takes the value
+                for choice in choices:
+                    try:
+                        return self.value(choice, raw, path)
+                    except ConfigError:
+                        pass
+                raise self.error(path, f"expected {_describe(hint)}, got {raw!r}")
+            hint = choices[0]
             origin = typing.get_origin(hint)
         if dataclasses.is_dataclass(hint):
             return self.dataclass(hint, raw, path)
@@ -273,6 +313,7 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
     host, _, port = config.metrics.listen.rpartition(":")
     if not host or not port.isdigit():
         raise loader.error("metrics.listen", f"expected host:port, got {config.metrics.listen!r}")
+    compile_policy(config.egress, loader.error)
 
 
 SECRET_FIELDS = ("url", "routing_key")

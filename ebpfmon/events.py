@@ -218,7 +218,7 @@ class RefusedEvent(Event):
     """Enforcement refused something, synchronously, in the kernel."""
 
     kind: str = kind_field("refused")
-    reason: str = ""  # cut, port, net, gpu
+    reason: str = ""  # cut, port, net, gpu, egress
     op: str = ""  # connect, sendmsg, device
     dry_run: bool = False  # only reported: the call went through
     agent_id: int = 0
@@ -231,6 +231,8 @@ class RefusedEvent(Event):
     device: str | None = None  # major:minor
     vendor: str | None = None
     access: str | None = None  # r, w, rw, m (mknod)
+    profile_id: int = 0  # egress: the id of the profile that refused
+    profile: str | None = None  # egress: its name
 
     @property
     def retval(self) -> int:

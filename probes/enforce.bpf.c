@@ -22,6 +22,14 @@ BPF_TABLE_PINNED("hash", u16, u8, deny_ports, 1024, PIN_DIR "/deny_ports");
 BPF_TABLE_PINNED7("lpm_trie", struct lpm_v4, u8, deny_nets4, 4096, PIN_DIR "/deny_nets4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct lpm_v6, u8, deny_nets6, 4096, PIN_DIR "/deny_nets6", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", u64, struct gpu_policy, gpu_policy, 4096, PIN_DIR "/gpu_policy");
+/* egress profiles, two generations (probes/events.h) */
+BPF_TABLE_PINNED("array", u32, struct egress_state, egress_state, 1, PIN_DIR "/egress_state");
+BPF_TABLE_PINNED("hash", struct egress_agent_key, u32, egress_agents, 65536, PIN_DIR "/egress_agents");
+BPF_TABLE_PINNED("hash", u32, u32, egress_modes, 1024, PIN_DIR "/egress_modes");
+BPF_TABLE_PINNED7("lpm_trie", struct egress_v4, struct egress_allow, egress_allow4, 262144, PIN_DIR "/egress_allow4",
+		  BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("lpm_trie", struct egress_v6, struct egress_allow, egress_allow6, 262144, PIN_DIR "/egress_allow6",
+		  BPF_F_NO_PREALLOC);
 /* what a cut leaves open (default: loopback) */
 BPF_LPM_TRIE(cut_allow4, struct lpm_v4, u8, 256);
 BPF_LPM_TRIE(cut_allow6, struct lpm_v6, u8, 256);
@@ -113,8 +121,8 @@ int enforce_ingress(struct __sk_buff *skb)
 
 /* ---- network: connect and sendmsg ---- */
 
-static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, struct bpf_sock_addr *ctx,
-				    u8 *addr, u32 addr_len)
+static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, u32 profile,
+				    struct bpf_sock_addr *ctx, u8 *addr, u32 addr_len)
 {
 	struct refused_event e = {};
 	fill_header(&e.hdr, EVENT_REFUSED, sizeof(e));
@@ -122,6 +130,7 @@ static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, 
 	e.reason = reason;
 	e.op = op;
 	e.dry_run = dry_run;
+	e.profile = profile;
 	if (ctx) {
 		e.family = ctx->user_family;
 		e.dport = bpf_ntohs(ctx->user_port);
@@ -176,6 +185,61 @@ static __always_inline void sockaddr_seen(struct bpf_sock_addr *ctx, u32 op, int
 	submit(&e->hdr, offsetof(struct sockaddr_event, payload), sizeof(*e), WAKE_ALERT);
 }
 
+/* ---- network: egress profiles ---- */
+
+/* The scope (generation << 16 | profile id) of the agent's profile, and its
+ * mode; 0 when no profile applies or the profile is off. */
+static __always_inline u32 egress_scope(u64 agent, u32 *mode)
+{
+	u32 zero = 0;
+	struct egress_state *state = egress_state.lookup(&zero);
+	if (!state || !agent)
+		return 0;
+	u32 generation = state->active & 1;
+	struct egress_agent_key key = {.agent = agent, .generation = generation};
+	u32 *named = egress_agents.lookup(&key);
+	u32 profile = named ? *named : state->default_profile[generation];
+	if (!profile)
+		return 0;
+	u32 scope = generation << 16 | (profile & 0xffff);
+	u32 *found = egress_modes.lookup(&scope);
+	if (!found || *found == EGRESS_OFF)
+		return 0;
+	*mode = *found;
+	return scope;
+}
+
+static __always_inline int egress_permits(struct egress_allow *allow, u16 port, u8 proto)
+{
+	if (!allow)
+		return 0;
+	if (allow->expires_ns && allow->expires_ns < bpf_ktime_get_ns())
+		return 0;
+	for (int i = 0; i < EGRESS_RANGES; i++) {
+		if (i >= allow->count)
+			break;
+		struct egress_range *r = &allow->range[i];
+		if (port >= r->lo && port <= r->hi && (!r->proto || r->proto == proto))
+			return 1;
+	}
+	return 0;
+}
+
+/* One function per family, naming its trie (bcc rewrites map.lookup( only there). */
+static __always_inline int egress_v4_allows(u32 scope, u8 *addr, u16 port, u8 proto)
+{
+	struct egress_v4 key = {.prefixlen = 64, .scope = scope};
+	__builtin_memcpy(key.addr, addr, 4);
+	return egress_permits(egress_allow4.lookup(&key), port, proto);
+}
+
+static __always_inline int egress_v6_allows(u32 scope, u8 *addr, u16 port, u8 proto)
+{
+	struct egress_v6 key = {.prefixlen = 160, .scope = scope};
+	__builtin_memcpy(key.addr, addr, 16);
+	return egress_permits(egress_allow6.lookup(&key), port, proto);
+}
+
 /* 1 lets the connect/sendmsg go on; 0 fails it with EPERM before any packet. */
 static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v6)
 {
@@ -199,10 +263,10 @@ static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v
 		__builtin_memcpy(addr, &ip4, 4);
 	}
 	u32 reason = 0;
+	u16 port = bpf_ntohs(ctx->user_port);
 	/* what a cut leaves open (loopback) is not subject to the deny lists either:
 	 * a local dev server on a "pool port" is not a pool */
 	if (!(v4 ? v4_in(ALLOWED, v4) : v6_in(ALLOWED, addr))) {
-		u16 port = bpf_ntohs(ctx->user_port);
 		if (is_cut(agent))
 			reason = REFUSE_CUT;
 		else if (deny_ports.lookup(&port))
@@ -210,10 +274,17 @@ static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v
 		else if (v4 ? v4_in(DENIED, v4) : v6_in(DENIED, addr))
 			reason = REFUSE_NET;
 	}
-	int allowed = !reason || cfg->dry_run;
+	/* an egress profile allows what it lists and nothing else: loopback included */
+	u32 mode = EGRESS_OFF;
+	u32 scope = reason ? 0 : egress_scope(agent, &mode);
+	if (scope && !(v4 ? egress_v4_allows(scope, v4, port, ctx->protocol)
+			  : egress_v6_allows(scope, addr, port, ctx->protocol)))
+		reason = REFUSE_EGRESS;
+	u32 dry_run = cfg->dry_run || (reason == REFUSE_EGRESS && mode == EGRESS_AUDIT);
+	int allowed = !reason || dry_run;
 	sockaddr_seen(ctx, op, allowed, addr, addr_len);
 	if (reason)
-		refused(agent, reason, op, cfg->dry_run, ctx, addr, addr_len);
+		refused(agent, reason, op, dry_run, scope & 0xffff, ctx, addr, addr_len);
 	return allowed;
 }
 

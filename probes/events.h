@@ -124,7 +124,8 @@ enum refuse_reason {
 	REFUSE_PORT = 2,       /* destination port on the deny list */
 	REFUSE_NET = 3,        /* destination address in a denied network */
 	REFUSE_GPU = 4,        /* GPU device the agent is not entitled to */
-	REFUSE_REASON_MAX = 5,
+	REFUSE_EGRESS = 5,     /* destination not allowed by the agent's egress profile */
+	REFUSE_REASON_MAX = 6,
 };
 
 /* What was refused (refused_event.op). */
@@ -148,7 +149,7 @@ struct refused_event {
 	__u32 major;                /* devices */
 	__u32 minor;
 	__u32 access;               /* BPF_DEVCG_ACC_* */
-	__u32 _pad;
+	__u32 profile;              /* egress: the profile that refused (its id), else 0 */
 };
 
 struct device_event {
@@ -178,6 +179,58 @@ struct gpu_policy {
 struct lpm_v4 {
 	__u32 prefixlen;
 	__u8 addr[4];
+};
+
+/* Egress profiles. A policy is written whole into the generation that is not
+ * active, then egress_state.active flips to it: a connect is judged by one
+ * policy or the other, never a mix. Keys carry the scope, generation << 16 |
+ * profile id (1..), so both generations live in the same maps. */
+enum egress_mode {
+	EGRESS_OFF = 0,
+	EGRESS_AUDIT = 1,           /* allowed, reported as would-refuse */
+	EGRESS_ENFORCE = 2,
+};
+
+#define EGRESS_RANGES 8         /* port ranges one allow entry holds */
+
+struct egress_state {
+	__u32 active;               /* the generation in force: 0 or 1 */
+	__u32 default_profile[2];   /* per generation: profile of agents no entry names; 0 none */
+	__u32 _pad;
+};
+
+struct egress_agent_key {
+	__u64 agent;                /* agent cgroup id */
+	__u32 generation;
+	__u32 _pad;
+};
+
+struct egress_range {
+	__u16 lo;
+	__u16 hi;
+	__u8 proto;                 /* IPPROTO_TCP, IPPROTO_UDP; 0 both */
+	__u8 _pad[3];
+};
+
+/* What the longest allow prefix of a destination permits: the port ranges of
+ * every entry containing it (the loader folds shorter prefixes into longer). */
+struct egress_allow {
+	__u64 expires_ns;           /* bpf_ktime_get_ns() after which it allows nothing; 0 never */
+	__u32 count;                /* ranges used */
+	__u32 _pad;
+	struct egress_range range[EGRESS_RANGES];
+};
+
+struct egress_v4 {
+	__u32 prefixlen;            /* 32 (scope) + the CIDR's length */
+	__u32 scope;
+	__u8 addr[4];
+};
+
+struct egress_v6 {
+	__u32 prefixlen;
+	__u32 scope;
+	__u8 addr[16];
 };
 
 struct lpm_v6 {

@@ -90,6 +90,15 @@ def agent_cgroup(hierarchy, test_root):
 
 
 @pytest.fixture(scope="session")
+def uring_connect(tmp_path_factory) -> Path:
+    """A connect through io_uring (tests/servers/uring_connect.c): no connect(2), so no tracepoint."""
+    exe = tmp_path_factory.mktemp("uring") / "uring_connect"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "tests/servers/uring_connect.c"), "-luring"],
+                   check=True)
+    return exe
+
+
+@pytest.fixture(scope="session")
 def fake_gpu_dir(tmp_path_factory, bpf) -> Path:
     """A directory holding a fake NVIDIA node: c 195 0 opens with ENXIO (no driver)."""
     d = tmp_path_factory.mktemp("fakegpu")

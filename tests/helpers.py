@@ -88,8 +88,8 @@ class AgentCgroup:
         return subprocess.Popen(argv, preexec_fn=self.preexec(), **kwargs)
 
 
-def make_agent_cgroup(hierarchy: Hierarchy, parent: str) -> AgentCgroup:
-    name = f"{parent}/agent-{uuid.uuid4().hex[:8]}"
+def make_agent_cgroup(hierarchy: Hierarchy, parent: str, prefix: str = "agent") -> AgentCgroup:
+    name = f"{parent}/{prefix}-{uuid.uuid4().hex[:8]}"
     path = hierarchy.ensure(name)
     return AgentCgroup(name, path, hierarchy.cgroup_id(name))
 

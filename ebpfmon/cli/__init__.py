@@ -7,7 +7,7 @@ import sys
 import typer
 
 from ebpfmon import __version__
-from ebpfmon.cli import config, doctor, exec_cmd, quarantine, reload, rules, run, trace
+from ebpfmon.cli import config, doctor, exec_cmd, policy, quarantine, reload, rules, run, trace
 from ebpfmon.cli.common import report_error
 from ebpfmon.errors import EbpfmonError, RuleLoadError
 
@@ -31,6 +31,7 @@ for single in (trace, exec_cmd, doctor, run, reload):
     app.add_typer(single.app)
 app.add_typer(rules.app, name="rules")
 app.add_typer(quarantine.app, name="quarantine")
+app.add_typer(policy.app, name="policy")
 app.add_typer(config.app, name="config")
 
 

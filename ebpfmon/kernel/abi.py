@@ -16,6 +16,7 @@ EXEC_ARGS_SIZE = 8192
 PAYLOAD_MAX = 256
 GPU_PREFIX_MAX = 64
 GPU_PREFIXES_MAX = 16
+EGRESS_RANGES = 8
 SCOPE_MAX_DEPTH = 16
 
 
@@ -40,9 +41,16 @@ class RefuseReason(IntEnum):
     PORT = 2
     NET = 3
     GPU = 4
+    EGRESS = 5
 
 
-REFUSE_REASON_MAX = 5
+REFUSE_REASON_MAX = 6
+
+
+class EgressMode(IntEnum):
+    OFF = 0
+    AUDIT = 1
+    ENFORCE = 2
 
 
 class RefuseOp(IntEnum):
@@ -160,7 +168,7 @@ class RefusedEvent(ctypes.Structure):
         ("major", u32),
         ("minor", u32),
         ("access", u32),
-        ("_pad", u32),
+        ("profile", u32),
     ]
 
 
@@ -191,6 +199,30 @@ class LpmV6(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
 
 
+class EgressState(ctypes.Structure):
+    _fields_ = [("active", u32), ("default_profile", u32 * 2), ("_pad", u32)]
+
+
+class EgressAgentKey(ctypes.Structure):
+    _fields_ = [("agent", u64), ("generation", u32), ("_pad", u32)]
+
+
+class EgressRange(ctypes.Structure):
+    _fields_ = [("lo", u16), ("hi", u16), ("proto", u8), ("_pad", u8 * 3)]
+
+
+class EgressAllow(ctypes.Structure):
+    _fields_ = [("expires_ns", u64), ("count", u32), ("_pad", u32), ("range", EgressRange * EGRESS_RANGES)]
+
+
+class EgressV4(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("scope", u32), ("addr", u8 * 4)]
+
+
+class EgressV6(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("scope", u32), ("addr", u8 * 16)]
+
+
 class ProbeConfig(ctypes.Structure):
     _fields_ = [("all_cgroups", u32), ("ignore_tgid", u32), ("scope_generation", u32)]
 
@@ -216,6 +248,12 @@ STRUCTS = {
     "lpm_v6": LpmV6,
     "probe_config": ProbeConfig,
     "gpu_prefix": GpuPrefix,
+    "egress_state": EgressState,
+    "egress_agent_key": EgressAgentKey,
+    "egress_range": EgressRange,
+    "egress_allow": EgressAllow,
+    "egress_v4": EgressV4,
+    "egress_v6": EgressV6,
 }
 
 # record kind -> struct; records may be shorter than the struct (variable tail)
@@ -243,6 +281,8 @@ CONSTANTS = {
     "GPU_PREFIX_MAX": GPU_PREFIX_MAX,
     "GPU_PREFIXES_MAX": GPU_PREFIXES_MAX,
     "SCOPE_MAX_DEPTH": SCOPE_MAX_DEPTH,
+    "EGRESS_RANGES": EGRESS_RANGES,
+    **{f"EGRESS_{m.name}": m.value for m in EgressMode},
     "EVENT_KIND_MAX": EVENT_KIND_MAX,
     "COUNTER_MAX": COUNTER_MAX,
     "EVENT_F_ARGV_TRUNCATED": EVENT_F_ARGV_TRUNCATED,

@@ -11,12 +11,14 @@ import ctypes
 import ipaddress
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from ebpfmon.host.cgroups import AgentLayout, Hierarchy
 from ebpfmon.errors import CgroupError, ProbeLoadError
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import BPFFS, ProbeSet, import_bcc
+from ebpfmon.policy.profiles import Policy
 
 # program name -> (program type, attach type)
 HOOKS = {
@@ -48,6 +50,30 @@ def gpu_majors(proc_devices: str = "/proc/devices") -> set[int]:
         if name in GPU_DRIVERS:
             majors.add(major)
     return majors
+
+
+def _egress_key(table, scope: int, network):
+    key = table.Key()
+    key.prefixlen = 32 + network.prefixlen  # the scope always matches whole
+    key.scope = scope
+    ctypes.memmove(key.addr, network.network_address.packed, len(network.network_address.packed))
+    return key
+
+
+def _egress_allow(table, ranges) -> object:
+    leaf = table.Leaf()
+    leaf.expires_ns = 0
+    leaf.count = len(ranges)
+    for i, r in enumerate(ranges):
+        leaf.range[i].lo, leaf.range[i].hi, leaf.range[i].proto = r.lo, r.hi, r.proto
+    return leaf
+
+
+def _egress_state(table, active: int, defaults: list[int]) -> object:
+    leaf = table.Leaf()
+    leaf.active = active
+    leaf.default_profile[0], leaf.default_profile[1] = defaults
+    return leaf
 
 
 def _lpm_key(table, network: str):
@@ -83,6 +109,11 @@ class Enforcer:
         # deny_connect actions; an entry goes when neither holds it any more
         self.configured_networks: frozenset[str] = frozenset()
         self.held_networks: frozenset[str] = frozenset()
+        # the egress policy in force, and the generation it was written to; agents come and go
+        # from the reader's thread while a reload (control socket, SIGHUP) writes a new one
+        self.egress_policy = Policy()
+        self.egress_generation = 0
+        self._egress_lock = threading.Lock()
 
     @property
     def bpf(self):
@@ -150,6 +181,72 @@ class Enforcer:
     def cut_agents(self) -> dict[int, int]:
         """agent cgroup id -> time it was cut (ns)."""
         return {k.value: v.value for k, v in self.bpf[b"cut_cgroups"].items()}
+
+    # ---- egress profiles ----
+
+    def set_egress(self, policy: Policy, agents: list[str]) -> None:
+        """Writes the policy whole into the generation not in force, then flips to it: a connect
+        is judged by the old policy or by the new one, never by a mix, never by none."""
+        with self._egress_lock:
+            states = self.bpf[b"egress_state"]
+            state = states[ctypes.c_int(0)]
+            active = state.active & 1
+            new = 1 - active
+            self._drop_egress_generation(new)  # what the policy before the one in force left there
+            modes = self.bpf[b"egress_modes"]
+            for profile in policy.profiles:
+                scope = new << 16 | profile.id
+                modes[ctypes.c_uint32(scope)] = ctypes.c_uint32(abi.EgressMode[profile.mode.upper()])
+                for network, ranges in profile.prefixes().items():
+                    table = self.bpf[b"egress_allow4" if network.version == 4 else b"egress_allow6"]
+                    table[_egress_key(table, scope, network)] = _egress_allow(table, ranges)
+            for agent in agents:
+                self._assign_egress(policy, agent, new)
+            defaults = [state.default_profile[0], state.default_profile[1]]
+            defaults[new] = policy.default.id if policy.default else 0
+            # two writes: the first changes only the new generation's default, the second only
+            # the active index, so no reader sees a torn mix of both
+            states[ctypes.c_int(0)] = _egress_state(states, active, defaults)
+            states[ctypes.c_int(0)] = _egress_state(states, new, defaults)
+            self.egress_policy, self.egress_generation = policy, new
+
+    def assign_egress(self, agent: str) -> None:
+        """A new agent cgroup gets the profile its path matches (the default applies meanwhile)."""
+        with self._egress_lock:
+            self._assign_egress(self.egress_policy, agent, self.egress_generation)
+
+    def forget_egress(self, agent_id: int) -> None:
+        agents = self.bpf[b"egress_agents"]
+        for generation in (0, 1):
+            key = agents.Key(agent=agent_id, generation=generation)
+            try:
+                del agents[key]
+            except KeyError:
+                pass
+
+    def egress_assignments(self) -> dict[int, int]:
+        """agent cgroup id -> profile id, in the generation in force."""
+        return {k.agent: v.value for k, v in self.bpf[b"egress_agents"].items()
+                if k.generation == self.egress_generation}
+
+    def _assign_egress(self, policy: Policy, agent: str, generation: int) -> None:
+        if not self.agents.is_agent(agent):
+            return
+        profile = policy.profile_for(agent)
+        agent_id = self.hierarchy.cgroup_id_or_none(agent)
+        if agent_id is None or profile is None or profile is policy.default:
+            return  # gone, or no policy, or the default's (the kernel applies it by itself)
+        agents = self.bpf[b"egress_agents"]
+        agents[agents.Key(agent=agent_id, generation=generation)] = ctypes.c_uint32(profile.id)
+
+    def _drop_egress_generation(self, generation: int) -> None:
+        for name, generation_of in ((b"egress_modes", lambda k: k.value >> 16),
+                                    (b"egress_allow4", lambda k: k.scope >> 16),
+                                    (b"egress_allow6", lambda k: k.scope >> 16),
+                                    (b"egress_agents", lambda k: k.generation)):
+            table = self.bpf[name]
+            for key in [k for k in table.keys() if generation_of(k) == generation]:
+                del table[key]
 
     # ---- denied destinations ----
 

@@ -264,9 +264,11 @@ _attribute("gpu.device", DEVICE_KINDS, STR, "major:minor of the device, when it 
 _attribute("gpu.vendor", DEVICE_KINDS, STR, "nvidia, amd, intel, habana... when known", "vendor")
 _attribute("gpu.access", DEVICE_KINDS, STR, "r, w, rw; m for mknod", "access")
 
-_attribute("refused.reason", {REFUSED}, STR, "why enforcement refused: cut, port, net, gpu", "reason")
+_attribute("refused.reason", {REFUSED}, STR, "why enforcement refused: cut, port, net, gpu, egress", "reason")
 _attribute("refused.op", {REFUSED}, STR, "what was refused: connect, sendmsg, device", "op")
-_attribute("refused.dry_run", {REFUSED}, BOOL, "true when enforcement only reported (dry run)", "dry_run")
+_attribute("refused.dry_run", {REFUSED}, BOOL, "true when enforcement only reported (dry run, or an egress "
+           "profile in audit mode)", "dry_run")
+_attribute("refused.profile", {REFUSED}, STR, "egress: the profile that refused the destination", "profile")
 
 def _ssh(e, c):
     return parse_ssh(tuple(e.argv), e.proc.exe)

@@ -20,6 +20,7 @@ from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.kernel.enforcer import Enforcer, pin_dir
 from ebpfmon.kernel.probeset import ProbeSet, require_root
+from ebpfmon.policy.profiles import compile_policy
 from ebpfmon.rules.fields import Context
 from ebpfmon.rules.loader import load_rules, rule_paths
 from ebpfmon.rules.ruleset import RuleSet
@@ -60,10 +61,11 @@ def deny_networks(config: Config, lists: dict[str, list[str]]) -> tuple[str, ...
 
 
 def configure_enforcer(enforcer: Enforcer, config: Config, lists: dict[str, list[str]]) -> None:
-    """The enforcement policy from the configuration and the rules' lists."""
+    """The enforcement policy from the configuration and the rules' lists, egress profiles included."""
     enforcer.configure(dry_run=config.enforce.dry_run, gpu_default_deny="*" not in config.gpu_entitled,
                        keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, lists),
                        deny_networks=deny_networks(config, lists))
+    enforcer.set_egress(compile_policy(config.egress), enforcer.agents.agents(enforcer.hierarchy))
 
 
 def event_stream(config: Config, hierarchy: Hierarchy,

@@ -81,6 +81,7 @@ class Daemon:
         self.stream.start(self.judge)
         self.enforcer = assemble.enforcement(self.stream.probes, self.hierarchy, self.config,
                                              self.engine.ruleset.lists)
+        self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
         self.alerting.start()
         self.containment = assemble.containment(self.enforcer, self.hierarchy, self.config,
                                                 on_release=self.released,
@@ -144,6 +145,8 @@ class Daemon:
         if self.show_events:
             self.show_events(output.table_line(event))
         self.judged += 1
+        if event.kind == "refused" and event.reason == "egress":
+            self.metrics.egress_refusals.labels(event.profile, "reported" if event.dry_run else "refused").inc()
         if (self.judged - 1) % EVALUATION_SAMPLE:
             verdicts = self.engine.evaluate(event)
         else:  # timing every event would cost as much as judging it: one in EVALUATION_SAMPLE
@@ -183,8 +186,13 @@ class Daemon:
         (self.metrics.alerts_delivered if ok else self.metrics.alerts_failed).labels(sink).inc()
 
     def cgroup_changed(self, change: CgroupChange) -> None:
-        if change.created and self.containment:
+        if self.enforcer is None or self.containment is None:
+            return  # still starting: start() applies the policy to every agent there is
+        if change.created:
             self.containment.grant_gpus([change.path])
+            self.enforcer.assign_egress(change.path)
+        else:
+            self.enforcer.forget_egress(change.cgroup_id)
 
 
     # ---- reload ----
@@ -212,6 +220,7 @@ class Daemon:
         self.engine.load(ruleset)
         if self.enforcer:
             assemble.configure_enforcer(self.enforcer, config, ruleset.lists)
+            self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
         self.metrics.reloads.inc()
         self.metrics.rules_loaded.set(len(ruleset.rules))
         message = f"reloaded: {len(ruleset.rules)} rules"

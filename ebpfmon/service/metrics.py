@@ -42,6 +42,9 @@ class Metrics:
                                        registry=r)
         self.reloads = Counter("ebpfmon_rules_reloads", "Reloads taken.", registry=r)
         self.rules_loaded = Gauge("ebpfmon_rules_loaded", "Rules in force.", registry=r)
+        self.egress_refusals = Counter("ebpfmon_egress_refusals", "Destinations egress profiles did not allow, "
+                                       "by profile; outcome: refused, or reported (audit mode, dry run).",
+                                       ["profile", "outcome"], registry=r)
         Info("ebpfmon_build", "Build of ebpfmon.", registry=r).info({"version": __version__})
         self._server = None
 

@@ -210,7 +210,7 @@ class Decoder:
 
     def _refused(self, time_ns, cgroup_id, proc, hdr_flags, record,
                  agent_id, reason, op, dry_run, family, dport, sock_type, protocol, addr, major, minor, access,
-                 _pad) -> ev.RefusedEvent:
+                 profile) -> ev.RefusedEvent:
         op_name = REFUSE_OPS.get(op, str(op))
         fields = {}
         if op_name == "device":
@@ -220,7 +220,7 @@ class Decoder:
             fields = {"family": family_name, "address": address, "port": dport, "sock_type": type_name,
                       "protocol": protocol_name}
         return ev.RefusedEvent(time_ns, cgroup_id, None, proc, reason=REFUSE_REASONS.get(reason, str(reason)),
-                               op=op_name, dry_run=bool(dry_run), agent_id=agent_id, **fields)
+                               op=op_name, dry_run=bool(dry_run), agent_id=agent_id, profile_id=profile, **fields)
 
     def _device(self, time_ns, cgroup_id, proc, hdr_flags, record,
                 agent_id, major, minor, access, _pad) -> ev.DeviceEvent:

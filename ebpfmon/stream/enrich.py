@@ -22,6 +22,7 @@ class Enricher:
         self.tree = tree
         self.devices = devices
         self.ancestry_depth = ancestry_depth
+        self.egress_profiles: dict[int, str] = {}  # id -> name, set by whoever writes the policy
         # what some kinds need besides what every event gets, found by kind: one dict lookup
         # per event, not an isinstance test per kind (every connect an agent makes comes here)
         self._before = {"fork": self._forked, "exec": self._executed}
@@ -67,6 +68,8 @@ class Enricher:
 
     def _agent_and_vendor(self, item: ev.RefusedEvent | ev.DeviceEvent) -> None:
         item.agent = self.cgroups.path(item.agent_id) if item.agent_id else None
+        if item.kind == "refused" and item.profile_id:
+            item.profile = self.egress_profiles.get(item.profile_id, str(item.profile_id))
         if item.device:
             item.vendor = self.devices.vendor_of(item.device)
 

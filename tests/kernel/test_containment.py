@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -32,14 +31,6 @@ def test_the_daemons_hooks_give_connects_and_sends_their_socket_type(containment
         listener.close()
     containment_daemon.wait_line("connect tcp", f"127.0.0.1:{port} ")
     containment_daemon.wait_line("send udp", f"127.0.0.1:{port + 1} ")
-
-
-@pytest.fixture(scope="session")
-def uring_connect(tmp_path_factory) -> Path:
-    exe = tmp_path_factory.mktemp("uring") / "uring_connect"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "tests/servers/uring_connect.c"), "-luring"],
-                   check=True)
-    return exe
 
 
 def test_io_uring_connects_are_seen_and_refused_by_the_hooks(containment_daemon, contained_agent, stratum_pool,

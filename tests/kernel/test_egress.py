@@ -1,0 +1,229 @@
+"""Egress profiles in the kernel: a daemon of the test's own with profiles in its configuration
+file, agents in cgroups under its root, servers on loopback and in the test's network namespace
+(198.51.100.2) that count what reached them."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import REPO, RunningDaemon, connect_from, free_port, make_agent_cgroup
+
+NOWHERE = "198.51.100.3"  # no host there: a connect let through would time out, a refused one fails at once
+
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b'hello', (sys.argv[1], int(sys.argv[2])))
+    print(0)
+except OSError as e:
+    print(e.errno)
+"""
+
+# connects to 443 and 8022 until stdin has a line, then prints {"PORT ERRNO": count}; paced, so
+# the listener keeps up and no connect waits for a full backlog
+CONNECT_LOOP = """
+import json, select, socket, sys
+results = {}
+while not select.select([sys.stdin], [], [], 0.002)[0]:
+    for port in (443, 8022):
+        s = socket.socket()
+        s.settimeout(3)
+        key = f"{port} {s.connect_ex((sys.argv[1], port))}"
+        s.close()
+        results[key] = results.get(key, 0) + 1
+print(json.dumps(results), flush=True)
+"""
+
+PROFILES = """\
+agent_root: {root}
+state_dir: {state}
+metrics: {{enabled: false}}
+alerts: {{sinks: []}}
+egress:
+  default_profile: {default}
+  profiles:
+    - name: web-only
+      agents: ["{root}/web-*"]
+      allow:
+        - {{cidr: {remote}/32, ports: [443], proto: tcp}}
+        - {{cidr: 127.0.0.1, ports: [{local_port}]}}
+        - {{cidr: "::1", ports: [{local_port}]}}
+{web_extra}
+    - name: watched
+      agents: ["{root}/audit-*"]
+      mode: audit
+    - name: closed
+"""
+
+
+class Listener:
+    """tests/servers/listener.py on some ports of a host: what reached them."""
+
+    def __init__(self, popen, host: str, ports: list[int]):
+        self.host, self.ports = host, ports
+        self.proc = popen([sys.executable, str(REPO / "tests/servers/listener.py"), host, *map(str, ports)],
+                          stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "listening"
+        self.accepted: list[int] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("accepted ") and line.endswith("\n"):  # not the cut line of a kill
+                self.accepted.append(int(line.split()[1]))
+
+    def count(self, port: int, settle: float = 0.3) -> int:
+        time.sleep(settle)  # the listener prints its accept after the connect returned
+        return self.accepted.count(port)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def remote(netns_host):
+    listener = Listener(netns_host.popen, netns_host.address, [443, 8022])
+    yield listener
+    listener.stop()
+
+
+@pytest.fixture
+def local():
+    ports = [free_port()]
+    while len(ports) < 2:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    listener = Listener(subprocess.Popen, "127.0.0.1", ports)
+    yield listener
+    listener.stop()
+
+
+def sent_from(cgroup, host: str, port: int) -> int:
+    return int(cgroup.run([sys.executable, "-c", SEND, host, str(port)], text=True).stdout)
+
+
+class EgressDaemon(RunningDaemon):
+    """The daemon, in this process, on its own root, from a configuration file it reloads."""
+
+    def write(self, **changes) -> None:
+        self.path.write_text(PROFILES.format(**{**self.values, **changes}))
+
+    def start(self, path, values) -> "EgressDaemon":
+        from ebpfmon.config import load_config
+        from ebpfmon.service.daemon import Daemon
+
+        self.path, self.values = path, values
+        self.write()
+        self.daemon = Daemon(load_config(path), path, echo=self.emit)
+        self.daemon.start()
+        self.thread = threading.Thread(target=self.daemon.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.daemon.close()
+
+
+def start_egress(own_root, tmp_path, netns_host, local, default: str = "null") -> EgressDaemon:
+    values = {"root": own_root, "state": tmp_path / "state", "remote": netns_host.address,
+              "local_port": local.ports[0], "default": default, "web_extra": ""}
+    return EgressDaemon(None, own_root, threading.Event()).start(tmp_path / "config.yaml", values)
+
+
+@pytest.fixture
+def egress(own_root, tmp_path, netns_host, local):
+    running = start_egress(own_root, tmp_path, netns_host, local)
+    yield running
+    running.close()
+
+
+def test_a_profile_allows_what_it_lists_and_nothing_else(egress, hierarchy, remote, local):
+    web = make_agent_cgroup(hierarchy, egress.root, "web")
+    allowed, other = local.ports
+    # listed: reached
+    before = remote.count(443, settle=0)
+    assert connect_from(web, remote.host, 443) == 0 and remote.count(443) == before + 1
+    assert connect_from(web, "127.0.0.1", allowed) == 0
+    assert connect_from(web, "::1", allowed) == errno.ECONNREFUSED  # let through; the listener is IPv4
+    assert connect_from(web, "::ffff:127.0.0.1", allowed) == 0  # IPv4-mapped: judged as IPv4
+    # not listed: refused before anything left, loopback included
+    before = remote.count(8022, settle=0)
+    assert connect_from(web, remote.host, 8022) == errno.EPERM
+    assert connect_from(web, NOWHERE, 443) == errno.EPERM
+    assert connect_from(web, "127.0.0.1", other) == errno.EPERM
+    assert connect_from(web, "::1", other) == errno.EPERM
+    assert connect_from(web, "::ffff:127.0.0.1", other) == errno.EPERM
+    assert sent_from(web, remote.host, 443) == errno.EPERM  # the 443 entry is tcp only
+    assert remote.count(8022) == before and local.count(other) == 0
+    # an agent no profile names, with no default profile: no policy
+    stranger = make_agent_cgroup(hierarchy, egress.root)
+    assert connect_from(stranger, remote.host, 8022) == 0
+    line = egress.wait_line("Connection refused by policy", web.name.split("/")[-1], f"{remote.host}:8022")
+    assert "reason=egress" in line and "profile=web-only" in line and "dry_run=false" in line
+    assert egress.daemon.metrics.egress_refusals.labels("web-only", "refused")._value.get() >= 6
+
+
+def test_io_uring_connects_meet_the_profile(egress, hierarchy, remote, uring_connect):
+    web = make_agent_cgroup(hierarchy, egress.root, "web")
+    before = remote.count(8022, settle=0)
+    out = web.run([str(uring_connect), remote.host, "8022"], text=True, check=True)
+    assert int(out.stdout) == -errno.EPERM and remote.count(8022) == before
+    out = web.run([str(uring_connect), remote.host, "443"], text=True, check=True)
+    assert int(out.stdout) == 0
+
+
+def test_audit_mode_lets_through_and_reports(egress, hierarchy, remote):
+    watched = make_agent_cgroup(hierarchy, egress.root, "audit")
+    before = remote.count(8022, settle=0)
+    assert connect_from(watched, remote.host, 8022) == 0
+    assert remote.count(8022) == before + 1
+    line = egress.wait_line("Connection refused by policy", watched.name.split("/")[-1], f"{remote.host}:8022")
+    assert "reason=egress" in line and "profile=watched" in line and "dry_run=true" in line
+
+
+def test_the_default_profile_takes_every_agent_no_profile_names(own_root, tmp_path, hierarchy, netns_host,
+                                                                local, remote):
+    running = start_egress(own_root, tmp_path, netns_host, local, default="closed")
+    try:
+        stranger = make_agent_cgroup(hierarchy, own_root)  # made after the start: the default at once
+        assert connect_from(stranger, remote.host, 443) == errno.EPERM
+        assert connect_from(stranger, "127.0.0.1", local.ports[0]) == errno.EPERM  # loopback too
+        late = make_agent_cgroup(hierarchy, own_root, "web")  # its own profile, once the daemon saw it
+        deadline = time.monotonic() + 10
+        while connect_from(late, remote.host, 443) != 0:
+            assert time.monotonic() < deadline, "the new agent never got its profile"
+            time.sleep(0.1)
+    finally:
+        running.close()
+
+
+def test_reloads_swap_the_whole_policy_and_no_connect_sees_neither(egress, hierarchy, remote):
+    """A connect loop runs while the policy flips 100 times between two versions of a profile
+    that both allow 443, one of them 8022 too: 443 never fails, 8022 is refused or reached."""
+    web = make_agent_cgroup(hierarchy, egress.root, "web")
+    loop = web.popen([sys.executable, "-c", CONNECT_LOOP, remote.host], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)
+    widened = f"        - {{cidr: {remote.host}/32, ports: [8022]}}"
+    try:
+        for i in range(100):
+            egress.write(web_extra=widened if i % 2 == 0 else "")
+            ok, message = egress.daemon.reload()
+            assert ok, message
+    finally:
+        out, _ = loop.communicate("stop\n", timeout=60)
+    results = {tuple(map(int, key.split())): n for key, n in json.loads(out).items()}
+    assert set(results) <= {(443, 0), (8022, 0), (8022, errno.EPERM)}, results
+    assert results.get((443, 0)) and results.get((8022, 0)) and results.get((8022, errno.EPERM)), results
+    assert connect_from(web, remote.host, 8022) == errno.EPERM  # the last reload put the first one back
