@@ -10,8 +10,8 @@
 #endif
 
 /* Wakeup policy. Waking the reader costs more than most probes, so events
- * that only keep user-space state current (fork, exit, cgroups, failed execs)
- * never wake it; the reader drains them on a timer. Events that can lead to
+ * that only keep user-space state current (fork, exit, cgroup removals, failed
+ * execs) never wake it; the reader drains them on a timer. Events that can lead to
  * containment wake it at once, unless another event of their class (execs;
  * the others) woke it less than WAKE_WINDOW_NS ago: the reader, after a batch
  * with such an event, polls again within the window (ebpfmon/stream/stream.py), so

@@ -188,7 +188,9 @@ static __always_inline void sockaddr_seen(struct bpf_sock_addr *ctx, u32 op, int
 /* ---- network: egress profiles ---- */
 
 /* The scope (generation << 16 | profile id) of the agent's profile, and its
- * mode; 0 when no profile applies or the profile is off. */
+ * mode; 0 when no profile applies or the profile is off. An agent the daemon
+ * has not classified yet, where a glob could name it, gets EGRESS_UNCLASSIFIED:
+ * refused until it is (fail closed: its profile may allow less than others). */
 static __always_inline u32 egress_scope(u64 agent, u32 *mode)
 {
 	u32 zero = 0;
@@ -196,9 +198,14 @@ static __always_inline u32 egress_scope(u64 agent, u32 *mode)
 	if (!state || !agent)
 		return 0;
 	u32 generation = state->active & 1;
+	struct egress_generation *g = &state->generation[generation];
 	struct egress_agent_key key = {.agent = agent, .generation = generation};
 	u32 *named = egress_agents.lookup(&key);
-	u32 profile = named ? *named : state->default_profile[generation];
+	if (!named && g->classified_only) {
+		*mode = EGRESS_ENFORCE;
+		return generation << 16 | EGRESS_UNCLASSIFIED;
+	}
+	u32 profile = named ? *named : g->default_profile;
 	if (!profile)
 		return 0;
 	u32 scope = generation << 16 | (profile & 0xffff);

@@ -192,13 +192,21 @@ enum egress_mode {
 };
 
 #define EGRESS_RANGES 8         /* port ranges one allow entry holds */
+#define EGRESS_UNCLASSIFIED 0xffff  /* the profile id of agents refused until classified */
+
+struct egress_generation {
+	__u32 default_profile;      /* profile of agents no glob names; 0 none */
+	__u32 classified_only;      /* 1: an agent without an egress_agents entry is refused until the
+				     * daemon has classified it (a glob may name it) */
+};
 
 struct egress_state {
 	__u32 active;               /* the generation in force: 0 or 1 */
-	__u32 default_profile[2];   /* per generation: profile of agents no entry names; 0 none */
 	__u32 _pad;
+	struct egress_generation generation[2];
 };
 
+/* egress_agents: the profile of an agent, as the daemon classified it (0: none) */
 struct egress_agent_key {
 	__u64 agent;                /* agent cgroup id */
 	__u32 generation;

@@ -51,7 +51,8 @@ TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
 	if (!e)
 		return 0;
 	TP_DATA_LOC_READ_STR(e->path, path, sizeof(e->path));
-	submit(&e->hdr, sizeof(*e), sizeof(*e), WAKE_BULK);
+	/* a new agent may be refused everything until the daemon has classified it */
+	submit(&e->hdr, sizeof(*e), sizeof(*e), WAKE_ALERT);
 	return 0;
 }
 

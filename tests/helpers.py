@@ -229,15 +229,17 @@ def connect_from(cgroup, host: str, port: int) -> int:
 
 
 class DaemonProcess(Lines):
-    """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many)."""
+    """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many).
+    With from_file, the configuration file in the state directory names both (and a reload
+    re-reads it), else the command line does."""
 
-    def __init__(self, root: str, state: str, *extra: str):
+    def __init__(self, root: str, state: str, *extra: str, from_file: bool = False):
         config = Path(state) / "config.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         if not config.exists():
             config.write_text("metrics: {enabled: false}\n")
-        self.proc = subprocess.Popen([*EBPFMON, "run", "--config", str(config), "--agent-root", root,
-                                      "--state-dir", state, *extra], cwd=REPO,
+        where = [] if from_file else ["--agent-root", root, "--state-dir", state]
+        self.proc = subprocess.Popen([*EBPFMON, "run", "--config", str(config), *where, *extra], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         Lines.__init__(self)
         threading.Thread(target=self._read, daemon=True).start()

@@ -17,6 +17,7 @@ PAYLOAD_MAX = 256
 GPU_PREFIX_MAX = 64
 GPU_PREFIXES_MAX = 16
 EGRESS_RANGES = 8
+EGRESS_UNCLASSIFIED = 0xFFFF
 SCOPE_MAX_DEPTH = 16
 
 
@@ -199,8 +200,12 @@ class LpmV6(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
 
 
+class EgressGeneration(ctypes.Structure):
+    _fields_ = [("default_profile", u32), ("classified_only", u32)]
+
+
 class EgressState(ctypes.Structure):
-    _fields_ = [("active", u32), ("default_profile", u32 * 2), ("_pad", u32)]
+    _fields_ = [("active", u32), ("_pad", u32), ("generation", EgressGeneration * 2)]
 
 
 class EgressAgentKey(ctypes.Structure):
@@ -248,6 +253,7 @@ STRUCTS = {
     "lpm_v6": LpmV6,
     "probe_config": ProbeConfig,
     "gpu_prefix": GpuPrefix,
+    "egress_generation": EgressGeneration,
     "egress_state": EgressState,
     "egress_agent_key": EgressAgentKey,
     "egress_range": EgressRange,
@@ -282,6 +288,7 @@ CONSTANTS = {
     "GPU_PREFIXES_MAX": GPU_PREFIXES_MAX,
     "SCOPE_MAX_DEPTH": SCOPE_MAX_DEPTH,
     "EGRESS_RANGES": EGRESS_RANGES,
+    "EGRESS_UNCLASSIFIED": EGRESS_UNCLASSIFIED,
     **{f"EGRESS_{m.name}": m.value for m in EgressMode},
     "EVENT_KIND_MAX": EVENT_KIND_MAX,
     "COUNTER_MAX": COUNTER_MAX,

@@ -69,10 +69,11 @@ def _egress_allow(table, ranges) -> object:
     return leaf
 
 
-def _egress_state(table, active: int, defaults: list[int]) -> object:
+def _egress_state(table, active: int, generations: list[tuple[int, int]]) -> object:
     leaf = table.Leaf()
     leaf.active = active
-    leaf.default_profile[0], leaf.default_profile[1] = defaults
+    for part, (default_profile, classified_only) in zip(leaf.generation, generations):
+        part.default_profile, part.classified_only = default_profile, classified_only
     return leaf
 
 
@@ -202,12 +203,12 @@ class Enforcer:
                     table[_egress_key(table, scope, network)] = _egress_allow(table, ranges)
             for agent in agents:
                 self._assign_egress(policy, agent, new)
-            defaults = [state.default_profile[0], state.default_profile[1]]
-            defaults[new] = policy.default.id if policy.default else 0
-            # two writes: the first changes only the new generation's default, the second only
-            # the active index, so no reader sees a torn mix of both
-            states[ctypes.c_int(0)] = _egress_state(states, active, defaults)
-            states[ctypes.c_int(0)] = _egress_state(states, new, defaults)
+            generations = [(g.default_profile, g.classified_only) for g in state.generation]
+            generations[new] = (policy.default.id if policy.default else 0, int(policy.classified_only))
+            # two writes: the first changes only the new generation's part, the second only the
+            # active index, so no reader sees a torn mix of both
+            states[ctypes.c_int(0)] = _egress_state(states, active, generations)
+            states[ctypes.c_int(0)] = _egress_state(states, new, generations)
             self.egress_policy, self.egress_generation = policy, new
 
     def assign_egress(self, agent: str) -> None:
@@ -230,14 +231,16 @@ class Enforcer:
                 if k.generation == self.egress_generation}
 
     def _assign_egress(self, policy: Policy, agent: str, generation: int) -> None:
-        if not self.agents.is_agent(agent):
+        """The agent's classification: its profile's id, 0 for none. Without globs every agent
+        has the default, which the kernel applies by itself."""
+        if not policy.classified_only or not self.agents.is_agent(agent):
             return
-        profile = policy.profile_for(agent)
         agent_id = self.hierarchy.cgroup_id_or_none(agent)
-        if agent_id is None or profile is None or profile is policy.default:
-            return  # gone, or no policy, or the default's (the kernel applies it by itself)
+        if agent_id is None:
+            return  # gone already
+        profile = policy.profile_for(agent)
         agents = self.bpf[b"egress_agents"]
-        agents[agents.Key(agent=agent_id, generation=generation)] = ctypes.c_uint32(profile.id)
+        agents[agents.Key(agent=agent_id, generation=generation)] = ctypes.c_uint32(profile.id if profile else 0)
 
     def _drop_egress_generation(self, generation: int) -> None:
         for name, generation_of in ((b"egress_modes", lambda k: k.value >> 16),

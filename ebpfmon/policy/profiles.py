@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ebpfmon.errors import ConfigError
-from ebpfmon.kernel.abi import EGRESS_RANGES
+from ebpfmon.kernel.abi import EGRESS_RANGES, EGRESS_UNCLASSIFIED
 
 if TYPE_CHECKING:
     from ebpfmon.config import EgressSettings
@@ -97,8 +97,14 @@ class Policy:
         return next((p for p in self.profiles if p.matches(agent)), self.default)
 
     @property
+    def classified_only(self) -> bool:
+        """Whether a glob may name an agent: then an agent the daemon has not classified yet is
+        refused everything until it is (its profile may allow less than the default)."""
+        return any(p.agents for p in self.profiles)
+
+    @property
     def names(self) -> dict[int, str]:
-        return {p.id: p.name for p in self.profiles}
+        return {EGRESS_UNCLASSIFIED: "unclassified", **{p.id: p.name for p in self.profiles}}
 
 
 def judged_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):

@@ -118,7 +118,7 @@ class EgressDaemon(RunningDaemon):
     def write(self, **changes) -> None:
         self.path.write_text(PROFILES.format(**{**self.values, **changes}))
 
-    def start(self, path, values) -> "EgressDaemon":
+    def start(self, path, values, read: bool = True) -> "EgressDaemon":
         from ebpfmon.config import load_config
         from ebpfmon.service.daemon import Daemon
 
@@ -127,8 +127,13 @@ class EgressDaemon(RunningDaemon):
         self.daemon = Daemon(load_config(path), path, echo=self.emit)
         self.daemon.start()
         self.thread = threading.Thread(target=self.daemon.run, args=(self.stop,), daemon=True)
-        self.thread.start()
+        if read:
+            self.thread.start()
         return self
+
+    def read(self) -> None:
+        """Starts reading events (a daemon started with read=False has seen none since)."""
+        self.thread.start()
 
     def close(self) -> None:
         self.stop.set()
@@ -136,10 +141,10 @@ class EgressDaemon(RunningDaemon):
         self.daemon.close()
 
 
-def start_egress(own_root, tmp_path, netns_host, local, default: str = "null") -> EgressDaemon:
+def start_egress(own_root, tmp_path, netns_host, local, default: str = "null", read: bool = True) -> EgressDaemon:
     values = {"root": own_root, "state": tmp_path / "state", "remote": netns_host.address,
               "local_port": local.ports[0], "default": default, "web_extra": ""}
-    return EgressDaemon(None, own_root, threading.Event()).start(tmp_path / "config.yaml", values)
+    return EgressDaemon(None, own_root, threading.Event()).start(tmp_path / "config.yaml", values, read)
 
 
 @pytest.fixture
@@ -227,3 +232,21 @@ def test_reloads_swap_the_whole_policy_and_no_connect_sees_neither(egress, hiera
     assert set(results) <= {(443, 0), (8022, 0), (8022, errno.EPERM)}, results
     assert results.get((443, 0)) and results.get((8022, 0)) and results.get((8022, errno.EPERM)), results
     assert connect_from(web, remote.host, 8022) == errno.EPERM  # the last reload put the first one back
+
+
+def test_a_new_agent_is_refused_until_the_daemon_has_classified_it(own_root, tmp_path, hierarchy, netns_host,
+                                                                   local, remote):
+    """A glob may give a new agent a profile that allows less than the others: until the daemon
+    has read its cgroup's creation, it reaches nothing (fail closed)."""
+    running = start_egress(own_root, tmp_path, netns_host, local, read=False)
+    try:
+        stranger = make_agent_cgroup(hierarchy, own_root)  # no glob names it: no policy, once classified
+        assert connect_from(stranger, remote.host, 8022) == errno.EPERM
+        running.read()
+        running.wait_line("Connection refused by policy", "profile=unclassified", f"{remote.host}:8022")
+        deadline = time.monotonic() + 10
+        while connect_from(stranger, remote.host, 8022) != 0:
+            assert time.monotonic() < deadline, "the new agent was never classified"
+            time.sleep(0.1)
+    finally:
+        running.close()

@@ -1,0 +1,95 @@
+"""Egress profiles compiled from the configuration: what the kernel's trie gets, and the same
+verdicts judged in Python (ebpfmon policy check)."""
+
+import ipaddress
+
+import pytest
+
+from ebpfmon.config import EgressAllow, EgressProfile, EgressSettings
+from ebpfmon.errors import ConfigError
+from ebpfmon.kernel.abi import EGRESS_RANGES, EGRESS_UNCLASSIFIED
+from ebpfmon.policy.profiles import PortRange, compile_policy, merged
+
+
+def policy(*allows: EgressAllow, agents=("/agents/web-*",), default=None, mode="enforce", more=()):
+    return compile_policy(EgressSettings(default_profile=default, profiles=(
+        EgressProfile("web", agents, mode, allows), *more)))
+
+
+def test_a_longer_prefix_carries_the_ports_of_every_entry_containing_it():
+    web = policy(EgressAllow(cidr="198.51.100.0/24", ports=(443,)),
+                 EgressAllow(cidr="198.51.100.0/28", ports=("8000-8999",), proto="tcp"),
+                 EgressAllow(cidr="198.51.100.7", ports=(22,), proto="tcp")).profiles[0]
+    prefixes = {str(k): v for k, v in web.prefixes().items()}
+    assert prefixes["198.51.100.7/32"] == (PortRange(443, 443), PortRange(22, 22, 6), PortRange(8000, 8999, 6))
+    assert prefixes["198.51.100.0/28"] == (PortRange(443, 443), PortRange(8000, 8999, 6))
+    assert prefixes["198.51.100.0/24"] == (PortRange(443, 443),)
+    # the verdicts the kernel reaches through the trie, with the entry that decided
+    assert web.decide("198.51.100.7", 22).where == "egress.profiles[0].allow[2]"
+    assert web.decide("198.51.100.7", 443).where == "egress.profiles[0].allow[0]"
+    assert web.decide("198.51.100.7", 8080).where == "egress.profiles[0].allow[1]"
+    assert web.decide("198.51.100.7", 22, "udp") is None
+    assert web.decide("198.51.100.200", 8080) is None
+
+
+def test_ranges_merge_and_a_range_for_both_protocols_covers_one_for_either():
+    assert merged([PortRange(80, 90), PortRange(91, 95), PortRange(85, 86, 6), PortRange(100, 100, 17)]) == (
+        PortRange(80, 95), PortRange(100, 100, 17))
+
+
+def test_ipv4_mapped_ipv6_is_judged_as_ipv4_both_ways():
+    web = policy(EgressAllow(cidr="::ffff:203.0.113.0/120", ports=(443,))).profiles[0]
+    assert [str(n) for n in web.prefixes()] == ["203.0.113.0/24"]
+    assert web.decide("203.0.113.9", 443) and web.decide("::ffff:203.0.113.9", 443)
+    assert web.decide("2001:db8::1", 443) is None
+
+
+def test_which_profile_an_agent_gets():
+    closed = EgressProfile("closed")
+    p = policy(EgressAllow(cidr="192.0.2.0/24"), default="closed", more=(closed,))
+    assert p.profile_for("/agents/web-1").name == "web"
+    assert p.profile_for("/agents/batch-1").name == "closed"
+    assert p.classified_only  # a glob names agents: unclassified ones wait, refused
+    assert p.names == {EGRESS_UNCLASSIFIED: "unclassified", 1: "web", 2: "closed"}
+    only_default = compile_policy(EgressSettings(default_profile="closed", profiles=(closed,)))
+    assert not only_default.classified_only and only_default.profile_for("/agents/x").name == "closed"
+    assert compile_policy(EgressSettings()).profile_for("/agents/x") is None  # no policy: as before
+
+
+@pytest.mark.parametrize("allow, message", [
+    (EgressAllow(cidr="198.51.100.9/24"), "allow[0].cidr: '198.51.100.9/24' has host bits set: write 198.51.100.0/24"),
+    (EgressAllow(cidr="example.org"), "allow[0].cidr: 'example.org' is not an IP address or network"),
+    (EgressAllow(cidr="192.0.2.1", ports=(0,)), "allow[0].ports[0]: 0: ports are 1 to 65535"),
+    (EgressAllow(cidr="192.0.2.1", ports=("http",)), "allow[0].ports[0]: 'http' is not a port"),
+    (EgressAllow(cidr="192.0.2.1", proto="icmp"), "allow[0].proto: 'icmp' is not tcp or udp"),
+    (EgressAllow(), "allow[0]: an allow entry needs a cidr"),
+    (EgressAllow(name="mirror.test"), "allow[0].name: DNS names in profiles need the daemon's DNS proxy"),
+])
+def test_a_bad_entry_says_where_and_what(allow, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        policy(allow)
+
+
+def test_more_port_ranges_than_the_kernel_holds_for_one_prefix_is_an_error():
+    apart = tuple(range(1000, 1000 + 2 * (EGRESS_RANGES + 1), 2))  # no two adjacent: none merge
+    with pytest.raises(ConfigError, match=fr"allow\[0\]: {EGRESS_RANGES + 1} port ranges apply to 192\.0\.2\.0/24"):
+        policy(EgressAllow(cidr="192.0.2.0/24", ports=apart))
+    assert policy(EgressAllow(cidr="192.0.2.0/24", ports=tuple(range(1000, 1000 + EGRESS_RANGES))))  # merged: one
+
+
+def test_names_and_modes_are_checked():
+    with pytest.raises(ConfigError, match=r"profiles\[1\]\.name: a second profile named 'web'"):
+        policy(more=(EgressProfile("web"),))
+    with pytest.raises(ConfigError, match=r"profiles\[0\]\.mode: 'block' is not one of off, audit, enforce"):
+        policy(mode="block")
+    with pytest.raises(ConfigError, match="egress.default_profile: no profile is named 'nope'"):
+        policy(default="nope")
+
+
+def test_a_hundred_thousand_prefixes_compile():
+    allows = [EgressAllow(cidr=str(ipaddress.ip_address("10.0.0.0") + 256 * i) + "/24", ports=(443,))
+              for i in range(100_000)]
+    web = policy(EgressAllow(cidr="10.0.0.0/8", ports=(22,)), *allows).profiles[0]
+    prefixes = web.prefixes()
+    assert len(prefixes) == 100_001
+    assert prefixes[ipaddress.ip_network("10.1.134.0/24")] == (PortRange(22, 22), PortRange(443, 443))
