@@ -7,7 +7,7 @@ import errno
 import signal
 import time
 
-from helpers import DaemonProcess, connect_from, ebpfmon, make_agent_cgroup
+from helpers import REPO, DaemonProcess, connect_from, ebpfmon, make_agent_cgroup
 
 POLICY = """\
 egress:
@@ -91,3 +91,14 @@ def test_the_policy_outlives_kill_9_and_the_next_daemon_takes_it_over(bpf, hiera
         assert connect_from(web, netns_host.address, 22) == 0 and connect_from(orphan, netns_host.address, 22) == 0
     finally:
         daemon.stop()
+
+
+def test_the_shipped_example_policy_is_valid_and_does_what_it_says():
+    example = REPO / "deploy/egress/offline.yaml"
+    out = ebpfmon("policy", "validate", str(example))
+    assert out.returncode == 0 and "3 profile(s)" in out.stdout and "default profile: offline" in out.stdout
+    check = ("policy", "check", "--config", str(example), "--agent")
+    assert ebpfmon(*check, "/ebpfmon-agents/build-1", "192.0.2.10:443").returncode == 0
+    assert ebpfmon(*check, "/ebpfmon-agents/build-1", "192.0.2.11:443").returncode == 1
+    assert ebpfmon(*check, "/ebpfmon-agents/anyone", "127.0.0.1:22").returncode == 1
+    assert ebpfmon(*check, "/ebpfmon-agents/trial-1", "203.0.113.5:22").returncode == 0  # audit: reported

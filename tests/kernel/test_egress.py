@@ -108,6 +108,14 @@ def local():
     listener.stop()
 
 
+def eventually_connects(cgroup, host: str, port: int, timeout: float = 10.0) -> None:
+    """Once the daemon has classified the agent (the cgroup's creation reached it)."""
+    deadline = time.monotonic() + timeout
+    while connect_from(cgroup, host, port) != 0:
+        assert time.monotonic() < deadline, f"{cgroup.name} never reached {host}:{port}"
+        time.sleep(0.1)
+
+
 def sent_from(cgroup, host: str, port: int) -> int:
     return int(cgroup.run([sys.executable, "-c", SEND, host, str(port)], text=True).stdout)
 
@@ -206,10 +214,7 @@ def test_the_default_profile_takes_every_agent_no_profile_names(own_root, tmp_pa
         assert connect_from(stranger, remote.host, 443) == errno.EPERM
         assert connect_from(stranger, "127.0.0.1", local.ports[0]) == errno.EPERM  # loopback too
         late = make_agent_cgroup(hierarchy, own_root, "web")  # its own profile, once the daemon saw it
-        deadline = time.monotonic() + 10
-        while connect_from(late, remote.host, 443) != 0:
-            assert time.monotonic() < deadline, "the new agent never got its profile"
-            time.sleep(0.1)
+        eventually_connects(late, remote.host, 443)
     finally:
         running.close()
 
@@ -244,9 +249,6 @@ def test_a_new_agent_is_refused_until_the_daemon_has_classified_it(own_root, tmp
         assert connect_from(stranger, remote.host, 8022) == errno.EPERM
         running.read()
         running.wait_line("Connection refused by policy", "profile=unclassified", f"{remote.host}:8022")
-        deadline = time.monotonic() + 10
-        while connect_from(stranger, remote.host, 8022) != 0:
-            assert time.monotonic() < deadline, "the new agent was never classified"
-            time.sleep(0.1)
+        eventually_connects(stranger, remote.host, 8022)
     finally:
         running.close()
