@@ -29,6 +29,7 @@ BENCHMARKS = {
     "service": "RESULTS-service.md",
     "instructions": "RESULTS-instructions.md",
     "containment": "RESULTS-containment.md",
+    "egress": "RESULTS-egress.md",
     "compare": "RESULTS-compare.md",
 }
 

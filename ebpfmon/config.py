@@ -21,7 +21,7 @@ from ebpfmon.alerts.sinks import SINKS
 from ebpfmon.errors import ConfigError
 from ebpfmon.host.cgroups import AgentLayout
 from ebpfmon.host.network import DEFAULT_INTERNAL_NETWORKS
-from ebpfmon.policy.profiles import compile_policy
+from ebpfmon.policy.profiles import compile_policy, compiled
 from ebpfmon.rules.vocabulary import PRIORITIES
 
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
@@ -313,7 +313,10 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
     host, _, port = config.metrics.listen.rpartition(":")
     if not host or not port.isdigit():
         raise loader.error("metrics.listen", f"expected host:port, got {config.metrics.listen!r}")
-    compile_policy(config.egress, loader.error)
+    try:
+        compiled(config.egress)
+    except ConfigError:  # again, for the error that names the file and line
+        compile_policy(config.egress, loader.error)
 
 
 SECRET_FIELDS = ("url", "routing_key")

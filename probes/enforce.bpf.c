@@ -24,8 +24,8 @@ BPF_TABLE_PINNED7("lpm_trie", struct lpm_v6, u8, deny_nets6, 4096, PIN_DIR "/den
 BPF_TABLE_PINNED("hash", u64, struct gpu_policy, gpu_policy, 4096, PIN_DIR "/gpu_policy");
 /* egress profiles, two generations (probes/events.h) */
 BPF_TABLE_PINNED("array", u32, struct egress_state, egress_state, 1, PIN_DIR "/egress_state");
-BPF_TABLE_PINNED("hash", struct egress_agent_key, u32, egress_agents, 65536, PIN_DIR "/egress_agents");
-BPF_TABLE_PINNED("hash", u32, u32, egress_modes, 1024, PIN_DIR "/egress_modes");
+BPF_TABLE_PINNED("hash", struct egress_agent_key, struct egress_class, egress_agents, 65536,
+		 PIN_DIR "/egress_agents");
 BPF_TABLE_PINNED7("lpm_trie", struct egress_v4, struct egress_allow, egress_allow4, 262144, PIN_DIR "/egress_allow4",
 		  BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct egress_v6, struct egress_allow, egress_allow6, 262144, PIN_DIR "/egress_allow6",
@@ -200,20 +200,16 @@ static __always_inline u32 egress_scope(u64 agent, u32 *mode)
 	u32 generation = state->active & 1;
 	struct egress_generation *g = &state->generation[generation];
 	struct egress_agent_key key = {.agent = agent, .generation = generation};
-	u32 *named = egress_agents.lookup(&key);
+	struct egress_class *named = egress_agents.lookup(&key);
 	if (!named && g->classified_only) {
 		*mode = EGRESS_ENFORCE;
 		return generation << 16 | EGRESS_UNCLASSIFIED;
 	}
-	u32 profile = named ? *named : g->default_profile;
-	if (!profile)
+	struct egress_class *class = named ? named : &g->fallback;
+	if (!class->profile || class->mode == EGRESS_OFF)
 		return 0;
-	u32 scope = generation << 16 | (profile & 0xffff);
-	u32 *found = egress_modes.lookup(&scope);
-	if (!found || *found == EGRESS_OFF)
-		return 0;
-	*mode = *found;
-	return scope;
+	*mode = class->mode;
+	return generation << 16 | (class->profile & 0xffff);
 }
 
 static __always_inline int egress_permits(struct egress_allow *allow, u16 port, u8 proto)

@@ -194,10 +194,17 @@ enum egress_mode {
 #define EGRESS_RANGES 8         /* port ranges one allow entry holds */
 #define EGRESS_UNCLASSIFIED 0xffff  /* the profile id of agents refused until classified */
 
+/* A profile as an agent meets it: which, and its mode (enum egress_mode). */
+struct egress_class {
+	__u32 profile;              /* 0: none */
+	__u32 mode;
+};
+
 struct egress_generation {
-	__u32 default_profile;      /* profile of agents no glob names; 0 none */
+	struct egress_class fallback; /* agents no glob names: the default profile */
 	__u32 classified_only;      /* 1: an agent without an egress_agents entry is refused until the
 				     * daemon has classified it (a glob may name it) */
+	__u32 _pad;
 };
 
 struct egress_state {
@@ -206,7 +213,7 @@ struct egress_state {
 	struct egress_generation generation[2];
 };
 
-/* egress_agents: the profile of an agent, as the daemon classified it (0: none) */
+/* egress_agents: an agent's egress_class, as the daemon classified it */
 struct egress_agent_key {
 	__u64 agent;                /* agent cgroup id */
 	__u32 generation;

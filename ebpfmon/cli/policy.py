@@ -10,7 +10,7 @@ import typer
 
 from ebpfmon.cli.common import ConfigOption, effective_config
 from ebpfmon.config import load_config
-from ebpfmon.policy.profiles import Policy, Profile, compile_policy
+from ebpfmon.policy.profiles import Policy, Profile, compiled
 
 app = typer.Typer(help="Egress profiles: what each agent may reach, enforced in the kernel.", no_args_is_help=True,
                   epilog="Examples:\n\n  ebpfmon policy list\n\n"
@@ -20,7 +20,7 @@ app = typer.Typer(help="Egress profiles: what each agent may reach, enforced in 
 
 def _policy(config_file: Path | None) -> Policy:
     config, _ = effective_config(config_file)
-    return compile_policy(config.egress)
+    return compiled(config.egress)
 
 
 def _show(profile: Profile, default: bool) -> None:
@@ -107,7 +107,7 @@ def check(
              "Exit status 0 when the profiles are valid; errors name the file, line and key.")
 def validate(file: Annotated[Path, typer.Argument(help="The configuration file holding the egress section.")]) -> None:
     """Check the egress profiles of a configuration file."""
-    policy = compile_policy(load_config(file).egress)
-    prefixes = sum(len(p.prefixes()) for p in policy.profiles)
+    policy = compiled(load_config(file).egress)
+    prefixes = sum(len(p.prefixes) for p in policy.profiles)
     default = policy.default.name if policy.default else "none"
     print(f"ok: {file}: {len(policy.profiles)} profile(s), {prefixes} prefix(es), default profile: {default}")

@@ -200,8 +200,12 @@ class LpmV6(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
 
 
+class EgressClass(ctypes.Structure):
+    _fields_ = [("profile", u32), ("mode", u32)]
+
+
 class EgressGeneration(ctypes.Structure):
-    _fields_ = [("default_profile", u32), ("classified_only", u32)]
+    _fields_ = [("fallback", EgressClass), ("classified_only", u32), ("_pad", u32)]
 
 
 class EgressState(ctypes.Structure):
@@ -253,6 +257,7 @@ STRUCTS = {
     "lpm_v6": LpmV6,
     "probe_config": ProbeConfig,
     "gpu_prefix": GpuPrefix,
+    "egress_class": EgressClass,
     "egress_generation": EgressGeneration,
     "egress_state": EgressState,
     "egress_agent_key": EgressAgentKey,

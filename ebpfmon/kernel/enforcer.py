@@ -52,28 +52,41 @@ def gpu_majors(proc_devices: str = "/proc/devices") -> set[int]:
     return majors
 
 
-def _egress_key(table, scope: int, network):
-    key = table.Key()
-    key.prefixlen = 32 + network.prefixlen  # the scope always matches whole
-    key.scope = scope
-    ctypes.memmove(key.addr, network.network_address.packed, len(network.network_address.packed))
-    return key
+def _write_batch(table, scope: int, prefixes: list) -> None:
+    """Trie entries for one profile: the scope always matches whole, then the prefix. In one
+    batch where the kernel takes batches of a trie, else one by one."""
+    if not prefixes:
+        return
+    keys, leaves = (table.Key * len(prefixes))(), (table.Leaf * len(prefixes))()
+    for key, leaf, (network, ranges) in zip(keys, leaves, prefixes):
+        key.prefixlen = 32 + network.prefixlen
+        key.scope = scope
+        ctypes.memmove(key.addr, network.network_address.packed, len(network.network_address.packed))
+        leaf.count = len(ranges)
+        for part, r in zip(leaf.range, ranges):
+            part.lo, part.hi, part.proto = r.lo, r.hi, r.proto
+    try:
+        table.items_update_batch(keys, leaves)
+    except Exception:  # bcc raises a bare Exception; older kernels have no batch for tries
+        for key, leaf in zip(keys, leaves):
+            table[key] = leaf
 
 
-def _egress_allow(table, ranges) -> object:
-    leaf = table.Leaf()
-    leaf.expires_ns = 0
-    leaf.count = len(ranges)
-    for i, r in enumerate(ranges):
-        leaf.range[i].lo, leaf.range[i].hi, leaf.range[i].proto = r.lo, r.hi, r.proto
-    return leaf
+def _class(profile: int, mode: int) -> abi.EgressClass:
+    return abi.EgressClass(profile=profile, mode=mode)
 
 
-def _egress_state(table, active: int, generations: list[tuple[int, int]]) -> object:
+def _class_of(profile) -> abi.EgressClass:
+    """A profile as the kernel keeps it for an agent: its id and mode (none: 0, off)."""
+    return _class(profile.id, abi.EgressMode[profile.mode.upper()]) if profile else _class(0, abi.EgressMode.OFF)
+
+
+def _egress_state(table, active: int, generations: list[tuple[abi.EgressClass, int]]) -> object:
     leaf = table.Leaf()
     leaf.active = active
-    for part, (default_profile, classified_only) in zip(leaf.generation, generations):
-        part.default_profile, part.classified_only = default_profile, classified_only
+    for part, (fallback, classified_only) in zip(leaf.generation, generations):
+        part.fallback.profile, part.fallback.mode = fallback.profile, fallback.mode
+        part.classified_only = classified_only
     return leaf
 
 
@@ -194,17 +207,15 @@ class Enforcer:
             active = state.active & 1
             new = 1 - active
             self._drop_egress_generation(new)  # what the policy before the one in force left there
-            modes = self.bpf[b"egress_modes"]
             for profile in policy.profiles:
                 scope = new << 16 | profile.id
-                modes[ctypes.c_uint32(scope)] = ctypes.c_uint32(abi.EgressMode[profile.mode.upper()])
-                for network, ranges in profile.prefixes().items():
-                    table = self.bpf[b"egress_allow4" if network.version == 4 else b"egress_allow6"]
-                    table[_egress_key(table, scope, network)] = _egress_allow(table, ranges)
+                for version, name in ((4, b"egress_allow4"), (6, b"egress_allow6")):
+                    _write_batch(self.bpf[name], scope, [(n, r) for n, r in profile.prefixes.items()
+                                                         if n.version == version])
             for agent in agents:
                 self._assign_egress(policy, agent, new)
-            generations = [(g.default_profile, g.classified_only) for g in state.generation]
-            generations[new] = (policy.default.id if policy.default else 0, int(policy.classified_only))
+            generations = [(_class(g.fallback.profile, g.fallback.mode), g.classified_only) for g in state.generation]
+            generations[new] = (_class_of(policy.default), int(policy.classified_only))
             # two writes: the first changes only the new generation's part, the second only the
             # active index, so no reader sees a torn mix of both
             states[ctypes.c_int(0)] = _egress_state(states, active, generations)
@@ -225,11 +236,6 @@ class Enforcer:
             except KeyError:
                 pass
 
-    def egress_assignments(self) -> dict[int, int]:
-        """agent cgroup id -> profile id, in the generation in force."""
-        return {k.agent: v.value for k, v in self.bpf[b"egress_agents"].items()
-                if k.generation == self.egress_generation}
-
     def _assign_egress(self, policy: Policy, agent: str, generation: int) -> None:
         """The agent's classification: its profile's id, 0 for none. Without globs every agent
         has the default, which the kernel applies by itself."""
@@ -238,13 +244,11 @@ class Enforcer:
         agent_id = self.hierarchy.cgroup_id_or_none(agent)
         if agent_id is None:
             return  # gone already
-        profile = policy.profile_for(agent)
         agents = self.bpf[b"egress_agents"]
-        agents[agents.Key(agent=agent_id, generation=generation)] = ctypes.c_uint32(profile.id if profile else 0)
+        agents[agents.Key(agent=agent_id, generation=generation)] = _class_of(policy.profile_for(agent))
 
     def _drop_egress_generation(self, generation: int) -> None:
-        for name, generation_of in ((b"egress_modes", lambda k: k.value >> 16),
-                                    (b"egress_allow4", lambda k: k.scope >> 16),
+        for name, generation_of in ((b"egress_allow4", lambda k: k.scope >> 16),
                                     (b"egress_allow6", lambda k: k.scope >> 16),
                                     (b"egress_agents", lambda k: k.generation)):
             table = self.bpf[name]

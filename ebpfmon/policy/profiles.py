@@ -11,6 +11,7 @@ carries the port ranges of every entry that contains it (fold()).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class Profile:
                 return allow
         return None
 
+    @functools.cached_property
     def prefixes(self) -> dict[Network, tuple[PortRange, ...]]:
         """Each prefix with the ranges of every entry containing it, as the kernel's trie needs."""
         return fold(self.allows)
@@ -176,6 +178,13 @@ def _network(text: str, path: str, error: ErrorAt) -> Network:
     return network
 
 
+@functools.lru_cache(maxsize=4)
+def compiled(settings: EgressSettings) -> Policy:
+    """compile_policy, once per distinct settings (a large policy takes seconds): the check at
+    load, the start and each reload share it."""
+    return compile_policy(settings)
+
+
 def compile_policy(settings: EgressSettings, error: ErrorAt = config_error) -> Policy:
     """The policy the settings describe; error(path, message) makes what is raised for a problem."""
     profiles: list[Profile] = []
@@ -202,7 +211,7 @@ def compile_policy(settings: EgressSettings, error: ErrorAt = config_error) -> P
             allows.append(Allow(_network(entry.cidr, where, error),
                                 _ports(entry.ports, PROTOCOLS[entry.proto], where, error), where))
         profile = Profile(i + 1, spec.name, tuple(spec.agents), spec.mode, tuple(allows))
-        fold(profile.allows, error)  # too many ranges for one prefix: said here, not at load
+        profile.__dict__["prefixes"] = fold(profile.allows, error)  # too many ranges: said here, not at load
         profiles.append(profile)
     default = None
     if settings.default_profile is not None:

@@ -20,7 +20,7 @@ from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.kernel.enforcer import Enforcer, pin_dir
 from ebpfmon.kernel.probeset import ProbeSet, require_root
-from ebpfmon.policy.profiles import compile_policy
+from ebpfmon.policy.profiles import compiled
 from ebpfmon.rules.fields import Context
 from ebpfmon.rules.loader import load_rules, rule_paths
 from ebpfmon.rules.ruleset import RuleSet
@@ -65,7 +65,7 @@ def configure_enforcer(enforcer: Enforcer, config: Config, lists: dict[str, list
     enforcer.configure(dry_run=config.enforce.dry_run, gpu_default_deny="*" not in config.gpu_entitled,
                        keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, lists),
                        deny_networks=deny_networks(config, lists))
-    enforcer.set_egress(compile_policy(config.egress), enforcer.agents.agents(enforcer.hierarchy))
+    enforcer.set_egress(compiled(config.egress), enforcer.agents.agents(enforcer.hierarchy))
 
 
 def event_stream(config: Config, hierarchy: Hierarchy,

@@ -20,7 +20,7 @@ def test_a_longer_prefix_carries_the_ports_of_every_entry_containing_it():
     web = policy(EgressAllow(cidr="198.51.100.0/24", ports=(443,)),
                  EgressAllow(cidr="198.51.100.0/28", ports=("8000-8999",), proto="tcp"),
                  EgressAllow(cidr="198.51.100.7", ports=(22,), proto="tcp")).profiles[0]
-    prefixes = {str(k): v for k, v in web.prefixes().items()}
+    prefixes = {str(k): v for k, v in web.prefixes.items()}
     assert prefixes["198.51.100.7/32"] == (PortRange(443, 443), PortRange(22, 22, 6), PortRange(8000, 8999, 6))
     assert prefixes["198.51.100.0/28"] == (PortRange(443, 443), PortRange(8000, 8999, 6))
     assert prefixes["198.51.100.0/24"] == (PortRange(443, 443),)
@@ -39,7 +39,7 @@ def test_ranges_merge_and_a_range_for_both_protocols_covers_one_for_either():
 
 def test_ipv4_mapped_ipv6_is_judged_as_ipv4_both_ways():
     web = policy(EgressAllow(cidr="::ffff:203.0.113.0/120", ports=(443,))).profiles[0]
-    assert [str(n) for n in web.prefixes()] == ["203.0.113.0/24"]
+    assert [str(n) for n in web.prefixes] == ["203.0.113.0/24"]
     assert web.decide("203.0.113.9", 443) and web.decide("::ffff:203.0.113.9", 443)
     assert web.decide("2001:db8::1", 443) is None
 
@@ -90,6 +90,6 @@ def test_a_hundred_thousand_prefixes_compile():
     allows = [EgressAllow(cidr=str(ipaddress.ip_address("10.0.0.0") + 256 * i) + "/24", ports=(443,))
               for i in range(100_000)]
     web = policy(EgressAllow(cidr="10.0.0.0/8", ports=(22,)), *allows).profiles[0]
-    prefixes = web.prefixes()
+    prefixes = web.prefixes
     assert len(prefixes) == 100_001
     assert prefixes[ipaddress.ip_network("10.1.134.0/24")] == (PortRange(22, 22), PortRange(443, 443))
