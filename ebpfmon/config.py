@@ -46,8 +46,9 @@ class EnforceSettings:
 
     # report what would be refused or cut, enforce nothing
     dry_run: bool = False
-    # destinations a cut agent may still reach
-    keep_open: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # destinations a cut agent may still reach; none by default: a cut agent must not reach
+    # the node's own services (its sshd among them) either
+    keep_open: tuple[str, ...] = ()
     # ports no agent may connect or send to; None: the rules' mining_pool_ports list
     deny_ports: tuple[int, ...] | None = None
     deny_networks: tuple[str, ...] = ()

@@ -81,6 +81,13 @@ static __always_inline int v6_in(int which, u8 *addr)
 	return deny_nets6.lookup(&key) != NULL;
 }
 
+static __always_inline int is_v6_loopback(u8 *addr)
+{
+	u32 words[4];
+	__builtin_memcpy(words, addr, 16);
+	return words[0] == 0 && words[1] == 0 && words[2] == 0 && words[3] == bpf_htonl(1);
+}
+
 /* ---- network: cut ---- */
 
 /* 1 keeps the packet. In cgroup_skb programs the data starts at the IP header. */
@@ -267,14 +274,16 @@ static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v
 	}
 	u32 reason = 0;
 	u16 port = bpf_ntohs(ctx->user_port);
-	/* what a cut leaves open (loopback) is not subject to the deny lists either:
-	 * a local dev server on a "pool port" is not a pool */
+	/* what a cut leaves open (enforce.keep_open: nothing by default, so a cut agent
+	 * reaches no local service either) is not subject to the deny lists; nor is
+	 * loopback: a local dev server on a "pool port" is not a pool */
+	int loopback = v4 ? v4[0] == 127 : is_v6_loopback(addr);
 	if (!(v4 ? v4_in(ALLOWED, v4) : v6_in(ALLOWED, addr))) {
 		if (is_cut(agent))
 			reason = REFUSE_CUT;
-		else if (deny_ports.lookup(&port))
+		else if (!loopback && deny_ports.lookup(&port))
 			reason = REFUSE_PORT;
-		else if (v4 ? v4_in(DENIED, v4) : v6_in(DENIED, addr))
+		else if (!loopback && (v4 ? v4_in(DENIED, v4) : v6_in(DENIED, addr)))
 			reason = REFUSE_NET;
 	}
 	/* an egress profile allows what it lists and nothing else: loopback included */

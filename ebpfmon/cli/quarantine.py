@@ -135,5 +135,5 @@ def cut(
     agent_root: AgentRootOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Cut an agent's network by hand (loopback stays open)."""
+    """Cut an agent's network by hand (loopback too, unless enforce.keep_open lists it)."""
     _change("cut", agent, reason, config_file, agent_root, state_dir)

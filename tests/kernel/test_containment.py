@@ -152,9 +152,12 @@ def test_reverse_tunnel_is_cut_before_it_carries_anything(containment_daemon, co
     record = containment_daemon.containment.store.active_for(agent)
     assert record.rule == "Reverse SSH tunnel" and record.cut
     assert record.event["argv"][:3] == ["ssh", "-i", str(sshd)]
-    # cut both ways: nothing but loopback, for every process of the agent
+    # cut both ways, for every process of the agent, loopback included: no local service either
     assert connect_from(contained_agent, netns_host.address, 22) == errno.EPERM
     containment_daemon.wait_line("Connection refused by policy", "reason=cut", agent.split("/")[-1])
+    with socket.create_server(("127.0.0.1", 0)) as local_service:
+        assert connect_from(contained_agent, "127.0.0.1", local_service.getsockname()[1]) == errno.EPERM
+        assert connect_from(contained_agent, "::ffff:127.0.0.1", local_service.getsockname()[1]) == errno.EPERM
     # release (as `ebpfmon quarantine release` does through the socket) restores it
     from ebpfmon.service import control
 
