@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import re
+import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from ebpfmon.cli.common import ConfigOption, effective_config
+from ebpfmon import events as ev
 from ebpfmon.config import load_config
-from ebpfmon.policy.profiles import Policy, Profile, compiled
+from ebpfmon.errors import EbpfmonError
+from ebpfmon.policy.learn import audit_files, learn, profile_yaml
+from ebpfmon.policy.profiles import MODES, Policy, Profile, compiled
 
 app = typer.Typer(help="Egress profiles: what each agent may reach, enforced in the kernel.", no_args_is_help=True,
                   epilog="Examples:\n\n  ebpfmon policy list\n\n"
@@ -111,3 +118,69 @@ def validate(file: Annotated[Path, typer.Argument(help="The configuration file h
     prefixes = sum(len(p.prefixes) for p in policy.profiles)
     default = policy.default.name if policy.default else "none"
     print(f"ok: {file}: {len(policy.profiles)} profile(s), {prefixes} prefix(es), default profile: {default}")
+
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since_ns(text: str | None) -> int:
+    """'30m', '2h', '1d' back from now, or a time ('2026-12-02T10:00', local unless it says)."""
+    if not text:
+        return 0
+    duration = DURATION.match(text.strip())
+    if duration:
+        return time.time_ns() - int(float(duration.group(1)) * SECONDS[duration.group(2)] * 1e9)
+    try:
+        return int(dt.datetime.fromisoformat(text.strip()).timestamp() * 1e9)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a duration back from now (90s, 30m, 2h, 1d) or a time "
+                                 "(2026-12-02T10:00)") from None
+
+
+def _events(files: list[Path], bad: list[str]):
+    for path in files:
+        for _, item in ev.read_jsonl(path):
+            if isinstance(item, Exception):
+                bad.append(str(item))
+            else:
+                yield item
+
+
+@app.command("learn", epilog="Examples:\n\n"
+             "  ebpfmon policy learn --agent '/ebpfmon-agents/web-*' --since 1d > web.yaml\n\n"
+             "  ebpfmon policy validate web.yaml; ebpfmon policy list --config web.yaml\n\n"
+             "Run the agents under a profile in audit mode (or none) for a while, learn, review the\n"
+             "file (every destination in it was reached, the wanted and the unwanted alike), then put\n"
+             "its egress section into the configuration.")
+def learn_profile(
+    agent: Annotated[str, typer.Option("--agent", metavar="GLOB", help="The agents to learn from: a cgroup glob, "
+                                       "which becomes the profile's agents.")] = ...,
+    since: Annotated[Optional[str], typer.Option("--since", metavar="TIME", help="Only what happened after this: "
+                                                 "a duration back from now (30m, 2h, 1d) or a time.")] = None,
+    audit_dir: Annotated[Optional[Path], typer.Option("--audit-dir", metavar="DIR", help="Where the audit log is "
+                                                      "(default: audit/ in the configuration's state_dir).")] = None,
+    name: Annotated[str, typer.Option("--name", help="The profile's name.")] = "learned",
+    mode: Annotated[str, typer.Option("--mode", help=f"The profile's mode: {', '.join(MODES)}.")] = "enforce",
+    config_file: ConfigOption = None,
+) -> None:
+    """Write a profile (YAML, to stdout) of what the agents reached, from the audit log."""
+    if mode not in MODES:
+        raise typer.BadParameter(f"{mode!r} is not one of {', '.join(MODES)}")
+    config, _ = effective_config(config_file)
+    directory = audit_dir or Path(config.state_dir) / "audit"
+    files = audit_files(directory)
+    if not files:
+        raise EbpfmonError(f"no audit log in {directory}.", "Give --audit-dir, or run the daemon with the audit "
+                                                             "log on (audit.enabled) first.")
+    bad: list[str] = []
+    learned = learn(_events(files, bad), agent, config.agents, _since_ns(since))
+    for problem in bad[:5]:
+        print(f"ebpfmon: {problem}", file=sys.stderr)
+    if not learned.events:
+        raise EbpfmonError(f"no events of agents matching {agent} in {directory}"
+                           + (f" since {since}" if since else "") + ".", "Check the glob against 'ebpfmon "
+                           "quarantine list' or the audit log's cgroups.")
+    print(profile_yaml(learned, name, mode), end="")
+    print(f"ebpfmon: {len(learned.destinations)} destination(s) from {learned.events} events in {len(files)} "
+          f"file(s)" + (f"; {len(bad)} bad line(s) skipped" if bad else ""), file=sys.stderr)

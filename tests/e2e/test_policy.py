@@ -4,6 +4,8 @@ outlives kill -9 and is taken over by the next one."""
 from __future__ import annotations
 
 import errno
+import socket
+import sys
 import signal
 import time
 
@@ -102,3 +104,73 @@ def test_the_shipped_example_policy_is_valid_and_does_what_it_says():
     assert ebpfmon(*check, "/ebpfmon-agents/build-1", "192.0.2.11:443").returncode == 1
     assert ebpfmon(*check, "/ebpfmon-agents/anyone", "127.0.0.1:22").returncode == 1
     assert ebpfmon(*check, "/ebpfmon-agents/trial-1", "203.0.113.5:22").returncode == 0  # audit: reported
+
+
+BLOCKING_CONNECT = """
+import socket, sys
+print(socket.socket().connect_ex((sys.argv[1], int(sys.argv[2]))))
+"""
+
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b'hello', (sys.argv[1], int(sys.argv[2])))
+    print(0)
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def test_a_profile_learned_from_a_session_lets_the_session_through_and_nothing_else(
+        bpf, hierarchy, own_root, tmp_path, sshd, netns_host):
+    state = tmp_path / "state"
+    state.mkdir()
+    config = state / "config.yaml"
+    base = f"agent_root: {own_root}\nstate_dir: {state}\nmetrics: {{enabled: false}}\nalerts: {{sinks: []}}\n"
+    config.write_text(base)
+    web = make_agent_cgroup(hierarchy, own_root, "web")
+    with socket.create_server(("127.0.0.1", 0)) as local_service:
+        local_port = local_service.getsockname()[1]
+        daemon = DaemonProcess(own_root, str(state), from_file=True)
+        try:  # the session: ssh's port on the test host, a local service, a datagram; and a failed try
+            assert connect_from(web, netns_host.address, 22) == 0
+            assert connect_from(web, "127.0.0.1", local_port) == 0
+            assert int(web.run([sys.executable, "-c", SEND, netns_host.address, "5353"], text=True).stdout) == 0
+            # nothing there: refused by the host, and a blocking connect says so at once: not learned (a
+            # non-blocking one returns EINPROGRESS, and its outcome is not seen: learned as reached)
+            assert int(web.run([sys.executable, "-c", BLOCKING_CONNECT, netns_host.address, "8022"],
+                               text=True).stdout) == errno.ECONNREFUSED
+        finally:  # at its stop the daemon reads what is left in the ring and flushes the audit log
+            daemon.stop()
+        out = ebpfmon("policy", "learn", "--agent", f"{own_root}/web-*", "--since", "1h", "--name", "session",
+                      "--config", str(config))
+        assert out.returncode == 0, out.stderr
+        learned = out.stdout
+        assert f"{netns_host.address}/32, ports: [22], proto: tcp" in learned
+        assert f"127.0.0.1/32, ports: [{local_port}], proto: tcp" in learned
+        assert f"{netns_host.address}/32, ports: [5353], proto: udp" in learned
+        assert "8022" not in learned and "# Review it before use" in learned
+        config.write_text(base + learned)
+        assert ebpfmon("policy", "validate", str(config)).returncode == 0
+        daemon = DaemonProcess(own_root, str(state), from_file=True)
+        try:  # the session again, under the learned profile: all of it works; nothing else does
+            assert connect_from(web, netns_host.address, 22) == 0
+            assert connect_from(web, "127.0.0.1", local_port) == 0
+            assert int(web.run([sys.executable, "-c", SEND, netns_host.address, "5353"], text=True).stdout) == 0
+            assert connect_from(web, netns_host.address, 8022) == errno.EPERM
+            assert connect_from(web, "198.51.100.3", 443) == errno.EPERM
+            assert int(web.run([sys.executable, "-c", SEND, netns_host.address, "53"], text=True).stdout) == errno.EPERM
+        finally:
+            daemon.stop()
+
+
+def test_learn_says_what_is_missing(tmp_path):
+    out = ebpfmon("policy", "learn", "--agent", "/ebpfmon-agents/*", "--audit-dir", str(tmp_path))
+    assert out.returncode == 2 and "no audit log in" in out.stderr
+    (tmp_path / "events.jsonl").write_text("not json\n")
+    out = ebpfmon("policy", "learn", "--agent", "/ebpfmon-agents/*", "--audit-dir", str(tmp_path))
+    assert out.returncode == 2 and "events.jsonl:1: not an event" in out.stderr
+    assert "no events of agents matching /ebpfmon-agents/*" in out.stderr
+    out = ebpfmon("policy", "learn", "--agent", "/x/*", "--audit-dir", str(tmp_path), "--since", "yesterday")
+    assert out.returncode == 2 and "give a duration back from now" in out.stderr

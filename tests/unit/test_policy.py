@@ -93,3 +93,48 @@ def test_a_hundred_thousand_prefixes_compile():
     prefixes = web.prefixes
     assert len(prefixes) == 100_001
     assert prefixes[ipaddress.ip_network("10.1.134.0/24")] == (PortRange(22, 22), PortRange(443, 443))
+
+
+def test_learning_takes_what_was_reached_and_writes_a_profile_that_compiles(tmp_path):
+    import yaml
+
+    from ebpfmon import events as ev
+    from ebpfmon.config import load_config
+    from ebpfmon.host.cgroups import AgentLayout
+    from ebpfmon.policy.learn import audit_files, learn, profile_yaml
+
+    def proc():
+        return ev.Process(pid=7, tid=7, ppid=1, uid=0, gid=0, comm="curl")
+
+    def connect(address, port, retval=0, at=1):
+        return ev.ConnectEvent(time_ns=at, cgroup_id=1, cgroup="/agents/web-1/task", proc=proc(),
+                               address=address, port=port, protocol="tcp", retval=retval)
+
+    events = [
+        connect("198.51.100.7", 443), connect("198.51.100.7", 443, -115), connect("::ffff:198.51.100.8", 80),
+        connect("198.51.100.9", 22, -111),  # refused by the host: not reached, not learned
+        ev.UdpSendEvent(time_ns=2, cgroup_id=1, cgroup="/agents/web-1", proc=proc(), address="192.0.2.53", port=53,
+                        protocol="udp", retval=30, dns_query="mirror.example"),
+        ev.RefusedEvent(time_ns=3, cgroup_id=1, cgroup="/agents/web-1", proc=proc(), reason="egress", op="connect",
+                        dry_run=True, family="inet", address="203.0.113.4", port=8443, protocol="tcp"),
+        ev.RefusedEvent(time_ns=3, cgroup_id=1, cgroup="/agents/web-1", proc=proc(), reason="egress", op="connect",
+                        dry_run=False, family="inet", address="203.0.113.5", port=22, protocol="tcp"),
+        *[connect("192.0.2.80", port) for port in range(1000, 1020, 2)],  # 10 ports apart: widened
+        connect("198.51.100.66", 443, at=0),  # before --since
+        ev.ConnectEvent(time_ns=5, cgroup_id=2, cgroup="/agents/batch-1", proc=proc(), address="198.51.100.99",
+                        port=443, retval=0),  # another agent
+    ]
+    learned = learn(events, "/agents/web-*", AgentLayout("/agents"), since_ns=1)
+    text = profile_yaml(learned, "web", "audit")
+    allows = yaml.safe_load(text)["egress"]["profiles"][0]["allow"]
+    assert {(a["cidr"], tuple(a.get("ports", ())), a["proto"]) for a in allows} == {
+        ("192.0.2.53/32", (53,), "udp"), ("192.0.2.80/32", ("1000-1018",), "tcp"),
+        ("198.51.100.7/32", (443,), "tcp"), ("198.51.100.8/32", (80,), "tcp"),
+        ("203.0.113.4/32", (8443,), "tcp")}
+    assert "mirror.example" in text and "widened to one" in text and "2 by curl" in text
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert compile_policy(load_config(config).egress).profiles[0].decide("198.51.100.7", 443)
+    for name in ("events.jsonl", "events.jsonl.2", "events.jsonl.1", "events.jsonl.old"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in audit_files(tmp_path)] == ["events.jsonl.2", "events.jsonl.1", "events.jsonl"]

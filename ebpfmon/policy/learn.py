@@ -1,0 +1,139 @@
+"""A profile learned from what agents did: the destinations their connects and datagrams
+reached, read back from the audit log, as an egress section a person reviews before use.
+
+Reached means a connect that succeeded or was under way (0, EINPROGRESS), a datagram sent, or
+what an audit-mode profile reported and let through. Failed attempts are left out: a profile
+learned from a scan would allow the scan. A non-blocking connect returns EINPROGRESS whatever
+comes of it, and the outcome is not an event: such connects are learned as reached, which is
+why the result is for a person to review. DNS names an agent looked up are listed in a comment
+(names in profiles come with the DNS proxy); the resolvers it asked are allowed like any other
+destination.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fnmatch
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ebpfmon import events as ev
+from ebpfmon.host.cgroups import AgentLayout
+from ebpfmon.kernel.abi import EGRESS_RANGES
+from ebpfmon.policy.profiles import PortRange, judged_address, merged
+
+REACHED = (0, -errno.EINPROGRESS)
+
+
+@dataclass
+class Seen:
+    """One destination (address and protocol) and what reached it."""
+
+    ports: set[int] = field(default_factory=set)
+    count: int = 0
+    first_ns: int = 0
+    programs: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Learned:
+    agents: str  # the glob
+    events: int = 0  # of the agents, in the time asked
+    destinations: dict[tuple[str, str], Seen] = field(default_factory=lambda: defaultdict(Seen))
+    names: set[str] = field(default_factory=set)
+    first_ns: int = 0
+    last_ns: int = 0
+
+
+def audit_files(directory: Path) -> list[Path]:
+    """The audit log, oldest file first (events.jsonl.N ... events.jsonl.1, events.jsonl)."""
+    rotated = sorted(directory.glob("events.jsonl.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit()
+                     else 0)
+    current = directory / "events.jsonl"
+    return [p for p in rotated if p.suffix[1:].isdigit()] + ([current] if current.exists() else [])
+
+
+def destination(event: ev.Event) -> tuple[str, str, int] | None:
+    """(address, protocol, port) of what the event shows reached, or None."""
+    if event.kind == "connect" and event.retval in REACHED:
+        protocol = event.protocol or "tcp"
+    elif event.kind == "udp_send" and event.retval >= 0:
+        protocol = "udp"
+    elif event.kind == "refused" and event.reason == "egress" and event.dry_run and event.op != "device":
+        protocol = event.protocol or ("udp" if event.op == "sendmsg" else "tcp")
+    else:
+        return None
+    if event.family not in ("inet", "inet6") or not event.address or protocol not in ("tcp", "udp"):
+        return None
+    return str(judged_address(ipaddress.ip_address(event.address))), protocol, event.port or 0
+
+
+def learn(events: Iterable[ev.Event], agents: str, layout: AgentLayout, since_ns: int = 0) -> Learned:
+    learned = Learned(agents)
+    for event in events:
+        if event.time_ns < since_ns:
+            continue
+        agent = layout.agent_of(event.cgroup) or event.cgroup or ""
+        if not fnmatch.fnmatchcase(agent, agents):
+            continue
+        learned.events += 1
+        learned.first_ns = learned.first_ns or event.time_ns
+        learned.last_ns = event.time_ns
+        if getattr(event, "dns_query", None):
+            learned.names.add(event.dns_query)
+        found = destination(event)
+        if found is None:
+            continue
+        address, protocol, port = found
+        seen = learned.destinations[(address, protocol)]
+        seen.ports.add(port)
+        seen.count += 1
+        seen.first_ns = seen.first_ns or event.time_ns
+        seen.programs.add(event.proc.comm)
+    return learned
+
+
+def _when(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ns else "-"
+
+
+def profile_yaml(learned: Learned, name: str, mode: str) -> str:
+    """The egress section, as YAML with a comment per entry saying what reached it."""
+    entries, notes = [], []
+    for (address, protocol), seen in sorted(learned.destinations.items(),
+                                            key=lambda item: (ipaddress.ip_address(item[0][0]).version,
+                                                              ipaddress.ip_address(item[0][0]), item[0][1])):
+        ranges = merged(PortRange(p, p) for p in seen.ports if p)
+        ports: list = [r.lo if r.lo == r.hi else f"{r.lo}-{r.hi}" for r in ranges]
+        note = f"{seen.count} by {', '.join(sorted(seen.programs))}, first {_when(seen.first_ns)}"
+        if len(ranges) > EGRESS_RANGES:
+            ports = [f"{ranges[0].lo}-{ranges[-1].hi}"]
+            note += f"; {len(ranges)} port ranges, widened to one (a profile holds {EGRESS_RANGES})"
+        cidr = f"{address}/{ipaddress.ip_address(address).max_prefixlen}"
+        entry = {"cidr": cidr, "ports": ports, "proto": protocol} if ports else {"cidr": cidr, "proto": protocol}
+        entries.append(entry)
+        notes.append(note)
+    lines = yaml.safe_dump({"egress": {"profiles": [{"name": name, "agents": [learned.agents], "mode": mode,
+                                                     "allow": []}]}}, sort_keys=False).splitlines()
+    allow = lines.pop()  # "    allow: []": written by hand below, each entry with its note
+    head = [
+        f"# Learned by ebpfmon policy learn from {learned.events} events of the agents matching "
+        f"{learned.agents}, {_when(learned.first_ns)} to {_when(learned.last_ns)}.",
+        "# Review it before use: every destination below was reached by those agents, the wanted",
+        "# and the unwanted alike. Try it in audit mode first if in doubt (mode: audit).",
+    ]
+    if learned.names:
+        head.append("# DNS names looked up (names in profiles come with the DNS proxy): "
+                    + ", ".join(sorted(learned.names)))
+    body = [allow.replace(" []", "")] if entries else [allow]
+    indent = allow[:len(allow) - len(allow.lstrip())]
+    for entry, note in zip(entries, notes):
+        flow = yaml.safe_dump(entry, default_flow_style=True, width=1000).strip()
+        body.append(f"{indent}  - {flow}  # {note}")
+    return "\n".join(head + lines + body) + "\n"
