@@ -51,9 +51,13 @@ def list_profiles(config_file: ConfigOption = None) -> None:
 
 
 @app.command("show", epilog="Example:\n\n  ebpfmon policy show /ebpfmon-agents/web-1")
-def show(agent: Annotated[str, typer.Argument(help="An agent's cgroup, such as /ebpfmon-agents/web-1.")],
+def show(agent: Annotated[Optional[str], typer.Argument(help="An agent's cgroup, such as /ebpfmon-agents/web-1; "
+                                                         "none: every profile, as list does.")] = None,
          config_file: ConfigOption = None) -> None:
     """Show the profile that applies to an agent (the first whose globs match, else the default)."""
+    if agent is None:
+        list_profiles(config_file)
+        return
     policy = _policy(config_file)
     profile = policy.profile_for(agent)
     if profile is None:

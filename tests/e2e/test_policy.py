@@ -45,6 +45,8 @@ def test_policy_check_names_the_deciding_entry_and_exits_by_verdict(tmp_path):
     assert out.returncode == 0 and "audit" in out.stdout
     out = ebpfmon("policy", "show", "/ebpfmon-agents/web-9", "--config", str(config))
     assert "web-only  mode: enforce" in out.stdout and "allow 198.51.100.0/24 port 443" in out.stdout
+    out = ebpfmon("policy", "show", "--config", str(config))  # no agent: every profile
+    assert out.returncode == 0 and "watched  mode: audit" in out.stdout and "(default profile)" in out.stdout
     out = ebpfmon("policy", "validate", str(config))
     assert out.returncode == 0 and "3 profile(s), 3 prefix(es), default profile: closed" in out.stdout
 

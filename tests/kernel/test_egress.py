@@ -252,3 +252,14 @@ def test_a_new_agent_is_refused_until_the_daemon_has_classified_it(own_root, tmp
         eventually_connects(stranger, remote.host, 8022)
     finally:
         running.close()
+
+
+def test_a_reload_with_a_bad_profile_keeps_the_policy_in_force(egress, hierarchy, remote):
+    web = make_agent_cgroup(hierarchy, egress.root, "web")
+    eventually_connects(web, remote.host, 443)
+    egress.write(web_extra="        - {cidr: 198.51.100.9/24, ports: [8022]}")  # host bits set: refused
+    ok, message = egress.daemon.reload()
+    assert not ok and "egress.profiles[0].allow[3].cidr" in message and "host bits set" in message
+    assert connect_from(web, remote.host, 443) == 0  # the old policy, whole
+    assert connect_from(web, remote.host, 8022) == errno.EPERM
+    assert egress.daemon.metrics.reload_failures._value.get() == 1
