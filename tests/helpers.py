@@ -228,6 +228,22 @@ def connect_from(cgroup, host: str, port: int) -> int:
     return int(out.stdout)
 
 
+# a datagram from inside a cgroup: 0, or the errno sendto failed with
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b'hello', (sys.argv[1], int(sys.argv[2])))
+    print(0)
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def sent_from(cgroup, host: str, port: int) -> int:
+    return int(cgroup.run([sys.executable, "-c", SEND, host, str(port)], text=True).stdout)
+
+
 class DaemonProcess(Lines):
     """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many).
     With from_file, the configuration file in the state directory names both (and a reload

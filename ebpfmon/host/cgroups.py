@@ -118,25 +118,25 @@ class AgentLayout:
     def root_path(self) -> str:
         return "/" + self.root.strip("/")
 
-    def levels_below_root(self, cgroup: str) -> int | None:
-        """How deep below the root a cgroup is (None: not below it)."""
+    def _below_root(self, cgroup: str) -> list[str] | None:
+        """The path's parts below the root (None: not below it)."""
         root = self.root_path.rstrip("/")
         cgroup = "/" + cgroup.strip("/")
         if not cgroup.startswith(root + "/"):
             return None
-        return len([p for p in cgroup[len(root):].split("/") if p])
+        return [p for p in cgroup[len(root):].split("/") if p]
+
+    def levels_below_root(self, cgroup: str) -> int | None:
+        """How deep below the root a cgroup is (None: not below it)."""
+        parts = self._below_root(cgroup)
+        return None if parts is None else len(parts)
 
     def agent_of(self, cgroup: str | None) -> str | None:
         """The agent a cgroup belongs to (itself or its ancestor at the agent level), or None."""
-        if not cgroup:
+        parts = self._below_root(cgroup) if cgroup else None
+        if parts is None or len(parts) < self.level:
             return None
-        root = self.root_path.rstrip("/")
-        if not cgroup.startswith(root + "/"):
-            return None
-        parts = cgroup[len(root) + 1:].split("/")
-        if len(parts) < self.level:
-            return None
-        return root + "/" + "/".join(parts[:self.level])
+        return self.root_path.rstrip("/") + "/" + "/".join(parts[:self.level])
 
     def is_agent(self, cgroup: str) -> bool:
         return self.levels_below_root(cgroup) == self.level

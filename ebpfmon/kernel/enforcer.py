@@ -72,22 +72,11 @@ def _write_batch(table, scope: int, prefixes: list) -> None:
             table[key] = leaf
 
 
-def _class(profile: int, mode: int) -> abi.EgressClass:
-    return abi.EgressClass(profile=profile, mode=mode)
-
-
 def _class_of(profile) -> abi.EgressClass:
     """A profile as the kernel keeps it for an agent: its id and mode (none: 0, off)."""
-    return _class(profile.id, abi.EgressMode[profile.mode.upper()]) if profile else _class(0, abi.EgressMode.OFF)
-
-
-def _egress_state(table, active: int, generations: list[tuple[abi.EgressClass, int]]) -> object:
-    leaf = table.Leaf()
-    leaf.active = active
-    for part, (fallback, classified_only) in zip(leaf.generation, generations):
-        part.fallback.profile, part.fallback.mode = fallback.profile, fallback.mode
-        part.classified_only = classified_only
-    return leaf
+    if profile is None:
+        return abi.EgressClass(profile=0, mode=abi.EgressMode.OFF)
+    return abi.EgressClass(profile=profile.id, mode=abi.EgressMode[profile.mode.upper()])
 
 
 def _lpm_key(table, network: str):
@@ -117,7 +106,6 @@ class Enforcer:
         self.probes = probes
         self.hierarchy = hierarchy
         self.agents = AgentLayout(root, agents.level)
-        self.agent_root = root
         self._attached: list[tuple] = []
         # the deny lists have two owners: the configuration and the quarantines'
         # deny_connect actions; an entry goes when neither holds it any more
@@ -159,13 +147,13 @@ class Enforcer:
 
     def attach(self) -> None:
         """Attaches every program at the agent root, replacing earlier ones of ours."""
-        fd = os.open(self.hierarchy.path(self.agent_root), os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self.hierarchy.path(self.agents.root), os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, fn, attach in load_programs(self.bpf):
                 try:
                     self.bpf.attach_func(fn, fd, attach)
                 except Exception as e:
-                    raise ProbeLoadError(f"cannot attach {name} at {self.agent_root}: {e}.",
+                    raise ProbeLoadError(f"cannot attach {name} at {self.agents.root}: {e}.",
                                          "Run 'ebpfmon doctor' (cgroup hook rows).") from e
                 self._attached.append((fn, attach))
         finally:
@@ -173,7 +161,7 @@ class Enforcer:
 
     def detach(self) -> None:
         """Takes the programs off the agent root (the cut list stays pinned)."""
-        fd = os.open(self.hierarchy.path(self.agent_root), os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self.hierarchy.path(self.agents.root), os.O_RDONLY | os.O_DIRECTORY)
         try:
             for fn, attach in self._attached:
                 self.bpf.detach_func(fn, fd, attach)
@@ -214,12 +202,14 @@ class Enforcer:
                                                          if n.version == version])
             for agent in agents:
                 self._assign_egress(policy, agent, new)
-            generations = [(_class(g.fallback.profile, g.fallback.mode), g.classified_only) for g in state.generation]
-            generations[new] = (_class_of(policy.default), int(policy.classified_only))
             # two writes: the first changes only the new generation's part, the second only the
             # active index, so no reader sees a torn mix of both
-            states[ctypes.c_int(0)] = _egress_state(states, active, generations)
-            states[ctypes.c_int(0)] = _egress_state(states, new, generations)
+            part, fallback = state.generation[new], _class_of(policy.default)
+            part.fallback.profile, part.fallback.mode = fallback.profile, fallback.mode
+            part.classified_only = int(policy.classified_only)
+            states[ctypes.c_int(0)] = state
+            state.active = new
+            states[ctypes.c_int(0)] = state
             self.egress_policy, self.egress_generation = policy, new
 
     def assign_egress(self, agent: str) -> None:

@@ -53,10 +53,10 @@ class Learned:
 
 def audit_files(directory: Path) -> list[Path]:
     """The audit log, oldest file first (events.jsonl.N ... events.jsonl.1, events.jsonl)."""
-    rotated = sorted(directory.glob("events.jsonl.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit()
-                     else 0)
+    rotated = sorted((p for p in directory.glob("events.jsonl.*") if p.suffix[1:].isdigit()),
+                     key=lambda p: -int(p.suffix[1:]))
     current = directory / "events.jsonl"
-    return [p for p in rotated if p.suffix[1:].isdigit()] + ([current] if current.exists() else [])
+    return rotated + ([current] if current.exists() else [])
 
 
 def destination(event: ev.Event) -> tuple[str, str, int] | None:
@@ -103,6 +103,11 @@ def _when(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ns else "-"
 
 
+def _flow(value) -> str:
+    """A value as YAML on one line, quoted where YAML needs it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
+
+
 def profile_yaml(learned: Learned, name: str, mode: str) -> str:
     """The egress section, as YAML with a comment per entry saying what reached it."""
     entries, notes = [], []
@@ -119,9 +124,6 @@ def profile_yaml(learned: Learned, name: str, mode: str) -> str:
         entry = {"cidr": cidr, "ports": ports, "proto": protocol} if ports else {"cidr": cidr, "proto": protocol}
         entries.append(entry)
         notes.append(note)
-    lines = yaml.safe_dump({"egress": {"profiles": [{"name": name, "agents": [learned.agents], "mode": mode,
-                                                     "allow": []}]}}, sort_keys=False).splitlines()
-    allow = lines.pop()  # "    allow: []": written by hand below, each entry with its note
     head = [
         f"# Learned by ebpfmon policy learn from {learned.events} events of the agents matching "
         f"{learned.agents}, {_when(learned.first_ns)} to {_when(learned.last_ns)}.",
@@ -131,9 +133,7 @@ def profile_yaml(learned: Learned, name: str, mode: str) -> str:
     if learned.names:
         head.append("# DNS names looked up (names in profiles come with the DNS proxy): "
                     + ", ".join(sorted(learned.names)))
-    body = [allow.replace(" []", "")] if entries else [allow]
-    indent = allow[:len(allow) - len(allow.lstrip())]
-    for entry, note in zip(entries, notes):
-        flow = yaml.safe_dump(entry, default_flow_style=True, width=1000).strip()
-        body.append(f"{indent}  - {flow}  # {note}")
+    lines = ["egress:", "  profiles:", f"    - name: {_flow(name)}", f"      agents: {_flow([learned.agents])}",
+             f"      mode: {mode}", "      allow:" if entries else "      allow: []"]
+    body = [f"        - {_flow(entry)}  # {note}" for entry, note in zip(entries, notes)]
     return "\n".join(head + lines + body) + "\n"

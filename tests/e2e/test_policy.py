@@ -9,7 +9,7 @@ import sys
 import signal
 import time
 
-from helpers import REPO, DaemonProcess, connect_from, ebpfmon, make_agent_cgroup
+from helpers import REPO, DaemonProcess, connect_from, ebpfmon, make_agent_cgroup, sent_from
 
 POLICY = """\
 egress:
@@ -113,17 +113,6 @@ import socket, sys
 print(socket.socket().connect_ex((sys.argv[1], int(sys.argv[2]))))
 """
 
-SEND = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-try:
-    s.sendto(b'hello', (sys.argv[1], int(sys.argv[2])))
-    print(0)
-except OSError as e:
-    print(e.errno)
-"""
-
-
 def test_a_profile_learned_from_a_session_lets_the_session_through_and_nothing_else(
         bpf, hierarchy, own_root, tmp_path, sshd, netns_host):
     state = tmp_path / "state"
@@ -138,7 +127,7 @@ def test_a_profile_learned_from_a_session_lets_the_session_through_and_nothing_e
         try:  # the session: ssh's port on the test host, a local service, a datagram; and a failed try
             assert connect_from(web, netns_host.address, 22) == 0
             assert connect_from(web, "127.0.0.1", local_port) == 0
-            assert int(web.run([sys.executable, "-c", SEND, netns_host.address, "5353"], text=True).stdout) == 0
+            assert sent_from(web, netns_host.address, 5353) == 0
             # nothing there: refused by the host, and a blocking connect says so at once: not learned (a
             # non-blocking one returns EINPROGRESS, and its outcome is not seen: learned as reached)
             assert int(web.run([sys.executable, "-c", BLOCKING_CONNECT, netns_host.address, "8022"],
@@ -159,10 +148,10 @@ def test_a_profile_learned_from_a_session_lets_the_session_through_and_nothing_e
         try:  # the session again, under the learned profile: all of it works; nothing else does
             assert connect_from(web, netns_host.address, 22) == 0
             assert connect_from(web, "127.0.0.1", local_port) == 0
-            assert int(web.run([sys.executable, "-c", SEND, netns_host.address, "5353"], text=True).stdout) == 0
+            assert sent_from(web, netns_host.address, 5353) == 0
             assert connect_from(web, netns_host.address, 8022) == errno.EPERM
             assert connect_from(web, "198.51.100.3", 443) == errno.EPERM
-            assert int(web.run([sys.executable, "-c", SEND, netns_host.address, "53"], text=True).stdout) == errno.EPERM
+            assert sent_from(web, netns_host.address, 53) == errno.EPERM
         finally:
             daemon.stop()
 

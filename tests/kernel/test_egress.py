@@ -13,19 +13,9 @@ import time
 
 import pytest
 
-from helpers import REPO, RunningDaemon, connect_from, free_port, make_agent_cgroup
+from helpers import REPO, RunningDaemon, connect_from, free_port, make_agent_cgroup, sent_from
 
 NOWHERE = "198.51.100.3"  # no host there: a connect let through would time out, a refused one fails at once
-
-SEND = """
-import socket, sys
-s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
-try:
-    s.sendto(b'hello', (sys.argv[1], int(sys.argv[2])))
-    print(0)
-except OSError as e:
-    print(e.errno)
-"""
 
 # connects to 443 and 8022 until stdin has a line, then prints {"PORT ERRNO": count}; paced, so
 # the listener keeps up and no connect waits for a full backlog
@@ -114,10 +104,6 @@ def eventually_connects(cgroup, host: str, port: int, timeout: float = 10.0) -> 
     while connect_from(cgroup, host, port) != 0:
         assert time.monotonic() < deadline, f"{cgroup.name} never reached {host}:{port}"
         time.sleep(0.1)
-
-
-def sent_from(cgroup, host: str, port: int) -> int:
-    return int(cgroup.run([sys.executable, "-c", SEND, host, str(port)], text=True).stdout)
 
 
 class EgressDaemon(RunningDaemon):
