@@ -132,7 +132,15 @@ class EgressSettings:
 
     # the profile of agents no profile's globs name; null: no policy for them
     default_profile: str | None = None
-    dns_upstream: tuple[str, ...] = ()  # empty: the host's resolvers
+    # the DNS proxy agents with a profile ask, whatever server they name: where it asks
+    # ("198.51.100.53", "[2001:db8::53]:5353"; empty: the host's resolvers), on which loopback
+    # port it listens (0: one the kernel picks), how long an address a name resolved to stays
+    # allowed at least (seconds; the answer's TTL when longer), and what a name the profile
+    # does not allow gets (refused or nxdomain)
+    dns_upstream: tuple[str, ...] = ()
+    dns_proxy_port: int = 0
+    dns_ttl_floor: int = 30
+    dns_refuse_with: str = "refused"
     profiles: tuple[EgressProfile, ...] = ()
 
 

@@ -253,6 +253,29 @@ class DeviceEvent(Event):
 
 
 @dataclass
+class DnsEvent(Event):
+    """A question an agent asked and what the daemon's DNS proxy answered (its egress profile
+    decides: a name it allows is answered, and its addresses allowed; others are refused)."""
+
+    kind: str = kind_field("dns")
+    dns_query: str = ""  # the name asked, lower case, no trailing dot
+    qtype: str = ""  # A, AAAA, TXT...
+    verdict: str = ""  # answered, refused, would-refuse (audit mode: answered all the same), failed
+    rcode: str = ""  # NOERROR, NXDOMAIN, REFUSED, SERVFAIL...
+    answers: list[str] = field(default_factory=list)  # the addresses in the answer
+    ttl: int | None = None  # seconds: the shortest TTL of the answer's records
+    server: str = ""  # the server the agent asked, address:port
+    protocol: str = "udp"
+    agent_id: int = 0
+    agent: str | None = None
+    profile: str | None = None
+
+    @property
+    def retval(self) -> int:
+        return 0 if self.verdict in ("answered", "would-refuse") else -1
+
+
+@dataclass
 class ForkEvent(Event):
     kind: str = kind_field("fork")
     child_pid: int = 0
@@ -265,7 +288,7 @@ class ExitEvent(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls for cls in (ExecEvent, ConnectEvent, UdpSendEvent, GpuOpenEvent, RefusedEvent, DeviceEvent,
-                              ForkEvent, ExitEvent)
+                              DnsEvent, ForkEvent, ExitEvent)
 }
 
 # what a user asks `trace` for -> event kinds shown
@@ -274,7 +297,7 @@ KIND_GROUPS = {
     "connect": ("connect", "udp_send"),
     "gpu": ("gpu_open", "device"),
 }
-KIND_GROUPS["all"] = tuple(k for group in KIND_GROUPS.values() for k in group) + ("refused",)
+KIND_GROUPS["all"] = tuple(k for group in KIND_GROUPS.values() for k in group) + ("refused", "dns")
 
 
 def from_dict(data: dict[str, Any]) -> Event:

@@ -75,6 +75,10 @@ def describe(event: ev.Event) -> str:
         return f"{verdict} {what}: {event.reason}"
     if isinstance(event, ev.DeviceEvent):
         return f"device {event.device} ({event.vendor or 'unknown vendor'}) {event.access} (cgroup hook)"
+    if isinstance(event, ev.DnsEvent):
+        answers = f" -> {', '.join(event.answers)} ttl {event.ttl}s" if event.answers else ""
+        return (f"dns {event.protocol} {safe(event.dns_query)} {event.qtype} via {event.server}: "
+                f"{event.verdict.upper() if event.verdict == 'refused' else event.verdict} {event.rcode}{answers}")
     if isinstance(event, ev.ForkEvent):
         return f"fork -> {event.child_pid}"
     return event.kind

@@ -30,7 +30,10 @@ BPF_TABLE_PINNED7("lpm_trie", struct egress_v4, struct egress_allow, egress_allo
 		  BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct egress_v6, struct egress_allow, egress_allow6, 262144, PIN_DIR "/egress_allow6",
 		  BPF_F_NO_PREALLOC);
-/* what a cut leaves open (default: loopback) */
+/* DNS redirected to the daemon's proxy: by socket cookie, and by the source port the proxy sees */
+BPF_TABLE("lru_hash", u64, struct dns_client, dns_redirects, 16384);
+BPF_TABLE("lru_hash", struct dns_client_key, struct dns_client, dns_clients, 16384);
+/* what a cut leaves open (default: nothing) */
 BPF_LPM_TRIE(cut_allow4, struct lpm_v4, u8, 256);
 BPF_LPM_TRIE(cut_allow6, struct lpm_v6, u8, 256);
 BPF_HASH(gpu_majors, u32, u8, 64);
@@ -90,12 +93,48 @@ static __always_inline int is_v6_loopback(u8 *addr)
 
 /* ---- network: cut ---- */
 
+/* The first packets of a socket redirected to the DNS proxy say which source port the proxy
+ * will see it from: the connect and sendmsg hooks run before the port is chosen. */
+static __always_inline void note_dns_client(struct __sk_buff *skb, u32 proxy_port)
+{
+	u64 cookie = bpf_get_socket_cookie(skb);
+	struct dns_client *client = dns_redirects.lookup(&cookie);
+	if (!client)
+		return;
+	struct dns_client_key key = {};
+	u16 ports[2];
+	if (skb->protocol == bpf_htons(0x0800)) {
+		u8 ip[20];
+		if (bpf_skb_load_bytes(skb, 0, ip, sizeof(ip)) < 0 ||
+		    bpf_skb_load_bytes(skb, (ip[0] & 0xf) * 4, ports, sizeof(ports)) < 0)
+			return;
+		key.ip_version = 4;
+		key.protocol = ip[9];
+	} else if (skb->protocol == bpf_htons(0x86DD)) {
+		u8 ip6[40];
+		/* the next header right after the fixed header: loopback DNS has no extension headers */
+		if (bpf_skb_load_bytes(skb, 0, ip6, sizeof(ip6)) < 0 ||
+		    bpf_skb_load_bytes(skb, sizeof(ip6), ports, sizeof(ports)) < 0)
+			return;
+		key.ip_version = 6;
+		key.protocol = ip6[6];
+	} else {
+		return;
+	}
+	if (bpf_ntohs(ports[1]) != proxy_port)
+		return;
+	key.port = bpf_ntohs(ports[0]);
+	dns_clients.update(&key, client);
+}
+
 /* 1 keeps the packet. In cgroup_skb programs the data starts at the IP header. */
 static __always_inline int skb_verdict(struct __sk_buff *skb, int egress)
 {
 	struct enforce_config *cfg = econfig();
 	if (!cfg)
 		return 1;
+	if (egress && cfg->dns_proxy_port)
+		note_dns_client(skb, cfg->dns_proxy_port);
 	u64 agent = bpf_skb_ancestor_cgroup_id(skb, cfg->agent_level);
 	if (!is_cut(agent))
 		return 1;
@@ -223,12 +262,13 @@ static __always_inline int egress_permits(struct egress_allow *allow, u16 port, 
 {
 	if (!allow)
 		return 0;
-	if (allow->expires_ns && allow->expires_ns < bpf_ktime_get_ns())
-		return 0;
+	int expired = allow->expires_ns < bpf_ktime_get_ns();
 	for (int i = 0; i < EGRESS_RANGES; i++) {
 		if (i >= allow->count)
 			break;
 		struct egress_range *r = &allow->range[i];
+		if (r->from_name && expired)
+			continue;
 		if (port >= r->lo && port <= r->hi && (!r->proto || r->proto == proto))
 			return 1;
 	}
@@ -248,6 +288,86 @@ static __always_inline int egress_v6_allows(u32 scope, u8 *addr, u16 port, u8 pr
 	struct egress_v6 key = {.prefixlen = 160, .scope = scope};
 	__builtin_memcpy(key.addr, addr, 16);
 	return egress_permits(egress_allow6.lookup(&key), port, proto);
+}
+
+/* ---- network: DNS through the daemon's proxy ---- */
+
+#define LOOPBACK4 0x7f000001
+
+/* An agent with a profile asks the daemon's proxy, whatever server it named: the proxy answers
+ * only for names the profile allows, and allows their addresses before the agent has them.
+ * The server asked is kept for the replies (recvmsg, getpeername: as if it had answered). */
+static __always_inline void redirect_dns(struct bpf_sock_addr *ctx, struct enforce_config *cfg, u64 agent,
+					 u8 *addr, u32 addr_len, int mapped)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u64 uid_gid = bpf_get_current_uid_gid();
+	struct dns_client client = {
+		.agent_id = agent,
+		.cgroup_id = bpf_get_current_cgroup_id(),
+		.pid = pid_tgid >> 32,
+		.tid = (u32)pid_tgid,
+		.uid = (u32)uid_gid,
+		.gid = uid_gid >> 32,
+		.family = ctx->user_family,
+		.port = bpf_ntohs(ctx->user_port),
+	};
+	bpf_get_current_comm(client.comm, sizeof(client.comm));
+	if (addr_len == 16)
+		__builtin_memcpy(client.addr, addr, 16);
+	else
+		__builtin_memcpy(client.addr, addr, 4);
+	dns_redirects.update(&cookie, &client);
+	if (addr_len == 4) {
+		ctx->user_ip4 = bpf_htonl(LOOPBACK4);
+	} else if (mapped) {  /* ::ffff:127.0.0.1: a dual-stack socket stays IPv4 */
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = bpf_htonl(LOOPBACK4);
+	} else {  /* ::1 */
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = bpf_htons(cfg->dns_proxy_port);
+}
+
+/* What the agent reads as the peer of a reply (recvmsg) or of its socket (getpeername): the
+ * server it asked, where the proxy answered. Always 1: these hooks cannot refuse. */
+static __always_inline int restore_dns_peer(struct bpf_sock_addr *ctx, int v6)
+{
+	struct enforce_config *cfg = econfig();
+	if (!cfg || !cfg->dns_proxy_port || ctx->user_port != bpf_htons(cfg->dns_proxy_port))
+		return 1;
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct dns_client *client = dns_redirects.lookup(&cookie);
+	if (!client)
+		return 1;
+	if (!v6) {
+		if (ctx->user_ip4 != bpf_htonl(LOOPBACK4) || client->family != 2 /* AF_INET */)
+			return 1;
+		u32 ip4;
+		__builtin_memcpy(&ip4, client->addr, 4);
+		ctx->user_ip4 = ip4;
+	} else {
+		u32 w3 = ctx->user_ip6[3];
+		int proxy = ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+			    ((ctx->user_ip6[2] == 0 && w3 == bpf_htonl(1)) ||
+			     (ctx->user_ip6[2] == bpf_htonl(0x0000ffff) && w3 == bpf_htonl(LOOPBACK4)));
+		if (!proxy || client->family != 10 /* AF_INET6 */)
+			return 1;
+		u32 words[4];
+		__builtin_memcpy(words, client->addr, 16);
+		ctx->user_ip6[0] = words[0];
+		ctx->user_ip6[1] = words[1];
+		ctx->user_ip6[2] = words[2];
+		ctx->user_ip6[3] = words[3];
+	}
+	ctx->user_port = bpf_htons(client->port);
+	return 1;
 }
 
 /* 1 lets the connect/sendmsg go on; 0 fails it with EPERM before any packet. */
@@ -289,6 +409,13 @@ static __always_inline int addr_verdict(struct bpf_sock_addr *ctx, u32 op, int v
 	/* an egress profile allows what it lists and nothing else: loopback included */
 	u32 mode = EGRESS_OFF;
 	u32 scope = reason ? 0 : egress_scope(agent, &mode);
+	u8 protocol = ctx->protocol;
+	if (scope && port == 53 && cfg->dns_proxy_port && (scope & 0xffff) != EGRESS_UNCLASSIFIED &&
+	    (protocol == 17 /* UDP */ || protocol == 6 /* TCP */)) {
+		sockaddr_seen(ctx, op, 1, addr, addr_len);
+		redirect_dns(ctx, cfg, agent, addr, addr_len, v6 && v4 != NULL);
+		return 1;
+	}
 	if (scope && !(v4 ? egress_v4_allows(scope, v4, port, ctx->protocol)
 			  : egress_v6_allows(scope, addr, port, ctx->protocol)))
 		reason = REFUSE_EGRESS;
@@ -318,6 +445,26 @@ int enforce_sendmsg4(struct bpf_sock_addr *ctx)
 int enforce_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	return addr_verdict(ctx, OP_SENDMSG, 1);
+}
+
+int enforce_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return restore_dns_peer(ctx, 0);
+}
+
+int enforce_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return restore_dns_peer(ctx, 1);
+}
+
+int enforce_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return restore_dns_peer(ctx, 0);
+}
+
+int enforce_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return restore_dns_peer(ctx, 1);
 }
 
 /* ---- GPU devices ---- */

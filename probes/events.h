@@ -166,7 +166,7 @@ struct enforce_config {
 	__u32 agent_level;          /* absolute cgroup level of agent cgroups */
 	__u32 dry_run;              /* report refusals, enforce none */
 	__u32 gpu_default_deny;     /* agents without a gpu_policy entry are refused GPUs */
-	__u32 _pad;
+	__u32 dns_proxy_port;       /* the daemon's DNS proxy on loopback; 0: none, DNS is judged like the rest */
 };
 
 /* gpu_policy value: per agent cgroup. */
@@ -224,13 +224,14 @@ struct egress_range {
 	__u16 lo;
 	__u16 hi;
 	__u8 proto;                 /* IPPROTO_TCP, IPPROTO_UDP; 0 both */
-	__u8 _pad[3];
+	__u8 from_name;             /* 1: allowed by a DNS name the agent resolved, until expires_ns */
+	__u8 _pad[2];
 };
 
 /* What the longest allow prefix of a destination permits: the port ranges of
  * every entry containing it (the loader folds shorter prefixes into longer). */
 struct egress_allow {
-	__u64 expires_ns;           /* bpf_ktime_get_ns() after which it allows nothing; 0 never */
+	__u64 expires_ns;           /* bpf_ktime_get_ns() after which its from_name ranges allow nothing */
 	__u32 count;                /* ranges used */
 	__u32 _pad;
 	struct egress_range range[EGRESS_RANGES];
@@ -251,6 +252,28 @@ struct egress_v6 {
 struct lpm_v6 {
 	__u32 prefixlen;
 	__u8 addr[16];
+};
+
+/* A socket of an agent whose DNS (port 53, UDP or TCP) goes to the daemon's DNS proxy: who
+ * asked, and the server asked (dns_redirects, by socket cookie; dns_clients, by the source
+ * port the proxy sees). */
+struct dns_client {
+	__u64 agent_id;
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	__u16 family;               /* AF_INET or AF_INET6: of the address the agent gave */
+	__u16 port;                 /* the server's port, host order */
+	__u8 addr[16];              /* the server's address as the agent gave it (IPv4: 4 bytes) */
+	char comm[COMM_LEN];
+};
+
+struct dns_client_key {
+	__u8 ip_version;            /* 4 or 6: of the packets the proxy receives */
+	__u8 protocol;              /* IPPROTO_UDP, IPPROTO_TCP */
+	__u16 port;                 /* the agent socket's source port, host order */
 };
 
 /* Written by the loader, read by every probe. */

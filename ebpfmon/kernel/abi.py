@@ -185,7 +185,7 @@ class DeviceEvent(ctypes.Structure):
 
 
 class EnforceConfig(ctypes.Structure):
-    _fields_ = [("agent_level", u32), ("dry_run", u32), ("gpu_default_deny", u32), ("_pad", u32)]
+    _fields_ = [("agent_level", u32), ("dry_run", u32), ("gpu_default_deny", u32), ("dns_proxy_port", u32)]
 
 
 class GpuPolicy(ctypes.Structure):
@@ -217,7 +217,7 @@ class EgressAgentKey(ctypes.Structure):
 
 
 class EgressRange(ctypes.Structure):
-    _fields_ = [("lo", u16), ("hi", u16), ("proto", u8), ("_pad", u8 * 3)]
+    _fields_ = [("lo", u16), ("hi", u16), ("proto", u8), ("from_name", u8), ("_pad", u8 * 2)]
 
 
 class EgressAllow(ctypes.Structure):
@@ -230,6 +230,15 @@ class EgressV4(ctypes.Structure):
 
 class EgressV6(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("scope", u32), ("addr", u8 * 16)]
+
+
+class DnsClient(ctypes.Structure):
+    _fields_ = [("agent_id", u64), ("cgroup_id", u64), ("pid", u32), ("tid", u32), ("uid", u32), ("gid", u32),
+                ("family", u16), ("port", u16), ("addr", u8 * 16), ("comm", ctypes.c_char * COMM_LEN)]
+
+
+class DnsClientKey(ctypes.Structure):
+    _fields_ = [("ip_version", u8), ("protocol", u8), ("port", u16)]
 
 
 class ProbeConfig(ctypes.Structure):
@@ -265,6 +274,8 @@ STRUCTS = {
     "egress_allow": EgressAllow,
     "egress_v4": EgressV4,
     "egress_v6": EgressV6,
+    "dns_client": DnsClient,
+    "dns_client_key": DnsClientKey,
 }
 
 # record kind -> struct; records may be shorter than the struct (variable tail)

@@ -12,13 +12,16 @@ import ipaddress
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from ebpfmon.host.cgroups import AgentLayout, Hierarchy
 from ebpfmon.errors import CgroupError, ProbeLoadError
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import BPFFS, ProbeSet, import_bcc
-from ebpfmon.policy.profiles import Policy
+from ebpfmon.policy.profiles import Policy, Profile, merged
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # program name -> (program type, attach type)
 HOOKS = {
@@ -28,6 +31,10 @@ HOOKS = {
     "enforce_connect6": ("CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
     "enforce_sendmsg4": ("CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
     "enforce_sendmsg6": ("CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
+    "enforce_recvmsg4": ("CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG"),
+    "enforce_recvmsg6": ("CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
+    "enforce_getpeername4": ("CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME"),
+    "enforce_getpeername6": ("CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME"),
     "enforce_device": ("CGROUP_DEVICE", "CGROUP_DEVICE"),
 }
 
@@ -62,14 +69,21 @@ def _write_batch(table, scope: int, prefixes: list) -> None:
         key.prefixlen = 32 + network.prefixlen
         key.scope = scope
         ctypes.memmove(key.addr, network.network_address.packed, len(network.network_address.packed))
-        leaf.count = len(ranges)
-        for part, r in zip(leaf.range, ranges):
-            part.lo, part.hi, part.proto = r.lo, r.hi, r.proto
+        _fill(leaf, ranges, ())
     try:
         table.items_update_batch(keys, leaves)
     except Exception:  # bcc raises a bare Exception; older kernels have no batch for tries
         for key, leaf in zip(keys, leaves):
             table[key] = leaf
+
+
+def _fill(leaf, ranges, from_names, expires_ns: int = 0):
+    """A trie leaf allowing ranges, and from_names until expires_ns."""
+    leaf.count = len(ranges) + len(from_names)
+    leaf.expires_ns = expires_ns
+    for part, (r, named) in zip(leaf.range, [(r, 0) for r in ranges] + [(r, 1) for r in from_names]):
+        part.lo, part.hi, part.proto, part.from_name = r.lo, r.hi, r.proto, named
+    return leaf
 
 
 def _class_of(profile) -> abi.EgressClass:
@@ -116,6 +130,11 @@ class Enforcer:
         self.egress_policy = Policy()
         self.egress_generation = 0
         self._egress_lock = threading.Lock()
+        # addresses allowed because an agent resolved a name through the DNS proxy:
+        # (profile name, address) -> {name: expiry, monotonic ns}
+        self.name_grants: dict[tuple[str, IPAddress], dict[str, int]] = {}
+        self.dns_proxy_port = 0
+        self._config = abi.EnforceConfig()
 
     @property
     def bpf(self):
@@ -125,8 +144,9 @@ class Enforcer:
                   deny_ports: tuple[int, ...], deny_networks: tuple[str, ...] = ()) -> None:
         """Writes the policy the programs read; deny_networks are the configured ones (actions add
         theirs with hold_network)."""
-        self.bpf[b"enforce_config"][ctypes.c_int(0)] = abi.EnforceConfig(
-            agent_level=self.agents.absolute_level, dry_run=int(dry_run), gpu_default_deny=int(gpu_default_deny))
+        self._config = abi.EnforceConfig(agent_level=self.agents.absolute_level, dry_run=int(dry_run),
+                                         gpu_default_deny=int(gpu_default_deny))
+        self.set_dns_proxy(self.dns_proxy_port)
         for name in (b"cut_allow4", b"cut_allow6"):
             self.bpf[name].clear()
         for network in keep_open:
@@ -144,6 +164,11 @@ class Enforcer:
         majors.clear()
         for major in gpu_majors():
             majors[ctypes.c_uint32(major)] = ctypes.c_uint8(1)
+
+    def set_dns_proxy(self, port: int) -> None:
+        """Where agents with a profile send their DNS from now on (0: nowhere, judged as the rest)."""
+        self.dns_proxy_port = self._config.dns_proxy_port = port
+        self.bpf[b"enforce_config"][ctypes.c_int(0)] = self._config
 
     def attach(self) -> None:
         """Attaches every program at the agent root, replacing earlier ones of ours."""
@@ -202,6 +227,7 @@ class Enforcer:
                                                          if n.version == version])
             for agent in agents:
                 self._assign_egress(policy, agent, new)
+            self._carry_grants(policy, new)
             # two writes: the first changes only the new generation's part, the second only the
             # active index, so no reader sees a torn mix of both
             part, fallback = state.generation[new], _class_of(policy.default)
@@ -211,6 +237,91 @@ class Enforcer:
             state.active = new
             states[ctypes.c_int(0)] = state
             self.egress_policy, self.egress_generation = policy, new
+
+    def egress_profile_of(self, agent_id: int) -> Profile | None:
+        """The profile the kernel applies to an agent now (as egress_scope in probes/enforce.bpf.c);
+        None for none, an unclassified agent, or a profile that is off."""
+        with self._egress_lock:
+            state = self.bpf[b"egress_state"][ctypes.c_int(0)]
+            generation = state.active & 1
+            agents = self.bpf[b"egress_agents"]
+            named = agents.get(agents.Key(agent=agent_id, generation=generation))
+            part = state.generation[generation]
+            if named is None and part.classified_only:
+                return None
+            profile_id = (named or part.fallback).profile
+            profile = next((p for p in self.egress_policy.profiles if p.id == profile_id), None)
+            return profile if profile and profile.mode != "off" else None
+
+    def grant_name(self, profile: Profile, name: str, addresses: list[IPAddress], expires_ns: int) -> None:
+        """Allows the addresses name resolved to, to the profile's agents, on the ports its name
+        entries give, until expires_ns (monotonic, as bpf_ktime_get_ns)."""
+        with self._egress_lock:
+            if self.egress_policy.by_name(profile.name) is not profile:
+                return  # a reload came between: the new policy decides the next answer
+            for ip in addresses:
+                names = self.name_grants.setdefault((profile.name, ip), {})
+                names[name] = max(names.get(name, 0), expires_ns)
+                self._write_grant(profile, ip, names, self.egress_generation)
+
+    def expire_grants(self, now_ns: int | None = None) -> int:
+        """Forgets names whose time is over (the kernel stops honouring them by itself at their
+        expiry; this keeps the trie small). Returns how many addresses went."""
+        now_ns = now_ns or time.monotonic_ns()
+        gone = 0
+        with self._egress_lock:
+            for (profile_name, ip), names in list(self.name_grants.items()):
+                if all(expiry > now_ns for expiry in names.values()):
+                    continue
+                for name in [n for n, expiry in names.items() if expiry <= now_ns]:
+                    del names[name]
+                profile = self.egress_policy.by_name(profile_name)
+                if profile is not None:
+                    self._write_grant(profile, ip, names, self.egress_generation)
+                if not names:
+                    del self.name_grants[(profile_name, ip)]
+                    gone += 1
+        return gone
+
+    def _carry_grants(self, policy: Policy, generation: int) -> None:
+        """Names resolved under the policy before stay allowed under the new one where it still
+        allows them: an agent that resolved a name just before a reload connects just after."""
+        for (profile_name, ip), names in list(self.name_grants.items()):
+            profile = policy.by_name(profile_name)
+            kept = {n: e for n, e in names.items() if profile and profile.name_entry(n)}
+            if kept:
+                self.name_grants[(profile_name, ip)] = kept
+                self._write_grant(profile, ip, kept, generation)
+            else:
+                del self.name_grants[(profile_name, ip)]
+
+    def _write_grant(self, profile: Profile, ip: IPAddress, names: dict[str, int], generation: int) -> None:
+        """The address's trie entry: what the prefixes written allow it, and what its names
+        allow until the last of them expires."""
+        table = self.bpf[b"egress_allow4" if ip.version == 4 else b"egress_allow6"]
+        key = table.Key(prefixlen=32 + ip.max_prefixlen, scope=generation << 16 | profile.id)
+        ctypes.memmove(key.addr, ip.packed, len(ip.packed))
+        own = profile.static_ranges(ip)
+        from_names = [r for r in merged(r for n in names for r in profile.name_ranges(n)) if r not in own]
+        if not from_names:
+            if ipaddress.ip_network(ip) in profile.prefixes:  # the address is written as such: back to that
+                table[key] = _fill(table.Leaf(), own, ())
+            else:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+            return
+        room = abi.EGRESS_RANGES - len(own)
+        table[key] = _fill(table.Leaf(), own, from_names[:room], max(names.values()))
+
+    def name_grant_list(self) -> list[tuple[str, str, str, float]]:
+        """(profile, address, name, seconds left) of every name's address allowed now."""
+        now = time.monotonic_ns()
+        with self._egress_lock:
+            return sorted((profile, str(ip), name, (expiry - now) / 1e9)
+                          for (profile, ip), names in self.name_grants.items()
+                          for name, expiry in names.items() if expiry > now)
 
     def assign_egress(self, agent: str) -> None:
         """A new agent cgroup gets the profile its path matches (the default applies meanwhile)."""

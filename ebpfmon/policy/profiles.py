@@ -2,6 +2,10 @@
 every connect and datagram of an agent against its profile) and for `ebpfmon policy check`,
 which judges a destination the same way here and names the entry that decided.
 
+A name entry allows the addresses a name resolves to, once the agent resolved it: the
+daemon's DNS proxy (ebpfmon/policy/dnsproxy.py) answers the agents with a profile, and allows
+what it answers before the agent has it.
+
 An agent's profile is the first whose globs match its cgroup, else the default profile, else
 none (no policy: today's behaviour). A profile allows what its entries list and nothing else,
 loopback included. The kernel looks destinations up in a longest-prefix trie, so each prefix
@@ -27,6 +31,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ErrorAt = Callable[[str, str], Exception]  # (key path, message) -> the error to raise
 
 MODES = ("off", "audit", "enforce")
+DNS_REFUSALS = ("refused", "nxdomain")  # the answer to a name the profile does not allow
 PROTOCOLS = {"": 0, "tcp": 6, "udp": 17}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
@@ -64,12 +69,48 @@ class Allow:
 
 
 @dataclass(frozen=True)
+class NameAllow:
+    """A DNS name entry: an exact name, or *.example.org (any name below example.org)."""
+
+    pattern: str  # lower case, no trailing dot
+    ranges: tuple[PortRange, ...]
+    where: str
+
+    def matches(self, name: str) -> bool:
+        name = name.lower().rstrip(".")
+        if self.pattern.startswith("*."):
+            return name.endswith(self.pattern[1:])
+        return name == self.pattern
+
+    def __str__(self) -> str:
+        return f"{self.pattern} {', '.join(map(str, self.ranges))} ({self.where})"
+
+
+@dataclass(frozen=True)
 class Profile:
     id: int  # 1.., its place in the configuration
     name: str
     agents: tuple[str, ...]
     mode: str
     allows: tuple[Allow, ...]
+    names: tuple[NameAllow, ...] = ()
+
+    def name_entry(self, name: str) -> NameAllow | None:
+        """The first name entry that allows name, or None."""
+        return next((n for n in self.names if n.matches(name)), None)
+
+    def name_ranges(self, name: str) -> tuple[PortRange, ...]:
+        """The ports the addresses of name get: those of every name entry that matches it."""
+        return merged(r for n in self.names if n.matches(name) for r in n.ranges)
+
+    def static_ranges(self, ip) -> tuple[PortRange, ...]:
+        """What the longest prefix written that contains ip allows (what the kernel's trie
+        finds for it without names)."""
+        for length in range(ip.max_prefixlen, -1, -1):
+            found = self.prefixes.get(ipaddress.ip_network(f"{ip}/{length}", strict=False))
+            if found is not None:
+                return found
+        return ()
 
     def matches(self, agent: str) -> bool:
         return any(fnmatch.fnmatchcase(agent, glob) for glob in self.agents)
@@ -103,6 +144,14 @@ class Policy:
         """Whether a glob may name an agent: then an agent the daemon has not classified yet is
         refused everything until it is (its profile may allow less than the default)."""
         return any(p.agents for p in self.profiles)
+
+    @property
+    def resolves_names(self) -> bool:
+        """Whether a profile is in force (audit or enforce): its agents' DNS goes to the proxy."""
+        return any(p.mode != "off" for p in self.profiles)
+
+    def by_name(self, name: str) -> Profile | None:
+        return next((p for p in self.profiles if p.name == name), None)
 
     @property
     def names(self) -> dict[int, str]:
@@ -178,6 +227,34 @@ def _network(text: str, path: str, error: ErrorAt) -> Network:
     return network
 
 
+def parse_upstream(text: str, path: str = "egress.dns_upstream", error: ErrorAt = config_error) -> tuple[str, int]:
+    """'198.51.100.53', '198.51.100.53:5353', '2001:db8::53', '[2001:db8::53]:5353' -> (address, port)."""
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        port = rest.removeprefix(":") or port
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise error(path, f"{text!r} is not a server's address (198.51.100.53, [2001:db8::53]:5353)") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise error(path, f"{text!r}: the port is 1 to 65535")
+    return host, int(port)
+
+
+def _name(text: str, path: str, error: ErrorAt) -> str:
+    name = text.strip().lower().rstrip(".")
+    labels = name.split(".")
+    body = labels[1:] if labels[0] == "*" else labels
+    if name in ("*", "") or not body or not all(
+            label and len(label) <= 63 and all(ch.isalnum() or ch in "-_" for ch in label) for label in body):
+        raise error(f"{path}.name", f"{text!r} is not a DNS name (mirror.example.org) or a wildcard below one "
+                                    f"(*.example.org); to allow every address write cidr: 0.0.0.0/0")
+    return name
+
+
 @functools.lru_cache(maxsize=4)
 def compiled(settings: EgressSettings) -> Policy:
     """compile_policy, once per distinct settings (a large policy takes seconds): the check at
@@ -198,21 +275,29 @@ def compile_policy(settings: EgressSettings, error: ErrorAt = config_error) -> P
         seen.add(spec.name)
         if spec.mode not in MODES:
             raise error(f"{path}.mode", f"{spec.mode!r} is not one of {', '.join(MODES)}")
-        allows = []
+        allows, names = [], []
         for j, entry in enumerate(spec.allow):
             where = f"{path}.allow[{j}]"
-            if entry.name:
-                raise error(f"{where}.name", "DNS names in profiles need the daemon's DNS proxy, which this "
-                                             "version does not have yet: allow the addresses by cidr")
-            if not entry.cidr:
-                raise error(where, "an allow entry needs a cidr")
+            if bool(entry.cidr) == bool(entry.name):
+                raise error(where, "an allow entry needs a cidr or a name (one of them)")
             if entry.proto not in PROTOCOLS:
                 raise error(f"{where}.proto", f"{entry.proto!r} is not tcp or udp (or empty: both)")
-            allows.append(Allow(_network(entry.cidr, where, error),
-                                _ports(entry.ports, PROTOCOLS[entry.proto], where, error), where))
-        profile = Profile(i + 1, spec.name, tuple(spec.agents), spec.mode, tuple(allows))
+            ranges = _ports(entry.ports, PROTOCOLS[entry.proto], where, error)
+            if entry.name:
+                names.append(NameAllow(_name(entry.name, where, error), ranges, where))
+            else:
+                allows.append(Allow(_network(entry.cidr, where, error), ranges, where))
+        profile = Profile(i + 1, spec.name, tuple(spec.agents), spec.mode, tuple(allows), tuple(names))
         profile.__dict__["prefixes"] = fold(profile.allows, error)  # too many ranges: said here, not at load
         profiles.append(profile)
+    for i, server in enumerate(settings.dns_upstream):
+        parse_upstream(server, f"egress.dns_upstream[{i}]", error)
+    if settings.dns_refuse_with not in DNS_REFUSALS:
+        raise error("egress.dns_refuse_with", f"{settings.dns_refuse_with!r} is not one of {', '.join(DNS_REFUSALS)}")
+    if settings.dns_ttl_floor < 0:
+        raise error("egress.dns_ttl_floor", "seconds, 0 or more")
+    if not 0 <= settings.dns_proxy_port <= 65535:
+        raise error("egress.dns_proxy_port", "a port, 1 to 65535 (0: one the kernel picks)")
     default = None
     if settings.default_profile is not None:
         default = next((p for p in profiles if p.name == settings.default_profile), None)

@@ -82,7 +82,7 @@ def make_event(spec: dict[str, Any], index: int) -> ev.Event:
     kind, values = next(iter(spec.items()))
     cls = ev.EVENT_TYPES.get(kind)
     if cls is None or kind in ("fork", "exit"):
-        raise ValueError(f"unknown event kind {kind!r}; use exec, connect, udp_send, gpu_open, refused or device")
+        raise ValueError(f"unknown event kind {kind!r}; use exec, connect, udp_send, gpu_open, refused, device or dns")
     values = dict(values or {})
     argv = values.get("argv") if kind == "exec" else values.pop("argv_of_process", None)
     exe = values.pop("exe", None)
@@ -100,7 +100,7 @@ def make_event(spec: dict[str, Any], index: int) -> ev.Event:
     ancestry[0].pid = proc.ppid
     at = values.pop("at", index * 0.001)
     cgroup = values.pop("cgroup", "/ebpfmon-agents/agent-1")
-    if kind == "refused":
+    if kind in ("refused", "dns"):
         values.setdefault("agent", cgroup)
     if kind in ("connect", "udp_send"):
         address = values.get("address", "192.0.2.1")

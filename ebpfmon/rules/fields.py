@@ -23,8 +23,8 @@ from ebpfmon.host.users import user_name
 from ebpfmon.rules.argv import parse_ssh
 
 EXEC, CONNECT, UDP, GPU = "exec", "connect", "udp_send", "gpu_open"
-REFUSED, DEVICE = "refused", "device"
-ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU, REFUSED, DEVICE})
+REFUSED, DEVICE, DNS = "refused", "device", "dns"
+ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU, REFUSED, DEVICE, DNS})
 # kinds with a destination; a refused event has one unless it refused a device
 SOCKET_KINDS = frozenset({CONNECT, UDP, REFUSED})
 DEVICE_KINDS = frozenset({GPU, DEVICE, REFUSED})
@@ -118,11 +118,12 @@ def _basename(path: str | None) -> str | None:
     return path.rpartition("/")[2] if path else None
 
 
-EVT_TYPES = {CONNECT: "connect", UDP: "sendto", REFUSED: "refused", DEVICE: "device"}
+EVT_TYPES = {CONNECT: "connect", UDP: "sendto", REFUSED: "refused", DEVICE: "device", DNS: "dns"}
 
 
 @_field("evt.type", ALL_KINDS, STR, "the system call: execve, execveat, connect, sendto, open, openat, openat2; "
-        "refused for enforcement refusals, device for GPU accesses seen by the cgroup device hook")
+        "refused for enforcement refusals, device for GPU accesses seen by the cgroup device hook, dns for "
+        "questions the DNS proxy answered or refused")
 def _evt_type(e, c):
     if isinstance(e, (ev.ExecEvent, ev.GpuOpenEvent)):
         return e.syscall
@@ -247,10 +248,18 @@ def _fd_name(e, c):
     return f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}"
 
 
-_attribute("dns.query", {UDP}, STR, "the name asked in a DNS query (datagrams to port 53)", "dns_query")
+_attribute("dns.query", {UDP, DNS}, STR, "the name asked in a DNS query (datagrams to port 53; the question "
+           "the DNS proxy had)", "dns_query")
+_attribute("dns.verdict", {DNS}, STR, "what the DNS proxy did: answered, refused (the profile does not allow the "
+           "name), would-refuse (audit mode: answered), failed (no upstream answered)", "verdict")
+_attribute("dns.rcode", {DNS}, STR, "the answer's code: NOERROR, NXDOMAIN, REFUSED, SERVFAIL...", "rcode")
+_attribute("dns.qtype", {DNS}, STR, "the type asked: A, AAAA, TXT...", "qtype")
+_attribute("dns.server", {DNS}, STR, "the server the agent asked (address:port); the proxy answered", "server")
+_attribute("dns.profile", {DNS}, STR, "the egress profile that decided", "profile")
+_field("dns.answers", {DNS}, IP, "the addresses in the answer", is_list=True)(lambda e, c: e.answers)
 
 
-@_field("dns.query_suffixes", {UDP}, STR, "the name asked and each parent domain (a.pool.example.com, "
+@_field("dns.query_suffixes", {UDP, DNS}, STR, "the name asked and each parent domain (a.pool.example.com, "
         "pool.example.com, example.com, com): `in (domains)` matches subdomains too", is_list=True)
 def _dns_suffixes(e, c):
     if not e.dns_query:

@@ -20,6 +20,8 @@ from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.kernel.enforcer import Enforcer, pin_dir
 from ebpfmon.kernel.probeset import ProbeSet, require_root
+from ebpfmon.events import DnsEvent
+from ebpfmon.policy.dnsproxy import DnsProxy
 from ebpfmon.policy.profiles import compiled
 from ebpfmon.rules.fields import Context
 from ebpfmon.rules.loader import load_rules, rule_paths
@@ -91,6 +93,14 @@ def enforcement(probes: ProbeSet, hierarchy: Hierarchy, config: Config, lists: d
     configure_enforcer(enforcer, config, lists)
     enforcer.attach()
     return enforcer
+
+
+def dns_proxy(enforcer: Enforcer, config: Config, on_event: Callable[[DnsEvent], None]) -> DnsProxy | None:
+    """The DNS proxy, started, where a profile is in force (its agents' DNS goes there); None
+    where none is (their DNS is judged as any other destination)."""
+    if not compiled(config.egress).resolves_names:
+        return None
+    return DnsProxy(enforcer, config.egress, on_event).start()
 
 
 def containment(enforcer: Enforcer, hierarchy: Hierarchy, config: Config,

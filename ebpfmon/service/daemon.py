@@ -5,6 +5,7 @@ and benchmarks start it the same way.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -22,6 +23,7 @@ from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.config import Config, load_config
 from ebpfmon.errors import EbpfmonError, RuleLoadError
 from ebpfmon.host.cgroups import Hierarchy
+from ebpfmon.policy.profiles import compiled
 from ebpfmon.rules.engine import Engine, Verdict
 from ebpfmon.service import assemble, sdnotify
 from ebpfmon.service.control import ControlServer
@@ -31,6 +33,7 @@ from ebpfmon.stream.existing import existing_connections
 if TYPE_CHECKING:  # built by assemble
     from ebpfmon.containment.actions import Containment, Notice
     from ebpfmon.kernel.enforcer import Enforcer
+    from ebpfmon.policy.dnsproxy import DnsProxy
     from ebpfmon.stream.decode import CgroupChange
 
 log = logging.getLogger("ebpfmon")
@@ -64,6 +67,9 @@ class Daemon:
         self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered)
         self.audit = AuditLog(config.audit, config.state_dir) if config.audit.enabled else None
         self.enforcer: Enforcer | None = None
+        self.dns_proxy: DnsProxy | None = None
+        # the proxy's events, judged on the reader's thread (rules and enrichment are not shared)
+        self.dns_events: collections.deque[ev.DnsEvent] = collections.deque(maxlen=65536)
         self.containment: Containment | None = None
         self.control: ControlServer | None = None
         self.reload_requested = threading.Event()
@@ -81,6 +87,7 @@ class Daemon:
         self.enforcer = assemble.enforcement(self.stream.probes, self.hierarchy, self.config,
                                              self.engine.ruleset.lists)
         self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
+        self._start_dns_proxy()
         self.alerting.start()
         self.containment = assemble.containment(self.enforcer, self.hierarchy, self.config,
                                                 on_release=self.released,
@@ -107,13 +114,24 @@ class Daemon:
                 self.reload_requested.clear()
                 self.reload()
             self.alerting.tick()
+            if self.enforcer:
+                self.enforcer.expire_grants()
             if self.watchdog:
                 sdnotify.notify("WATCHDOG=1")  # from the event loop: a stuck loop gets restarted
             if every:
                 every()
 
         self.raise_reader_priority()
-        self.stream.run(stop, every=each_second, after_poll=self.audit.flush if self.audit else None)
+        self.stream.run(stop, every=each_second, after_poll=self.after_poll)
+
+    def after_poll(self) -> None:
+        """After each batch from the kernel: the DNS proxy's events, then the audit log to disk."""
+        while self.dns_events:
+            event = self.stream.enricher.apply(self.dns_events.popleft())
+            self.stream.stats.events["dns"] += 1
+            self.judge(event)
+        if self.audit:
+            self.audit.flush()
 
     def raise_reader_priority(self) -> None:
         """Nice applies per thread on Linux: this one reads events and contains, and on a busy
@@ -130,6 +148,8 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
         if self.control:
             self.control.stop()
+        if self.dns_proxy:
+            self.dns_proxy.close()
         self.stream.close()
         self.alerting.close()
         self.metrics.close()
@@ -146,6 +166,8 @@ class Daemon:
         self.judged += 1
         if event.kind == "refused" and event.reason == "egress":
             self.metrics.egress_refusals.labels(event.profile, "reported" if event.dry_run else "refused").inc()
+        elif event.kind == "dns":
+            self.metrics.dns_questions.labels(event.profile or "", event.verdict).inc()
         if (self.judged - 1) % EVALUATION_SAMPLE:
             verdicts = self.engine.evaluate(event)
         else:  # timing every event would cost as much as judging it: one in EVALUATION_SAMPLE
@@ -194,6 +216,25 @@ class Daemon:
             self.enforcer.forget_egress(change.cgroup_id)
 
 
+    def _start_dns_proxy(self) -> None:
+        """The DNS proxy where a profile is in force; its events wait for the reader. A proxy
+        that cannot listen leaves the agents' DNS to the profiles (refused unless allowed)."""
+        try:
+            self.dns_proxy = assemble.dns_proxy(self.enforcer, self.config, self.dns_events.append)
+        except OSError as e:
+            log.error("%s: DNS to port 53 is judged by the egress profiles as any destination", e.strerror)
+
+    def _reconfigure_dns_proxy(self) -> None:
+        wanted = compiled(self.config.egress).resolves_names
+        if self.dns_proxy and (not wanted or self.dns_proxy.wanted_port != self.config.egress.dns_proxy_port):
+            self.enforcer.set_dns_proxy(0)
+            self.dns_proxy.close()
+            self.dns_proxy = None
+        if self.dns_proxy:
+            self.dns_proxy.configure(self.config.egress)
+        elif wanted:
+            self._start_dns_proxy()
+
     # ---- reload ----
 
     def reload(self) -> tuple[bool, str]:
@@ -220,6 +261,7 @@ class Daemon:
         if self.enforcer:
             assemble.configure_enforcer(self.enforcer, config, ruleset.lists)
             self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
+            self._reconfigure_dns_proxy()
         self.metrics.reloads.inc()
         self.metrics.rules_loaded.set(len(ruleset.rules))
         message = f"reloaded: {len(ruleset.rules)} rules"

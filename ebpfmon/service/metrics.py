@@ -45,6 +45,9 @@ class Metrics:
         self.egress_refusals = Counter("ebpfmon_egress_refusals", "Destinations egress profiles did not allow, "
                                        "by profile; outcome: refused, or reported (audit mode, dry run).",
                                        ["profile", "outcome"], registry=r)
+        self.dns_questions = Counter("ebpfmon_dns_questions", "Questions agents asked the DNS proxy, by profile and "
+                                     "verdict: answered, refused, would-refuse (audit mode), failed (no upstream "
+                                     "answered).", ["profile", "verdict"], registry=r)
         Info("ebpfmon_build", "Build of ebpfmon.", registry=r).info({"version": __version__})
         self._server = None
 

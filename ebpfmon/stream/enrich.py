@@ -27,7 +27,7 @@ class Enricher:
         # per event, not an isinstance test per kind (every connect an agent makes comes here)
         self._before = {"fork": self._forked, "exec": self._executed}
         self._after = {"gpu_open": self._gpu_device, "refused": self._agent_and_vendor,
-                       "device": self._agent_and_vendor, "exit": self._exited}
+                       "device": self._agent_and_vendor, "dns": self._agent_and_vendor, "exit": self._exited}
 
     def apply(self, item: ev.Event | CgroupChange) -> ev.Event | None:
         """Updates state from the item; returns the enriched event (None for cgroup changes)."""
@@ -66,11 +66,11 @@ class Enricher:
         if device is not None:
             item.device, item.vendor = device.number, device.vendor
 
-    def _agent_and_vendor(self, item: ev.RefusedEvent | ev.DeviceEvent) -> None:
+    def _agent_and_vendor(self, item: ev.RefusedEvent | ev.DeviceEvent | ev.DnsEvent) -> None:
         item.agent = self.cgroups.path(item.agent_id) if item.agent_id else None
         if item.kind == "refused" and item.profile_id:
             item.profile = self.egress_profiles.get(item.profile_id, str(item.profile_id))
-        if item.device:
+        if getattr(item, "device", None):
             item.vendor = self.devices.vendor_of(item.device)
 
     def _exited(self, item: ev.ExitEvent) -> None:

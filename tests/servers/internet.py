@@ -12,6 +12,9 @@ from pathlib import Path
 
 HOST_ADDR = "198.51.100.1"  # this side of the veth
 PEER_ADDR = "198.51.100.2"  # the host in the namespace: never a real machine
+HOST_ADDR6 = "2001:db8:100::1"  # the same in IPv6 (RFC 3849)
+PEER_ADDR6 = "2001:db8:100::2"
+IFA_F_NODAD = 0x02  # usable at once: no duplicate address detection on a link of two
 
 
 @dataclass
@@ -19,6 +22,16 @@ class NetnsHost:
     name: str
     address: str
     host_if: str
+    peer_if: str = ""
+    address6: str = PEER_ADDR6
+
+    def add_address(self, address: str) -> None:
+        """Another address of the host in the namespace (in 198.51.100.0/24 or 2001:db8:100::/64)."""
+        from pyroute2 import NetNS
+
+        with NetNS(self.name) as ns:
+            ns.addr("add", index=ns.link_lookup(ifname=self.peer_if)[0], address=address,
+                    prefixlen=64 if ":" in address else 24, flags=IFA_F_NODAD)
 
     def popen(self, argv, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
@@ -47,13 +60,15 @@ def create(name: str) -> NetnsHost:
         ip.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": name})
         index = ip.link_lookup(ifname=host_if)[0]
         ip.addr("add", index=index, address=HOST_ADDR, prefixlen=24)
+        ip.addr("add", index=index, address=HOST_ADDR6, prefixlen=64, flags=IFA_F_NODAD)
         ip.link("set", index=index, state="up")
     with NetNS(name) as ns:
         index = ns.link_lookup(ifname=peer_if)[0]
         ns.addr("add", index=index, address=PEER_ADDR, prefixlen=24)
+        ns.addr("add", index=index, address=PEER_ADDR6, prefixlen=64, flags=IFA_F_NODAD)
         ns.link("set", index=index, state="up")
         ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-    return NetnsHost(name, PEER_ADDR, host_if)
+    return NetnsHost(name, PEER_ADDR, host_if, peer_if)
 
 
 def remove(host: NetnsHost) -> None:

@@ -2,13 +2,14 @@
 verdicts judged in Python (ebpfmon policy check)."""
 
 import ipaddress
+import re
 
 import pytest
 
 from ebpfmon.config import EgressAllow, EgressProfile, EgressSettings
 from ebpfmon.errors import ConfigError
 from ebpfmon.kernel.abi import EGRESS_RANGES, EGRESS_UNCLASSIFIED
-from ebpfmon.policy.profiles import PortRange, compile_policy, merged
+from ebpfmon.policy.profiles import PortRange, compile_policy, merged, parse_upstream
 
 
 def policy(*allows: EgressAllow, agents=("/agents/web-*",), default=None, mode="enforce", more=()):
@@ -62,12 +63,50 @@ def test_which_profile_an_agent_gets():
     (EgressAllow(cidr="192.0.2.1", ports=(0,)), "allow[0].ports[0]: 0: ports are 1 to 65535"),
     (EgressAllow(cidr="192.0.2.1", ports=("http",)), "allow[0].ports[0]: 'http' is not a port"),
     (EgressAllow(cidr="192.0.2.1", proto="icmp"), "allow[0].proto: 'icmp' is not tcp or udp"),
-    (EgressAllow(), "allow[0]: an allow entry needs a cidr"),
-    (EgressAllow(name="mirror.test"), "allow[0].name: DNS names in profiles need the daemon's DNS proxy"),
+    (EgressAllow(), "allow[0]: an allow entry needs a cidr or a name"),
+    (EgressAllow(cidr="192.0.2.1", name="mirror.test"), "allow[0]: an allow entry needs a cidr or a name (one"),
+    (EgressAllow(name="*"), "allow[0].name: '*' is not a DNS name"),
+    (EgressAllow(name="mirror..test"), "allow[0].name: 'mirror..test' is not a DNS name"),
+    (EgressAllow(name="a.*.test"), "allow[0].name: 'a.*.test' is not a DNS name"),
 ])
 def test_a_bad_entry_says_where_and_what(allow, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         policy(allow)
+
+
+def test_names_match_exactly_or_below_a_wildcard_and_give_their_ports():
+    web = policy(EgressAllow(name="Mirror.Test.", ports=(443,)), EgressAllow(name="*.pkg.test", ports=(80, 443)),
+                 EgressAllow(name="*.test", ports=(22,), proto="tcp"), EgressAllow(cidr="198.51.100.0/24",
+                                                                                  ports=(8080,))).profiles[0]
+    assert web.name_entry("mirror.test.").pattern == "mirror.test"
+    assert web.name_entry("MIRROR.test").where == "egress.profiles[0].allow[0]"
+    assert web.name_entry("deb.pkg.test").pattern == "*.pkg.test"
+    assert web.name_entry("a.b.pkg.test").pattern == "*.pkg.test"
+    assert web.name_entry("pkg.test").pattern == "*.test"  # a wildcard is below its domain, not the domain
+    assert web.name_entry("mirror.example") is None and web.name_entry("test") is None
+    # every matching entry gives its ports; the trie's own prefixes keep theirs
+    assert web.name_ranges("deb.pkg.test") == (PortRange(80, 80), PortRange(443, 443), PortRange(22, 22, 6))
+    assert web.static_ranges(ipaddress.ip_address("198.51.100.9")) == (PortRange(8080, 8080),)
+    assert web.static_ranges(ipaddress.ip_address("203.0.113.9")) == ()
+    assert policy().resolves_names and not policy(mode="off").resolves_names
+
+
+@pytest.mark.parametrize("server, expected", [
+    ("198.51.100.53", ("198.51.100.53", 53)), ("198.51.100.53:5353", ("198.51.100.53", 5353)),
+    ("2001:db8::53", ("2001:db8::53", 53)), ("[2001:db8::53]:5353", ("2001:db8::53", 5353))])
+def test_upstream_servers_are_addresses_with_an_optional_port(server, expected):
+    assert parse_upstream(server) == expected
+
+
+@pytest.mark.parametrize("settings, message", [
+    (EgressSettings(dns_upstream=("dns.example",)), r"egress.dns_upstream\[0\]: 'dns.example' is not a server"),
+    (EgressSettings(dns_upstream=("192.0.2.1:0",)), r"egress.dns_upstream\[0\]: '192.0.2.1:0': the port"),
+    (EgressSettings(dns_refuse_with="drop"), "egress.dns_refuse_with: 'drop' is not one of refused, nxdomain"),
+    (EgressSettings(dns_ttl_floor=-1), "egress.dns_ttl_floor: seconds"),
+    (EgressSettings(dns_proxy_port=70000), "egress.dns_proxy_port: a port")])
+def test_dns_settings_are_checked(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        compile_policy(settings)
 
 
 def test_more_port_ranges_than_the_kernel_holds_for_one_prefix_is_an_error():
