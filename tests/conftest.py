@@ -19,8 +19,9 @@ import pytest
 
 from ebpfmon.config import DEFAULT_GPU_PREFIXES, Config
 from ebpfmon.host.cgroups import Hierarchy
-from helpers import (REPO, REQUIRE_BPF, Collector, Pool, RunningDaemon, bpf_unavailable_reason, make_agent_cgroup,
-                     remove_cgroup_tree, stopped_after)
+from helpers import (DNS_SERVER, MIRROR6, MIRROR_PORT, MIRRORS, REPO, REQUIRE_BPF, UNLISTED, Collector, Pool,
+                     RunningDaemon, Served, bpf_unavailable_reason, make_agent_cgroup, remove_cgroup_tree,
+                     stopped_after)
 
 TIERS = ("unit", "kernel", "e2e")
 
@@ -168,6 +169,22 @@ def stratum_pool(netns_host):
     threading.Thread(target=read, daemon=True).start()
     with stopped_after(server):
         yield pool
+
+
+@pytest.fixture(scope="session")
+def mirror(netns_host):
+    """The test mirror: a DNS server in the namespace answering mirror.test (and anything else)
+    round robin from MIRRORS with a TTL of one second, and a listener on MIRROR_PORT of every
+    address there. Yields both servers (what they did is in their lines)."""
+    for address in [DNS_SERVER, *MIRRORS, UNLISTED, MIRROR6]:
+        netns_host.add_address(address)
+    dns_server = netns_host.popen([sys.executable, str(REPO / "tests/servers/dns_server.py"), DNS_SERVER, "53",
+                                   ",".join(MIRRORS), "--ttl", "1", "--aaaa", MIRROR6],
+                                  stdout=subprocess.PIPE, text=True)
+    listener = netns_host.popen([sys.executable, str(REPO / "tests/servers/listener.py"), "::", str(MIRROR_PORT)],
+                                stdout=subprocess.PIPE, text=True)
+    with stopped_after(dns_server), stopped_after(listener):
+        yield Served(dns_server), Served(listener)
 
 
 # ---- a daemon with containment armed, on an agent root of its own ----

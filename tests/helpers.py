@@ -244,6 +244,59 @@ def sent_from(cgroup, host: str, port: int) -> int:
     return int(cgroup.run([sys.executable, "-c", SEND, host, str(port)], text=True).stdout)
 
 
+# the test mirror (the mirror fixture): a DNS server in the namespace, and what it answers
+DNS_SERVER = "198.51.100.53"
+MIRRORS = [f"198.51.100.{i}" for i in range(10, 20)]  # mirror.test's addresses, in turn (round robin)
+MIRROR6 = "2001:db8:100::10"  # its AAAA
+MIRROR_PORT = 8443  # a listener on every address of the namespace
+UNLISTED = "198.51.100.20"  # a host there no name gives
+NOBODY = "192.0.2.53"  # the resolver agents name: nothing there; the daemon's DNS proxy answers for it
+
+# resolves a name (A or AAAA) asking `server` (UDP, or TCP with "tcp"), then connects to the first
+# address at once, N times; prints [[rcode, address or null, connect errno or null], ...]
+RESOLVE_CONNECT = """
+import json, socket, sys
+import dns.message, dns.query, dns.rcode
+name, rdtype, server, transport, port, times = sys.argv[1:7]
+out = []
+for _ in range(int(times)):
+    query = dns.message.make_query(name, rdtype)
+    ask = dns.query.tcp if transport == "tcp" else dns.query.udp
+    try:
+        reply = ask(query, server, timeout=3)
+    except Exception as e:
+        out.append([type(e).__name__, None, None])
+        continue
+    addresses = [r.address for rrset in reply.answer for r in rrset if hasattr(r, "address")]
+    result = None
+    if addresses:
+        s = socket.socket(socket.AF_INET6 if ":" in addresses[0] else socket.AF_INET)
+        s.settimeout(3)
+        result = s.connect_ex((addresses[0], int(port)))
+        s.close()
+    out.append([dns.rcode.to_text(reply.rcode()), addresses[0] if addresses else None, result])
+print(json.dumps(out))
+"""
+
+
+def resolve_connect(agent, name: str, times: int = 1, rdtype: str = "A", server: str = NOBODY,
+                    transport: str = "udp") -> list[list]:
+    """From inside the agent: [[rcode or the exception's name, address, connect errno], ...]."""
+    out = agent.run([sys.executable, "-c", RESOLVE_CONNECT, name, rdtype, server, transport, str(MIRROR_PORT),
+                     str(times)], text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+class Served:
+    """A server that prints "listening", then a line per thing it did: kept in lines."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        assert proc.stdout.readline().strip() == "listening"
+        threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True).start()
+
+
 class DaemonProcess(Lines):
     """`ebpfmon run` on its own agent root and state directory, metrics off (tests run many).
     With from_file, the configuration file in the state directory names both (and a reload

@@ -9,7 +9,8 @@ import sys
 import signal
 import time
 
-from helpers import REPO, DaemonProcess, connect_from, ebpfmon, make_agent_cgroup, sent_from
+from helpers import (DNS_SERVER, MIRROR_PORT, MIRRORS, REPO, UNLISTED, DaemonProcess, connect_from, ebpfmon,
+                     make_agent_cgroup, resolve_connect, sent_from)
 
 POLICY = """\
 egress:
@@ -60,7 +61,7 @@ def test_bad_profiles_are_refused_with_file_line_and_key(tmp_path):
         (POLICY.replace("mode: audit", "mode: watch"), ":12: egress.profiles[1].mode: 'watch' is not one of"),
         (POLICY.replace("default_profile: closed", "default_profile: nope"), ":2: egress.default_profile: no "
                                                                              "profile is named 'nope'"),
-        (POLICY.replace("{cidr: \"2001:db8::/32\"}", "{name: mirror.test}"), ":9: egress.profiles[0].allow[2].name:"),
+        (POLICY.replace("{cidr: \"2001:db8::/32\"}", "{name: \"mirror..test\"}"), ":9: egress.profiles[0].allow[2].name:"),
     ]:
         config.write_text(text)
         for command in (("policy", "validate", str(config)), ("config", "check", str(config))):
@@ -114,17 +115,21 @@ print(socket.socket().connect_ex((sys.argv[1], int(sys.argv[2]))))
 """
 
 def test_a_profile_learned_from_a_session_lets_the_session_through_and_nothing_else(
-        bpf, hierarchy, own_root, tmp_path, sshd, netns_host):
+        bpf, hierarchy, own_root, tmp_path, sshd, netns_host, mirror, stratum_pool):
     state = tmp_path / "state"
     state.mkdir()
     config = state / "config.yaml"
-    base = f"agent_root: {own_root}\nstate_dir: {state}\nmetrics: {{enabled: false}}\nalerts: {{sinks: []}}\n"
-    config.write_text(base)
+    base = (f"agent_root: {own_root}\nstate_dir: {state}\nmetrics: {{enabled: false}}\nalerts: {{sinks: []}}\n"
+            f"egress:\n  dns_upstream: [{DNS_SERVER}]\n")
+    # recorded under a profile in audit mode: everything goes through, the DNS proxy sees the names
+    config.write_text(base + f"  profiles:\n    - {{name: recording, agents: ['{own_root}/web-*'], mode: audit}}\n")
     web = make_agent_cgroup(hierarchy, own_root, "web")
     with socket.create_server(("127.0.0.1", 0)) as local_service:
         local_port = local_service.getsockname()[1]
         daemon = DaemonProcess(own_root, str(state), from_file=True)
-        try:  # the session: ssh's port on the test host, a local service, a datagram; and a failed try
+        try:  # the session: names looked up and a download from the mirror, ssh's port on the test
+            # host, a local service, a datagram; and a failed try
+            assert [t[0::2] for t in resolve_connect(web, "mirror.test", times=3)] == [["NOERROR", 0]] * 3
             assert connect_from(web, netns_host.address, 22) == 0
             assert connect_from(web, "127.0.0.1", local_port) == 0
             assert sent_from(web, netns_host.address, 5353) == 0
@@ -138,20 +143,30 @@ def test_a_profile_learned_from_a_session_lets_the_session_through_and_nothing_e
                       "--config", str(config))
         assert out.returncode == 0, out.stderr
         learned = out.stdout
-        assert f"{netns_host.address}/32, ports: [22], proto: tcp" in learned
+        assert f"name: mirror.test, ports: [{MIRROR_PORT}], proto: tcp" in learned
+        assert f"{netns_host.address}/32, ports: [22], proto: tcp" in learned, learned
         assert f"127.0.0.1/32, ports: [{local_port}], proto: tcp" in learned
         assert f"{netns_host.address}/32, ports: [5353], proto: udp" in learned
+        assert not any(m in learned for m in MIRRORS)  # the mirror is learned by name, not by address
         assert "8022" not in learned and "# Review it before use" in learned
-        config.write_text(base + learned)
+        config.write_text(base + learned.split("egress:\n", 1)[1])
         assert ebpfmon("policy", "validate", str(config)).returncode == 0
         daemon = DaemonProcess(own_root, str(state), from_file=True)
-        try:  # the session again, under the learned profile: all of it works; nothing else does
+        try:  # the session again, under the learned profile: all of it works (the mirror answers with
+            # other addresses this time: the name allows them); nothing else does, with nothing sent
+            assert [t[0::2] for t in resolve_connect(web, "mirror.test", times=3)] == [["NOERROR", 0]] * 3
             assert connect_from(web, netns_host.address, 22) == 0
             assert connect_from(web, "127.0.0.1", local_port) == 0
             assert sent_from(web, netns_host.address, 5353) == 0
+            assert resolve_connect(web, "pool.example.net") == [["REFUSED", None, None]]
             assert connect_from(web, netns_host.address, 8022) == errno.EPERM
-            assert connect_from(web, "198.51.100.3", 443) == errno.EPERM
-            assert sent_from(web, netns_host.address, 53) == errno.EPERM
+            reverse_tunnel = web.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "-N",
+                                      "-R", "2222:127.0.0.1:22", f"root@{UNLISTED}"], text=True)
+            assert reverse_tunnel.returncode == 255 and "Operation not permitted" in reverse_tunnel.stderr
+            pool_before = len(stratum_pool.accepted)
+            assert connect_from(web, stratum_pool.host, stratum_pool.port) == errno.EPERM
+            assert len(stratum_pool.accepted) == pool_before
+            assert sent_from(web, netns_host.address, 5354) == errno.EPERM
         finally:
             daemon.stop()
 

@@ -159,6 +159,12 @@ def test_learning_takes_what_was_reached_and_writes_a_profile_that_compiles(tmp_
         ev.RefusedEvent(time_ns=3, cgroup_id=1, cgroup="/agents/web-1", proc=proc(), reason="egress", op="connect",
                         dry_run=False, family="inet", address="203.0.113.5", port=22, protocol="tcp"),
         *[connect("192.0.2.80", port) for port in range(1000, 1020, 2)],  # 10 ports apart: widened
+        # the proxy's answer, logged after the connects to its address: learned as the name
+        connect("198.51.100.30", 443), connect("198.51.100.31", 8443),
+        ev.DnsEvent(time_ns=4, cgroup_id=1, cgroup="/agents/web-1", proc=proc(), dns_query="deb.mirror.test",
+                    qtype="A", verdict="answered", answers=["198.51.100.30", "198.51.100.31"], ttl=60),
+        ev.DnsEvent(time_ns=4, cgroup_id=1, cgroup="/agents/web-1", proc=proc(), dns_query="evil.test",
+                    qtype="A", verdict="refused"),
         connect("198.51.100.66", 443, at=0),  # before --since
         ev.ConnectEvent(time_ns=5, cgroup_id=2, cgroup="/agents/batch-1", proc=proc(), address="198.51.100.99",
                         port=443, retval=0),  # another agent
@@ -166,11 +172,12 @@ def test_learning_takes_what_was_reached_and_writes_a_profile_that_compiles(tmp_
     learned = learn(events, "/agents/web-*", AgentLayout("/agents"), since_ns=1)
     text = profile_yaml(learned, "web", "audit")
     allows = yaml.safe_load(text)["egress"]["profiles"][0]["allow"]
-    assert {(a["cidr"], tuple(a.get("ports", ())), a["proto"]) for a in allows} == {
-        ("192.0.2.53/32", (53,), "udp"), ("192.0.2.80/32", ("1000-1018",), "tcp"),
-        ("198.51.100.7/32", (443,), "tcp"), ("198.51.100.8/32", (80,), "tcp"),
-        ("203.0.113.4/32", (8443,), "tcp")}
-    assert "mirror.example" in text and "widened to one" in text and "2 by curl" in text
+    assert {(a.get("cidr") or a["name"], tuple(a.get("ports", ())), a["proto"]) for a in allows} == {
+        ("192.0.2.80/32", ("1000-1018",), "tcp"), ("198.51.100.7/32", (443,), "tcp"),
+        ("198.51.100.8/32", (80,), "tcp"),  # audit mode's would-refuse: the connect beside it decides
+        ("deb.mirror.test", (443, 8443), "tcp")}  # DNS itself (192.0.2.53:53) goes to the proxy: left out
+    assert "whose addresses nothing reached" in text and "mirror.example, evil.test" not in text
+    assert "evil.test, mirror.example" in text and "widened to one" in text and "2 by curl" in text
     config = tmp_path / "config.yaml"
     config.write_text(text)
     assert compile_policy(load_config(config).egress).profiles[0].decide("198.51.100.7", 443)
