@@ -17,7 +17,8 @@ from ebpfmon import events as ev
 from ebpfmon.config import load_config
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.policy.learn import audit_files, learn, profile_yaml
-from ebpfmon.policy.profiles import MODES, Policy, Profile, compiled
+from ebpfmon.policy.profiles import MODES, PROTOCOLS, Policy, Profile, compiled
+from ebpfmon.service import control
 
 app = typer.Typer(help="Egress profiles: what each agent may reach, enforced in the kernel.", no_args_is_help=True,
                   epilog="Examples:\n\n  ebpfmon policy list\n\n"
@@ -30,13 +31,33 @@ def _policy(config_file: Path | None) -> Policy:
     return compiled(config.egress)
 
 
-def _show(profile: Profile, default: bool) -> None:
+def _show(profile: Profile, default: bool, granted: list | None = None) -> None:
+    """The profile; with granted (the daemon's answer), the addresses its names allow now."""
     globs = ", ".join(profile.agents) or "-"
     print(f"{profile.name}  mode: {profile.mode}  agents: {globs}{'  (default profile)' if default else ''}")
     for allow in profile.allows:
         print(f"    allow {allow}")
-    if not profile.allows:
+    for name in profile.names:
+        print(f"    allow {name}")
+    if not profile.allows and not profile.names:
         print("    allows nothing")
+    if granted is None:
+        return
+    mine = [(address, name, left) for who, address, name, left in granted if who == profile.name]
+    if not mine and profile.names:
+        print("    no address allowed through names now (none resolved, or all expired)")
+    for address, name, left in mine:
+        print(f"    allowed now {address} (resolved from {name}, {left:.0f}s left)")
+
+
+def _granted(config_file: Path | None) -> list | None:
+    """What the running daemon's DNS proxy allows now; None (and a note) without a daemon."""
+    config, _ = effective_config(config_file)
+    answer = control.request(config.state_dir, {"cmd": "names"})
+    if answer is None or not answer.get("ok"):
+        print("(no daemon running: no address is allowed through names)")
+        return None
+    return answer["names"]
 
 
 @app.command("list", epilog="Example:\n\n  ebpfmon policy list --config /etc/ebpfmon/config.yaml")
@@ -54,7 +75,8 @@ def list_profiles(config_file: ConfigOption = None) -> None:
 def show(agent: Annotated[Optional[str], typer.Argument(help="An agent's cgroup, such as /ebpfmon-agents/web-1; "
                                                          "none: every profile, as list does.")] = None,
          config_file: ConfigOption = None) -> None:
-    """Show the profile that applies to an agent (the first whose globs match, else the default)."""
+    """Show the profile that applies to an agent (the first whose globs match, else the default),
+    and the addresses its DNS names allow now (asked of the running daemon)."""
     if agent is None:
         list_profiles(config_file)
         return
@@ -63,12 +85,14 @@ def show(agent: Annotated[Optional[str], typer.Argument(help="An agent's cgroup,
     if profile is None:
         print(f"{agent}: no profile applies (no policy)")
         return
+    granted = _granted(config_file) if profile.names else None
     print(f"{agent}: ", end="")
-    _show(profile, profile is policy.default)
+    _show(profile, profile is policy.default, granted)
 
 
 def _destination(text: str) -> tuple[str, int]:
-    """'198.51.100.7:443', '[2001:db8::1]:443', or an address alone (port 0: any)."""
+    """'198.51.100.7:443', '[2001:db8::1]:443', 'mirror.example:443', or an address or name alone
+    (port 0: any)."""
     host, port = text, "0"
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -78,8 +102,9 @@ def _destination(text: str) -> tuple[str, int]:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: give an address and a port, such as 198.51.100.7:443 or "
-                                 "[2001:db8::1]:443 (DNS names come with the DNS proxy)") from None
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", host):
+            raise typer.BadParameter(f"{text!r}: give an address or a DNS name and a port, such as "
+                                     "198.51.100.7:443, [2001:db8::1]:443 or mirror.example:443") from None
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise typer.BadParameter(f"{text!r}: the port must be a number from 1 to 65535")
     return host, int(port)
@@ -88,9 +113,10 @@ def _destination(text: str) -> tuple[str, int]:
 @app.command("check", epilog="Examples:\n\n"
              "  ebpfmon policy check --agent /ebpfmon-agents/web-1 198.51.100.7:443\n\n"
              "  ebpfmon policy check --agent /ebpfmon-agents/web-1 --udp 192.0.2.53:53\n\n"
+             "  ebpfmon policy check --agent /ebpfmon-agents/web-1 deb.mirror.example:443\n\n"
              "Exit status 0 when the destination is allowed, 1 when it is refused.")
 def check(
-    destination: Annotated[str, typer.Argument(metavar="DEST[:PORT]", help="The address, and its port.")],
+    destination: Annotated[str, typer.Argument(metavar="DEST[:PORT]", help="The address or DNS name, and its port.")],
     agent: Annotated[str, typer.Option("--agent", metavar="CGROUP", help="The agent's cgroup.")] = ...,
     udp: Annotated[bool, typer.Option("--udp", help="A datagram, not a TCP connect.")] = False,
     config_file: ConfigOption = None,
@@ -104,14 +130,28 @@ def check(
         print(f"allow: {shown} for {agent}: " + ("no profile applies" if profile is None
                                                  else f"profile {profile.name} is off"))
         return
-    allow = profile.decide(host, port, "udp" if udp else "tcp")
+    allow = _decide(profile, host, port, "udp" if udp else "tcp")
     if allow is not None:
-        print(f"allow: {shown} for {agent}: profile {profile.name}, {allow}")
+        resolved = " (its addresses, once the agent resolved it through the DNS proxy)" if profile.names and \
+            allow in profile.names else ""
+        print(f"allow: {shown} for {agent}: profile {profile.name}, {allow}{resolved}")
         return
     verdict = "refuse" if profile.mode == "enforce" else "allow (audit: reported as would-refuse)"
     print(f"{verdict}: {shown} for {agent}: profile {profile.name} ({profile.mode}) has no entry that allows it")
     if profile.mode == "enforce":
         raise typer.Exit(1)
+
+
+def _decide(profile: Profile, host: str, port: int, proto: str):
+    """The entry allowing the destination; for a name, the name entry whose ports cover it (the
+    addresses it resolves to are allowed when the agent resolves it through the DNS proxy)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        number = PROTOCOLS[proto]
+        return next((n for n in profile.names if n.matches(host) and any(r.covers(port, number) for r in n.ranges)),
+                    None)
+    return profile.decide(host, port, proto)
 
 
 @app.command("validate", epilog="Example:\n\n  ebpfmon policy validate /etc/ebpfmon/config.yaml\n\n"
@@ -120,8 +160,10 @@ def validate(file: Annotated[Path, typer.Argument(help="The configuration file h
     """Check the egress profiles of a configuration file."""
     policy = compiled(load_config(file).egress)
     prefixes = sum(len(p.prefixes) for p in policy.profiles)
+    names = sum(len(p.names) for p in policy.profiles)
     default = policy.default.name if policy.default else "none"
-    print(f"ok: {file}: {len(policy.profiles)} profile(s), {prefixes} prefix(es), default profile: {default}")
+    print(f"ok: {file}: {len(policy.profiles)} profile(s), {prefixes} prefix(es), {names} name(s), "
+          f"default profile: {default}")
 
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

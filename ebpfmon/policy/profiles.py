@@ -83,7 +83,7 @@ class NameAllow:
         return name == self.pattern
 
     def __str__(self) -> str:
-        return f"{self.pattern} {', '.join(map(str, self.ranges))} ({self.where})"
+        return f"name {self.pattern} {', '.join(map(str, self.ranges))} ({self.where})"
 
 
 @dataclass(frozen=True)

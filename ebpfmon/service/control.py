@@ -3,7 +3,8 @@
 A Unix stream socket in the state directory (itself 0700), 0600, root only
 (checked again with SO_PEERCRED). One JSON request per connection, one JSON
 answer: {"cmd": "list"} | {"cmd": "release", "agent": ..., "reason": ...} |
-{"cmd": "cut", "agent": ..., "reason": ...} | {"cmd": "reload"}.
+{"cmd": "cut", "agent": ..., "reason": ...} | {"cmd": "reload"} | {"cmd": "names"} (the addresses
+agents' DNS names allow now).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
             return {"ok": ok, "message": message} if ok else {"ok": False, "error": message}
         if cmd == "list":
             return {"ok": True, "records": [asdict(r) for r in containment.store.records]}
+        if cmd == "names":
+            return {"ok": True, "names": containment.enforcer.name_grant_list()}
         if cmd in ("release", "cut"):
             agent, reason = request.get("agent") or "", request.get("reason") or ""
             if cmd == "cut" and not reason:
@@ -54,7 +57,7 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
             return {"ok": True, "record": asdict(record)}
     except ContainmentRefused as e:
         return {"ok": False, "error": e.message}
-    return {"ok": False, "error": f"unknown command {cmd!r}; known: list, release, cut, reload"}
+    return {"ok": False, "error": f"unknown command {cmd!r}; known: list, release, cut, reload, names"}
 
 
 class ControlServer:

@@ -49,7 +49,7 @@ def test_policy_check_names_the_deciding_entry_and_exits_by_verdict(tmp_path):
     out = ebpfmon("policy", "show", "--config", str(config))  # no agent: every profile
     assert out.returncode == 0 and "watched  mode: audit" in out.stdout and "(default profile)" in out.stdout
     out = ebpfmon("policy", "validate", str(config))
-    assert out.returncode == 0 and "3 profile(s), 3 prefix(es), default profile: closed" in out.stdout
+    assert out.returncode == 0 and "3 profile(s), 3 prefix(es), 0 name(s), default profile: closed" in out.stdout
 
 
 def test_bad_profiles_are_refused_with_file_line_and_key(tmp_path):
@@ -107,6 +107,23 @@ def test_the_shipped_example_policy_is_valid_and_does_what_it_says():
     assert ebpfmon(*check, "/ebpfmon-agents/build-1", "192.0.2.11:443").returncode == 1
     assert ebpfmon(*check, "/ebpfmon-agents/anyone", "127.0.0.1:22").returncode == 1
     assert ebpfmon(*check, "/ebpfmon-agents/trial-1", "203.0.113.5:22").returncode == 0  # audit: reported
+
+
+def test_the_shipped_package_mirrors_policy_allows_the_mirrors_by_name_on_443_only():
+    example = REPO / "deploy/egress/package-mirrors.yaml"
+    out = ebpfmon("policy", "validate", str(example))
+    assert out.returncode == 0 and "2 profile(s)" in out.stdout and "default profile: package-mirrors" in out.stdout
+    check = ("policy", "check", "--config", str(example), "--agent")
+    out = ebpfmon(*check, "/ebpfmon-agents/any-1", "files.pythonhosted.org:443")
+    assert out.returncode == 0 and "name files.pythonhosted.org port 443/tcp" in out.stdout
+    assert ebpfmon(*check, "/ebpfmon-agents/any-1", "cdn-lfs.huggingface.co:443").returncode == 0  # a wildcard
+    assert ebpfmon(*check, "/ebpfmon-agents/any-1", "pypi.org:80").returncode == 1
+    assert ebpfmon(*check, "/ebpfmon-agents/any-1", "--udp", "pypi.org:443").returncode == 1
+    assert ebpfmon(*check, "/ebpfmon-agents/any-1", "pool.example.net:443").returncode == 1
+    assert ebpfmon(*check, "/ebpfmon-agents/build-1", "192.0.2.10:443").returncode == 0  # combined
+    assert ebpfmon(*check, "/ebpfmon-agents/build-1", "github.com:443").returncode == 1  # not in builds
+    out = ebpfmon("policy", "show", "--config", str(example), "/ebpfmon-agents/build-1")
+    assert "allow name pypi.org port 443/tcp" in out.stdout and "no daemon running" in out.stdout
 
 
 BLOCKING_CONNECT = """

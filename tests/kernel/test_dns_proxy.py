@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from helpers import (DNS_SERVER, MIRROR6, MIRROR_PORT as PORT, MIRRORS, NOBODY, UNLISTED, RunningDaemon,
-                     connect_from, make_agent_cgroup, resolve_connect, sent_from)
+                     connect_from, ebpfmon, make_agent_cgroup, resolve_connect, sent_from)
 
 CONFIG = """\
 agent_root: {root}
@@ -140,11 +141,17 @@ def test_audit_mode_answers_every_name_and_reports_those_it_would_refuse(proxy, 
     assert proxy.daemon.metrics.dns_questions.labels("watched", "would-refuse")._value.get() == 1
 
 
-def test_without_the_daemon_the_agents_dns_fails_closed(own_root, tmp_path, hierarchy, mirror):
-    running = ProxyDaemon(None, own_root, threading.Event()).start(tmp_path / "config.yaml", floor=1)
+def test_policy_show_lists_what_names_allow_now_and_without_the_daemon_dns_fails_closed(
+        own_root, tmp_path, hierarchy, mirror):
+    running = ProxyDaemon(None, own_root, threading.Event()).start(tmp_path / "config.yaml", floor=60)
     web = make_agent_cgroup(hierarchy, own_root, "web")
-    assert resolve_connect(web, "mirror.test")[0][2] == 0
+    [[_, address, result]] = resolve_connect(web, "mirror.test")
+    assert result == 0
+    out = ebpfmon("policy", "show", "--config", str(tmp_path / "config.yaml"), web.name)
+    assert out.returncode == 0, out.stderr
+    assert "allow name mirror.test port 8443/tcp" in out.stdout
+    assert re.search(rf"allowed now {re.escape(address)} \(resolved from mirror.test, (59|60)s left\)", out.stdout)
     running.close()  # the programs stay, the proxy is gone
     [[failure, _, _]] = resolve_connect(web, "mirror.test", transport="tcp")
     assert failure == "ConnectionRefusedError"
-    assert connect_from(web, MIRRORS[5], PORT) == errno.EPERM
+    assert connect_from(web, UNLISTED, PORT) == errno.EPERM  # the policy stays in force
