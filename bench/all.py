@@ -30,6 +30,7 @@ BENCHMARKS = {
     "instructions": "RESULTS-instructions.md",
     "containment": "RESULTS-containment.md",
     "egress": "RESULTS-egress.md",
+    "dns_proxy": "RESULTS-dns-proxy.md",
     "compare": "RESULTS-compare.md",
 }
 

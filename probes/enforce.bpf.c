@@ -262,13 +262,17 @@ static __always_inline int egress_permits(struct egress_allow *allow, u16 port, 
 {
 	if (!allow)
 		return 0;
-	int expired = allow->expires_ns < bpf_ktime_get_ns();
+	int expired = -1;  /* the clock only for names' ranges: reading it costs more than the lookup here */
 	for (int i = 0; i < EGRESS_RANGES; i++) {
 		if (i >= allow->count)
 			break;
 		struct egress_range *r = &allow->range[i];
-		if (r->from_name && expired)
-			continue;
+		if (r->from_name) {
+			if (expired < 0)
+				expired = allow->expires_ns < bpf_ktime_get_ns();
+			if (expired)
+				continue;
+		}
 		if (port >= r->lo && port <= r->hi && (!r->proto || r->proto == proto))
 			return 1;
 	}

@@ -106,11 +106,18 @@ class Profile:
     def static_ranges(self, ip) -> tuple[PortRange, ...]:
         """What the longest prefix written that contains ip allows (what the kernel's trie
         finds for it without names)."""
-        for length in range(ip.max_prefixlen, -1, -1):
-            found = self.prefixes.get(ipaddress.ip_network(f"{ip}/{length}", strict=False))
+        network = ipaddress.ip_network(ip)
+        for length in self.prefix_lengths[ip.version]:
+            found = self.prefixes.get(network.supernet(new_prefix=length) if length < ip.max_prefixlen else network)
             if found is not None:
                 return found
         return ()
+
+    @functools.cached_property
+    def prefix_lengths(self) -> dict[int, list[int]]:
+        """The lengths of the prefixes written, longest first, by IP version."""
+        return {version: sorted({n.prefixlen for n in self.prefixes if n.version == version}, reverse=True)
+                for version in (4, 6)}
 
     def matches(self, agent: str) -> bool:
         return any(fnmatch.fnmatchcase(agent, glob) for glob in self.agents)
