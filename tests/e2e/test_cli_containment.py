@@ -107,7 +107,7 @@ def test_quarantine_without_a_daemon_applies_the_configuration(bpf, hierarchy, o
                          "gpu_policy")
     depth = len([p for p in own_root.split("/") if p])
     [settings] = maps["enforce_config"]
-    assert settings["value"] == {"agent_level": depth + 2, "dry_run": 1, "gpu_default_deny": 1, "_pad": 0}
+    assert settings["value"] == {"agent_level": depth + 2, "dry_run": 1, "gpu_default_deny": 1, "dns_proxy_port": 0}
     assert sorted(e["key"] for e in maps["deny_ports"]) == [3333, 4444]
     assert sorted((e["key"]["addr"], e["key"]["prefixlen"]) for e in maps["cut_allow4"]) == [
         ([127, 0, 0, 0], 8), ([192, 0, 2, 0], 24)]
