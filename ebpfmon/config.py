@@ -52,10 +52,15 @@ class EnforceSettings:
     # ports no agent may connect or send to; None: the rules' mining_pool_ports list
     deny_ports: tuple[int, ...] | None = None
     deny_networks: tuple[str, ...] = ()
-    # automatic cuts, freezes and kills of distinct agents allowed within rate_seconds;
-    # past that, containment stops and says so (a misfiring rule must not cut the fleet)
-    rate_limit: int = 5
-    rate_seconds: float = 60.0
+    # the breaker, per rule: a rule whose automatic cuts, freezes and kills reach more distinct
+    # agents within breaker_seconds than the larger of breaker_agents and breaker_fraction of
+    # the agents on the node is suspended (it still alerts) for breaker_resume_seconds, or until
+    # `ebpfmon rules resume`: a misfiring rule must not cut the fleet, and the rules that are
+    # right keep containing. Rules marked never_suspend, and the kernel's policy, are never under it.
+    breaker_agents: int = 20
+    breaker_fraction: float = 0.5
+    breaker_seconds: float = 60.0
+    breaker_resume_seconds: float = 900.0
 
 
 @dataclass(frozen=True)

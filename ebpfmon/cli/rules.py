@@ -9,16 +9,19 @@ from typing import Annotated, Optional
 import typer
 
 from ebpfmon import events as ev
-from ebpfmon.cli.common import (AgentRootOption, ConfigOption, NoDefaultsOption, RulesOption, effective_config,
-                                with_rules)
+from ebpfmon.cli.common import (AgentRootOption, ConfigOption, NoDefaultsOption, RulesOption, StateDirOption,
+                                effective_config, with_rules)
 from ebpfmon.config import Config
+from ebpfmon.errors import EbpfmonError
 from ebpfmon.output import clock
 from ebpfmon.rules.cases import load_cases
 from ebpfmon.rules.engine import Engine
 from ebpfmon.rules.loader import load_rules, rule_paths
+from ebpfmon.service import control
 from ebpfmon.service.assemble import rule_context
 
-app = typer.Typer(help="List, validate and test rules.", no_args_is_help=True,
+app = typer.Typer(help="List, validate and test rules; resume those the containment breaker suspended.",
+                  no_args_is_help=True,
                   epilog="Examples:\n\n  ebpfmon rules list\n\n  ebpfmon rules validate --rules my-rules.yaml\n\n"
                          "  ebpfmon rules test --events /var/lib/ebpfmon/audit/events.jsonl")
 
@@ -111,3 +114,32 @@ def test(
             failed |= bool(failures)
     if failed:
         raise typer.Exit(1)
+
+
+def _ask_daemon(config_file: Path | None, state_dir: str | None, message: dict) -> dict:
+    config, _ = effective_config(config_file, state_dir=state_dir)
+    answer = control.request(config.state_dir, message)
+    if answer is None:
+        raise EbpfmonError("no daemon is running (no control socket in the state directory "
+                           f"{config.state_dir}).", "Start it with 'ebpfmon run', or give its --state-dir.")
+    if not answer.get("ok"):
+        raise EbpfmonError(answer.get("error", "the daemon refused"), "See 'ebpfmon rules suspended'.")
+    return answer
+
+
+@app.command("suspended", epilog="Example:\n\n  ebpfmon rules suspended")
+def suspended(config_file: ConfigOption = None, state_dir: StateDirOption = None) -> None:
+    """Show the rules the containment breaker suspended: they alert, they contain no one."""
+    rules = _ask_daemon(config_file, state_dir, {"cmd": "suspended"})["rules"]
+    if not rules:
+        print("no rule is suspended")
+    for rule, s in rules.items():
+        print(f"{rule}: suspended at {clock(s['since_ns'])} until {clock(s['until_ns'])}, after containing "
+              f"{len(s['agents'])} agents: {', '.join(s['agents'][:10])}")
+
+
+@app.command("resume", epilog="Example:\n\n  ebpfmon rules resume 'Network scanner started'")
+def resume(rule: Annotated[str, typer.Argument(help="The rule's name, as the breaker's page gives it.")],
+           config_file: ConfigOption = None, state_dir: StateDirOption = None) -> None:
+    """Let a rule the containment breaker suspended contain again (check the rule first)."""
+    print(_ask_daemon(config_file, state_dir, {"cmd": "resume", "rule": rule})["message"])

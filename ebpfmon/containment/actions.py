@@ -3,8 +3,9 @@
 Safety first: only ever an agent cgroup strictly below the agent root, never
 the root cgroup, the agent root itself, or the cgroup this daemon runs in;
 anything else is refused with a notice. A global dry run and per-rule
-`enforce: false` record what would have been done. A rate limit stops
-automatic containment when one rule starts hitting many agents at once.
+`enforce: false` record what would have been done. A breaker per rule
+(containment/breaker.py) suspends a rule that starts hitting many agents at
+once, and leaves the others containing.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import os
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from ebpfmon.host.cgroups import Hierarchy, cgroup_of
 from ebpfmon.config import Config
 from ebpfmon.containment import dns
+from ebpfmon.containment.breaker import Breaker
 from ebpfmon.containment.gpu import grant_gpus
 from ebpfmon.host import sockets
 from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
@@ -52,7 +53,8 @@ class Containment:
         self.own_cgroup = cgroup_of(os.getpid()) or "/"
         self.on_release = on_release or (lambda record: None)  # e.g. resolve the pager's incidents
         self.on_action = on_action or (lambda action, result: None)  # e.g. count it
-        self._recent: deque[tuple[int, str]] = deque()  # (time, agent) of automatic containments
+        self.breaker = Breaker(config.enforce, lambda: len(self.agent_paths()))
+        self.dirty = False  # records changed since the quarantine file was written (flush)
         self.lock = threading.RLock()
 
     # ---- safety ----
@@ -76,18 +78,6 @@ class Containment:
             raise ContainmentRefused(f"refused: cgroup {agent} does not exist (any more).")
         return agent
 
-    def _rate_limited(self, agent: str, now: int) -> bool:
-        horizon = now - int(self.settings.rate_seconds * 1e9)
-        while self._recent and self._recent[0][0] < horizon:
-            self._recent.popleft()
-        agents = {a for _, a in self._recent}
-        if agent in agents:
-            return False
-        if len(agents) >= self.settings.rate_limit:
-            return True
-        self._recent.append((now, agent))
-        return False
-
     # ---- from verdicts ----
 
     def apply(self, verdict) -> list[Notice]:
@@ -105,10 +95,11 @@ class Containment:
             if record is not None:
                 if len(record.triggers) < 100:
                     record.triggers.append({"rule": verdict.rule, "time_ns": now})
-            elif not dry and any(a in DISRUPTIVE_ACTIONS for a in verdict.actions) and self._rate_limited(agent, now):
-                return [Notice("CRITICAL", f"containment rate limit: more than {self.settings.rate_limit} agents "
-                                           f"in {self.settings.rate_seconds:.0f}s; not acting on {agent} for rule "
-                                           f"{verdict.rule!r}. Check the rule; contain by hand if needed.")]
+                    self.dirty = True
+            elif not dry and not verdict.never_suspend and any(a in DISRUPTIVE_ACTIONS for a in verdict.actions):
+                suspension = self.breaker.admit(verdict.rule, agent, now)
+                if suspension is not None:
+                    return [self._suspended_notice(verdict.rule, agent, suspension, now)]
             new = record is None
             if new:
                 record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=verdict.rule,
@@ -119,8 +110,29 @@ class Containment:
                 record.event = verdict.event.to_dict()
                 record.connections = self._connections(agent)  # still listed: a cut blocks, not closes
                 self.store.add(record)
-            self.store.save()
+                self.dirty = True
             return [n for n in notices if n]
+
+    def flush(self) -> None:
+        """Writes the quarantine file if records changed: once per batch of verdicts (the
+        daemon calls it after each), not per verdict; the kernel state it records is pinned."""
+        with self.lock:
+            if self.dirty:
+                self.store.save()
+                self.dirty = False
+
+    def _suspended_notice(self, rule: str, agent: str, suspension, now: int) -> Notice:
+        if suspension.since_ns != now:
+            return Notice("NOTICE", f"not acting on {agent} for rule {rule!r}: the rule is suspended by the "
+                                    f"containment breaker (alerts go on)")
+        until = time.strftime("%H:%M:%S", time.localtime(suspension.until_ns / 1e9))
+        shown = ", ".join(suspension.agents[:10]) + (f" and {len(suspension.agents) - 10} more"
+                                                     if len(suspension.agents) > 10 else "")
+        return Notice("CRITICAL", f"containment breaker: rule {rule!r} contained {len(suspension.agents)} agents "
+                                  f"within {self.settings.breaker_seconds:.0f}s ({shown}) and would contain "
+                                  f"{agent} too: it is suspended for automatic actions (it still alerts; the other "
+                                  f"rules go on containing) until {until}. Check the rule, then resume it: "
+                                  f"ebpfmon rules resume {rule!r}")
 
     def _connections(self, agent: str) -> list[dict]:
         try:
@@ -131,8 +143,8 @@ class Containment:
 
     def _act(self, record: Record, action: str, event, dry: bool, now: int) -> Notice | None:
         done = {a.action for a in record.actions if a.result in ("applied", "dry run")}
-        if action in done and action != "kill":
-            return None
+        if action in done and (action != "kill" or not _alive(getattr(event.proc, "pid", 0))):
+            return None  # a second rule on the same exec: its process is dead already
         detail = ""
         try:
             if dry:
@@ -293,6 +305,16 @@ def _host_network(address: str | None) -> str | None:
         return None
     ip = ipaddress.ip_address(address)
     return f"{ip}/{ip.max_prefixlen}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def kill_subtree(pid: int, cgroup_dir: Path) -> int:

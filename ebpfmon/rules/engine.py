@@ -35,6 +35,7 @@ class Verdict:
     agent: str | None  # the agent's cgroup
     event: ev.Event
     count: int = 1  # events (or distinct values) that made a window rule fire
+    never_suspend: bool = False  # the containment breaker never suspends the rule
 
     @property
     def time_ns(self) -> int:
@@ -167,7 +168,8 @@ class Engine:
         return Verdict(rule=rule.name, priority=rule.priority,
                        output=rule.output.render(x, {"window.count": count}),
                        tags=rule.tags, actions=rule.actions, enforce=rule.enforce,
-                       agent=self.context.agent_cgroup(x.event.cgroup), event=x.event, count=count)
+                       agent=self.context.agent_cgroup(x.event.cgroup), event=x.event, count=count,
+                       never_suspend=rule.never_suspend)
 
     def state_size(self) -> dict[str, int]:
         """Keys held per stateful rule (for metrics and tests)."""

@@ -25,7 +25,7 @@ from ebpfmon.rules.ruleset import (DEFAULT_MAX_KEYS, CompiledRule, Output, RuleS
 
 
 RULE_KEYS = {"rule", "desc", "condition", "output", "priority", "tags", "enabled", "actions", "enforce",
-             "exceptions", "window", "sequence", "source", "override", "append"}
+             "never_suspend", "exceptions", "window", "sequence", "source", "override", "append"}
 MACRO_KEYS = {"macro", "condition", "override", "append"}
 LIST_KEYS = {"list", "items", "override", "append"}
 IGNORED_ITEMS = {"required_engine_version", "required_plugin_versions"}
@@ -337,7 +337,7 @@ class Compiler:
             self.problems.append(item.fields["actions"].problem(
                 f"actions must be a list of {', '.join(ACTIONS)}; got {actions!r}"))
         tags = [str(t) for t in item.get("tags", []) or []]
-        for key in ("enabled", "enforce"):
+        for key in ("enabled", "enforce", "never_suspend"):
             if key in item.fields and not isinstance(item.get(key), bool):
                 self.problems.append(item.fields[key].problem(f"{key} is true or false"))
 
@@ -367,7 +367,7 @@ class Compiler:
         return CompiledRule(
             name=name, desc=str(item.get("desc", "")), priority=priority, tags=tags, actions=list(actions),
             enabled=item.get("enabled", True),
-            enforce=item.get("enforce", True), condition=cond, exceptions=exceptions, window=window,
+            enforce=item.get("enforce", True), never_suspend=item.get("never_suspend", False), condition=cond, exceptions=exceptions, window=window,
             sequence=sequence, output=Output(output_text),
             source=f"{item.where.source.name}:{item.where.node.start_mark.line + 1}")
 

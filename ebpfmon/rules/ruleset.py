@@ -94,6 +94,7 @@ class CompiledRule:
     output: Output
     source: str  # file:line of the definition
     enabled: bool = True
+    never_suspend: bool = False  # high confidence: the containment breaker never suspends it
 
     @property
     def kinds(self) -> frozenset[str]:

@@ -4,7 +4,7 @@ A Unix stream socket in the state directory (itself 0700), 0600, root only
 (checked again with SO_PEERCRED). One JSON request per connection, one JSON
 answer: {"cmd": "list"} | {"cmd": "release", "agent": ..., "reason": ...} |
 {"cmd": "cut", "agent": ..., "reason": ...} | {"cmd": "reload"} | {"cmd": "names"} (the addresses
-agents' DNS names allow now).
+agents' DNS names allow now) | {"cmd": "resume", "rule": ...} | {"cmd": "suspended"} (the breaker's).
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
             return {"ok": ok, "message": message} if ok else {"ok": False, "error": message}
         if cmd == "list":
             return {"ok": True, "records": [asdict(r) for r in containment.store.records]}
+        if cmd == "resume":
+            rule = request.get("rule") or ""
+            if not containment.breaker.resume(rule):
+                suspended = ", ".join(repr(r) for r in containment.breaker.active()) or "none"
+                return {"ok": False, "error": f"rule {rule!r} is not suspended (suspended: {suspended})"}
+            return {"ok": True, "message": f"rule {rule!r} contains again"}
+        if cmd == "suspended":
+            return {"ok": True, "rules": {rule: {"since_ns": s.since_ns, "until_ns": s.until_ns, "agents": s.agents}
+                                          for rule, s in containment.breaker.active().items()}}
         if cmd == "names":
             return {"ok": True, "names": containment.enforcer.name_grant_list()}
         if cmd in ("release", "cut"):
@@ -57,7 +66,8 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
             return {"ok": True, "record": asdict(record)}
     except ContainmentRefused as e:
         return {"ok": False, "error": e.message}
-    return {"ok": False, "error": f"unknown command {cmd!r}; known: list, release, cut, reload, names"}
+    return {"ok": False, "error": f"unknown command {cmd!r}; known: list, release, cut, reload, names, "
+                             f"resume, suspended"}
 
 
 class ControlServer:

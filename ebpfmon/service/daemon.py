@@ -130,6 +130,8 @@ class Daemon:
             event = self.stream.enricher.apply(self.dns_events.popleft())
             self.stream.stats.events["dns"] += 1
             self.judge(event)
+        if self.containment:
+            self.containment.flush()
         if self.audit:
             self.audit.flush()
 
@@ -150,6 +152,8 @@ class Daemon:
             self.control.stop()
         if self.dns_proxy:
             self.dns_proxy.close()
+        if self.containment:
+            self.containment.flush()
         self.stream.close()
         self.alerting.close()
         self.metrics.close()
@@ -176,6 +180,8 @@ class Daemon:
             self.metrics.rule_evaluation.observe(time.perf_counter() - started)
         for verdict in verdicts:
             self.metrics.rule_matches.labels(verdict.rule, verdict.priority).inc()
+            if verdict.actions and self.containment:
+                self.metrics.containments.labels(verdict.rule).inc()
             self.contain(verdict)  # before anything is written: containment is a race
             self.metrics.event_to_verdict.observe(max(0, time.time_ns() - event.time_ns) / 1e9)
             self.echo(output.alert_line(verdict))

@@ -45,6 +45,8 @@ class Metrics:
         self.egress_refusals = Counter("ebpfmon_egress_refusals", "Destinations egress profiles did not allow, "
                                        "by profile; outcome: refused, or reported (audit mode, dry run).",
                                        ["profile", "outcome"], registry=r)
+        self.containments = Counter("ebpfmon_containments", "Verdicts that asked for containment, by rule (what "
+                                    "was done: ebpfmon_actions).", ["rule"], registry=r)
         self.dns_questions = Counter("ebpfmon_dns_questions", "Questions agents asked the DNS proxy, by profile and "
                                      "verdict: answered, refused, would-refuse (audit mode), failed (no upstream "
                                      "answered).", ["profile", "verdict"], registry=r)
@@ -101,4 +103,8 @@ def snapshot(daemon: "Daemon") -> dict:
         "ebpfmon_alert_spool_dropped": ("counter", "Alerts dropped because the spool was full.", [],
                                         {(): daemon.alerting.spool.dropped}),
         "ebpfmon_probes_attached": ("gauge", "Probes attached.", [], {(): len(daemon.stream.probes.probes)}),
+        "ebpfmon_rules_suspended": ("gauge", "Rules the containment breaker suspended (they alert, they contain "
+                                    "no one), by rule.", ["rule"],
+                                    {(rule,): 1 for rule in (daemon.containment.breaker.active()
+                                                             if daemon.containment else {})}),
     }

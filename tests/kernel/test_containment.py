@@ -167,6 +167,70 @@ def test_reverse_tunnel_is_cut_before_it_carries_anything(containment_daemon, co
     assert connect_from(contained_agent, netns_host.address, 22) == 0
 
 
+# many rollouts of one policy misbehave at once: the reverse ports the tunnels ask for
+RUSH = 50
+OPEN_PORTS = """
+import socket, sys
+found = []
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.settimeout(1)
+    if s.connect_ex(("127.0.0.1", port)) == 0:
+        found.append(port)
+    s.close()
+print(found)
+"""
+
+
+def test_fifty_agents_opening_the_same_tunnel_then_the_same_miner_are_all_contained(
+        containment_daemon, hierarchy, sshd, netns_host, stratum_pool, tmp_path):
+    agents = [make_agent_cgroup(hierarchy, containment_daemon.root) for _ in range(RUSH)]
+    store = containment_daemon.containment.store
+    try:
+        tunnels = [agent.popen(["ssh", "-i", str(sshd), *SSH_OPTS, "-N", "-R", f"{2300 + i}:127.0.0.1:22",
+                                f"root@{netns_host.address}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for i, agent in enumerate(agents)]
+        # each ssh fails (cut before its connect), or hangs (cut after its TCP handshake: every
+        # packet since is dropped); none may get as far as the reverse forward
+        deadline = time.monotonic() + 30
+        while any(t.poll() is None for t in tunnels) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cut = containment_daemon.daemon.enforcer.cut_agents()
+        assert sum(bool(cut.get(a.id)) for a in agents) == RUSH
+        assert all(t.returncode != 0 for t in tunnels if t.returncode is not None)
+        probe = netns_host.popen([sys.executable, "-c", OPEN_PORTS, *(str(2300 + i) for i in range(RUSH))],
+                                 stdout=subprocess.PIPE, text=True)
+        assert probe.communicate(timeout=120)[0].strip() == "[]"  # no reverse end ever listened
+        for tunnel in tunnels:
+            if tunnel.poll() is None:
+                tunnel.kill()
+                tunnel.wait()
+        deadline = time.monotonic() + 30
+        while sum(bool(store.active_for(a.name)) for a in agents) < RUSH and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cut = containment_daemon.daemon.enforcer.cut_agents()
+        assert sum(bool(cut.get(a.id)) for a in agents) == RUSH
+        assert not containment_daemon.containment.breaker.active()
+        # then the same miner in each (fresh records: released first)
+        for agent in agents:
+            containment_daemon.containment.release(agent.name, "test", "next wave")
+        miner = fake_program(tmp_path, "xmrig")
+        pool_before = len(stratum_pool.accepted)
+        miners = [agent.popen([str(miner), "30"]) for agent in agents]
+        assert [m.wait(timeout=60) for m in miners] == [-9] * RUSH  # each killed
+        deadline = time.monotonic() + 30
+        while sum(bool(store.active_for(a.name)) for a in agents) < RUSH and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sum(bool((r := store.active_for(a.name)) and r.cut) for a in agents) == RUSH
+        assert all(connect_from(a, stratum_pool.host, stratum_pool.port) == errno.EPERM for a in agents[:5])
+        assert len(stratum_pool.accepted) == pool_before
+    finally:
+        for agent in agents:
+            if store.active_for(agent.name):
+                containment_daemon.containment.release(agent.name, "test", "done")
+            remove_cgroup_tree(agent.path)
+
+
 def test_a_cut_stops_an_established_connection(containment_daemon, contained_agent, netns_host):
     # an established TCP connection stops carrying data when its agent is cut
     echo = netns_host.popen([sys.executable, "-c", (
@@ -261,24 +325,39 @@ def test_refused_verdicts_become_alerts(containment_daemon, test_root):
     assert notices[0].priority == "CRITICAL" and "not an agent cgroup" in notices[0].message
 
 
-def test_rate_limit_stops_a_misfiring_rule(containment_daemon, hierarchy):
+def test_the_breaker_suspends_a_misfiring_rule_and_the_others_go_on(containment_daemon, hierarchy):
     from ebpfmon.containment.actions import Containment
     from ebpfmon.rules.cases import make_event
     from ebpfmon.rules.engine import Verdict
     import dataclasses
 
     daemon = containment_daemon.daemon
-    config = dataclasses.replace(daemon.config, enforce=dataclasses.replace(daemon.config.enforce, rate_limit=3))
+    config = dataclasses.replace(daemon.config, enforce=dataclasses.replace(
+        daemon.config.enforce, breaker_agents=3, breaker_fraction=0.0, breaker_resume_seconds=3600))
     containment = Containment(daemon.enforcer, hierarchy, config, containment_daemon.containment.store)
-    agents = [make_agent_cgroup(hierarchy, containment_daemon.root) for _ in range(5)]
+    agents = [make_agent_cgroup(hierarchy, containment_daemon.root) for _ in range(7)]
+
+    def verdict(rule, agent, never_suspend=False):
+        event = make_event({"exec": {"argv": ["nmap", "10.0.0.0/24"], "cgroup": agent.name}}, 0)
+        return Verdict(rule, "ERROR", "scan", [], ["cut_network"], True, agent.name, event,
+                       never_suspend=never_suspend)
+
     try:
-        results = []
-        for agent in agents:
-            event = make_event({"exec": {"argv": ["nmap", "10.0.0.0/24"], "cgroup": agent.name}}, 0)
-            verdict = Verdict("Network scanner started", "ERROR", "scan", [], ["cut_network"], True, agent.name, event)
-            results.append(containment.apply(verdict))
-        assert [bool(daemon.enforcer.cut_agents().get(a.id)) for a in agents] == [True, True, True, False, False]
-        assert "rate limit" in results[3][0].message
+        results = [containment.apply(verdict("Misfiring", agent)) for agent in agents[:5]]
+        cut = daemon.enforcer.cut_agents()
+        assert [bool(cut.get(a.id)) for a in agents[:5]] == [True, True, True, False, False]
+        page = results[3][0]
+        assert page.priority == "CRITICAL" and "rule 'Misfiring' contained 3 agents" in page.message
+        assert "ebpfmon rules resume 'Misfiring'" in page.message and "the other rules go on" in page.message
+        assert results[4][0].priority == "NOTICE" and "suspended" in results[4][0].message  # paged once
+        # another rule still contains, and one marked never_suspend is never counted
+        containment.apply(verdict("Reverse SSH tunnel", agents[3]))
+        for agent in agents[4:]:
+            containment.apply(verdict("Mining pool URL in arguments", agent, never_suspend=True))
+        cut = daemon.enforcer.cut_agents()
+        assert all(cut.get(a.id) for a in agents[3:])
+        assert list(containment.breaker.active()) == ["Misfiring"]
+        assert containment.breaker.resume("Misfiring") and not containment.breaker.active()
     finally:
         for agent in agents:
             if containment.store.active_for(agent.name):

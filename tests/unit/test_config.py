@@ -25,7 +25,7 @@ def test_overrides_and_nested_settings(tmp_path):
         agent_root: /agents
         gpu_entitled: ["/agents/train-*"]
         gpu_minors: {"/agents/train-a*": [0, 1]}
-        enforce: {dry_run: true, rate_limit: 2, rate_seconds: 30}
+        enforce: {dry_run: true, breaker_agents: 2, breaker_seconds: 30}
         alerts:
           dedup_seconds: 5
           sinks:
@@ -34,15 +34,15 @@ def test_overrides_and_nested_settings(tmp_path):
               min_priority: critical
         metrics: {listen: "127.0.0.1:9999"}
         """))
-    assert config.agent_root == "/agents" and config.enforce.dry_run and config.enforce.rate_seconds == 30.0
+    assert config.agent_root == "/agents" and config.enforce.dry_run and config.enforce.breaker_seconds == 30.0
     assert config.gpu_minors == (("/agents/train-a*", (0, 1)),)
     assert config.alerts.sinks[0].routing_key_file == "/etc/ebpfmon/pd.key"
     assert config.metrics.listen == "127.0.0.1:9999"
 
 
 @pytest.mark.parametrize("text,message", [
-    ("enforce:\n  dryrun: true\n", "config.yaml:2: enforce.dryrun: unknown key (known here: deny_networks, "),
-    ("enforce:\n  rate_limit: five\n", "config.yaml:2: enforce.rate_limit: expected a whole number, got 'five'"),
+    ("enforce:\n  dryrun: true\n", "config.yaml:2: enforce.dryrun: unknown key (known here: breaker_agents, breaker_fraction, "),
+    ("enforce:\n  breaker_agents: five\n", "config.yaml:2: enforce.breaker_agents: expected a whole number, got 'five'"),
     ("agent_root: relative\n", "agent_root: must be an absolute cgroup path"),
     ("gpu_entitled: '*'\n", "gpu_entitled: expected a list of a string, got '*'"),
     ("alerts:\n  sinks:\n    - type: pager\n", "alerts.sinks[0].type: 'pager' is not one of console, jsonl"),
