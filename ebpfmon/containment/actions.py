@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
 from ebpfmon.errors import ContainmentRefused
 from ebpfmon.kernel.enforcer import Enforcer
 from ebpfmon.rules.vocabulary import DISRUPTIVE_ACTIONS
+
+# rule lists whose addresses are one service: deny_connect on one denies them all
+ADDRESS_GROUP_LISTS = ("metadata_service_addresses",)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ class Containment:
                  clock=time.time_ns, on_release=None, on_action=None):
         self.enforcer = enforcer
         self.hierarchy = hierarchy
-        self.config = config
-        self.settings = config.enforce
         self.store = store
         self.clock = clock
         self.agents = enforcer.agents
@@ -56,6 +58,29 @@ class Containment:
         self.breaker = Breaker(config.enforce, lambda: len(self.agent_paths()))
         self.dirty = False  # records changed since the quarantine file was written (flush)
         self.lock = threading.RLock()
+        self.address_groups: list[frozenset[str]] = []  # addresses of one service (configure)
+        self.shared: list = []  # networks a lookup never puts on the shared deny list (configure)
+        self.later: deque[Notice] = deque(maxlen=1024)  # from background work, for take_notices
+        self.configure(config, {})
+
+    def configure(self, config: Config, lists: dict[str, list[str]]) -> None:
+        """Settings and the rules' lists, at start and on reload."""
+        with self.lock:
+            self.config, self.settings = config, config.enforce
+            self.breaker.settings = config.enforce
+            # one service under several addresses (the metadata service's IPv4 and IPv6 ones):
+            # denying one denies them all, or the agent just switches address families
+            self.address_groups = [frozenset(_canonical(a) for a in lists.get(name, []) if _canonical(a))
+                                   for name in ADDRESS_GROUP_LISTS if lists.get(name)]
+            self.shared = [ipaddress.ip_network(n, strict=False)
+                           for n in (*config.internal_networks, *config.enforce.keep_open)]
+
+    def take_notices(self) -> list[Notice]:
+        """What background work (lookups for deny_connect) has to say since the last call."""
+        taken = []
+        while self.later:
+            taken.append(self.later.popleft())
+        return taken
 
     # ---- safety ----
 
@@ -143,7 +168,12 @@ class Containment:
 
     def _act(self, record: Record, action: str, event, dry: bool, now: int) -> Notice | None:
         done = {a.action for a in record.actions if a.result in ("applied", "dry run")}
-        if action in done and (action != "kill" or not _alive(getattr(event.proc, "pid", 0))):
+        if action == "deny_connect":  # once per destination: the next one may be another address
+            address = getattr(event, "address", None)
+            if getattr(event, "dns_query", None) is None and set(self._networks_of(address)) <= set(
+                    record.denied_networks):
+                return None
+        elif action in done and (action != "kill" or not _alive(getattr(event.proc, "pid", 0))):
             return None  # a second rule on the same exec: its process is dead already
         detail = ""
         try:
@@ -168,13 +198,12 @@ class Containment:
                                  args=(record.agent, event.dns_query, event.address, event.port)).start()
                 result, detail = "applied", f"the addresses of {event.dns_query}, being asked of {event.address}"
             elif action == "deny_connect":
-                network = _host_network(getattr(event, "address", None))
-                if network is None:
+                networks = self._networks_of(getattr(event, "address", None))
+                if not networks:
                     result, detail = "failed", "the event has no destination address"
                 else:
-                    self.enforcer.hold_network(network)
-                    record.denied_networks.append(network)
-                    result, detail = "applied", network
+                    self._deny(record, networks)
+                    result, detail = "applied", ", ".join(networks)
             else:
                 result = "failed"
                 detail = f"unknown action {action}"
@@ -186,6 +215,26 @@ class Containment:
         return Notice(priority, f"{action} {result} on {record.agent}" + (f" ({detail})" if detail else "")
                       + f" for rule {record.rule!r}")
 
+    def _networks_of(self, address: str | None) -> list[str]:
+        """The host networks deny_connect on address denies: it, and the other addresses of
+        its service (address_groups)."""
+        canonical = _canonical(address)
+        if canonical is None:
+            return []
+        group = next((g for g in self.address_groups if canonical in g), {canonical})
+        return [_host_network(a) for a in sorted(group, key=lambda a: (canonical != a, a))]
+
+    def _deny(self, record: Record, networks: list[str]) -> None:
+        for network in networks:
+            if network not in record.denied_networks:
+                self.enforcer.hold_network(network)
+                record.denied_networks.append(network)
+
+    def _is_shared(self, address: str) -> bool:
+        """Internal, loopback or kept open: never on the shared deny list from a lookup."""
+        ip = ipaddress.ip_address(_canonical(address))
+        return ip.is_loopback or ip.is_unspecified or any(ip in n for n in self.shared)
+
     def _deny_resolved(self, agent: str, name: str, server: str, port: int) -> None:
         found = dns.addresses(name, server, port)
         with self.lock:
@@ -194,14 +243,22 @@ class Containment:
                 return
             now = self.clock()
             for address in found:
-                network = _host_network(address)
-                self.enforcer.hold_network(network)
-                record.denied_networks.append(network)
-                record.actions.append(ActionResult("deny_connect", "applied", now, f"{name} -> {network}"))
+                if self._is_shared(address):
+                    # the agent's server chose the answer: an internal address on the shared
+                    # list would lock every agent out of that service
+                    detail = (f"{name} -> {address}: internal or kept open, not denied to every agent")
+                    record.actions.append(ActionResult("deny_connect", "refused", now, detail))
+                    self.later.append(Notice("CRITICAL", f"deny_connect refused on {agent} for rule "
+                                                         f"{record.rule!r}: {detail} (a lookup's answer, which "
+                                                         f"the agent's DNS server chose)"))
+                    continue
+                networks = self._networks_of(address)
+                self._deny(record, networks)
+                record.actions.append(ActionResult("deny_connect", "applied", now, f"{name} -> {', '.join(networks)}"))
             if not found:
                 record.actions.append(ActionResult("deny_connect", "failed", now,
                                                    f"{name} did not resolve at {server}:{port}"))
-            self.store.save()
+            self.dirty = True
         self.on_action("deny_connect", "applied" if found else "failed")
         log.info("deny_connect for %s: %s resolves to %s", agent, name, ", ".join(found) or "nothing")
 
@@ -300,9 +357,16 @@ class Containment:
         grant_gpus(self.enforcer, self.config, self.hierarchy, self.store, paths)
 
 
-def _host_network(address: str | None) -> str | None:
-    if not address:
+def _canonical(address: str | None) -> str | None:
+    """An address written one way (IPv4-mapped IPv6 as IPv4: the kernel judges it so)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
         return None
+    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
+
+def _host_network(address: str) -> str:
     ip = ipaddress.ip_address(address)
     return f"{ip}/{ip.max_prefixlen}"
 

@@ -103,13 +103,14 @@ def dns_proxy(enforcer: Enforcer, config: Config, on_event: Callable[[DnsEvent],
     return DnsProxy(enforcer, config.egress, on_event).start()
 
 
-def containment(enforcer: Enforcer, hierarchy: Hierarchy, config: Config,
+def containment(enforcer: Enforcer, hierarchy: Hierarchy, config: Config, lists: dict[str, list[str]],
                 on_release: Callable[[Record], None] | None = None,
                 on_action: Callable[[str, str], None] | None = None) -> Containment:
     """Containment over the enforcer, with the quarantine records in the state directory,
     and the GPU grants of the entitled agents in place."""
     result = Containment(enforcer, hierarchy, config, QuarantineStore(config.state_dir), on_release=on_release,
                          on_action=on_action)
+    result.configure(config, lists)
     result.grant_gpus(result.agent_paths())
     return result
 
@@ -122,5 +123,5 @@ def offline_containment(config: Config, on_release: Callable[[Record], None] | N
     hierarchy = Hierarchy()
     hierarchy.ensure(config.agent_root)
     probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
-    enforcer = enforcement(probes, hierarchy, config, load_ruleset(config).lists)
-    return containment(enforcer, hierarchy, config, on_release=on_release)
+    lists = load_ruleset(config).lists
+    return containment(enforcement(probes, hierarchy, config, lists), hierarchy, config, lists, on_release=on_release)

@@ -89,7 +89,7 @@ class Daemon:
         self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
         self._start_dns_proxy()
         self.alerting.start()
-        self.containment = assemble.containment(self.enforcer, self.hierarchy, self.config,
+        self.containment = assemble.containment(self.enforcer, self.hierarchy, self.config, self.engine.ruleset.lists,
                                                 on_release=self.released,
                                                 on_action=lambda a, r: self.metrics.actions.labels(a, r).inc())
         for notice in self.containment.reconcile():
@@ -131,6 +131,8 @@ class Daemon:
             self.stream.stats.events["dns"] += 1
             self.judge(event)
         if self.containment:
+            for notice in self.containment.take_notices():
+                self.notify(notice)
             self.containment.flush()
         if self.audit:
             self.audit.flush()
@@ -266,6 +268,8 @@ class Daemon:
         self.engine.load(ruleset)
         if self.enforcer:
             assemble.configure_enforcer(self.enforcer, config, ruleset.lists)
+        if self.containment:
+            self.containment.configure(config, ruleset.lists)
             self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
             self._reconfigure_dns_proxy()
         self.metrics.reloads.inc()

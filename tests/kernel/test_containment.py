@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -446,7 +447,8 @@ def test_entitled_agent_limited_to_its_own_gpu(containment_daemon, hierarchy, tm
 SEND_TO = """
 import errno, socket, sys
 try:
-    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (sys.argv[1], 9))
+    family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+    socket.socket(family, socket.SOCK_DGRAM).sendto(b"x", (sys.argv[1], 9))
     print(0)
 except OSError as e:
     print(e.errno)
@@ -479,11 +481,12 @@ class OwnDaemon:
         self.rules = tmp_path / "pools.yaml"
         self.state_dir = tmp_path / "state"
         self.daemon = None
+        self.loop = None  # (stop, thread) when it judges events (start(run=True))
 
     def pools(self, items: str) -> None:
         self.rules.write_text(POOL_LIST.format(items))
 
-    def start(self, deny_networks: tuple[str, ...], notify=None):
+    def start(self, deny_networks: tuple[str, ...], notify=None, run: bool = False):
         from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings, RuleSettings
         from ebpfmon.service.daemon import Daemon
 
@@ -494,10 +497,19 @@ class OwnDaemon:
         self.daemon = Daemon(config)
         if notify:
             self.daemon.notify = notify
-        return self.daemon.start()
+        self.daemon.start()
+        if run:
+            stop = threading.Event()
+            self.loop = (stop, threading.Thread(target=self.daemon.run, args=(stop,), daemon=True))
+            self.loop[1].start()
+        return self.daemon
 
     def stop(self) -> None:
         """As at SIGTERM: enforcement and its pins stay."""
+        if self.loop:
+            self.loop[0].set()
+            self.loop[1].join(timeout=10)
+            self.loop = None
         self.daemon.close()
         self.daemon = None
 
@@ -507,7 +519,7 @@ def own_daemon(own_root, tmp_path):
     own = OwnDaemon(own_root, tmp_path)
     yield own
     if own.daemon is not None:
-        own.daemon.close()  # own_root's removal takes the programs and pins
+        own.stop()  # own_root's removal takes the programs and pins
 
 
 def test_a_denied_network_opens_only_when_neither_configuration_nor_a_quarantine_holds_it(
@@ -551,3 +563,77 @@ def test_pool_networks_are_refused_from_the_start_and_a_bad_one_is_refused_on_re
     ok, message = daemon.reload()
     assert not ok and "'not-a-network'" in message and "mining_pool_networks" in message
     assert connect_from(agent, "198.51.100.9", 80) == errno.EPERM  # the running set stays
+
+
+METADATA_LIST = """
+- list: metadata_service_addresses
+  items: [198.51.100.254, "2001:db8:100::254"]
+  override:
+    items: replace
+"""
+
+
+def wait_for(predicate, what: str, seconds: float = 10):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds}s: {what}")
+
+
+def test_deny_connect_on_one_address_of_the_metadata_service_denies_all_of_them(own_daemon, hierarchy,
+                                                                               netns_host):
+    # the service at documentation addresses in the test's namespace (the rule list, as an
+    # operator's rules file would change it), IPv4 and IPv6
+    own_daemon.rules.write_text(METADATA_LIST)
+    daemon = own_daemon.start(deny_networks=(), run=True)
+    agent, other = (make_agent_cgroup(hierarchy, own_daemon.root) for _ in range(2))
+    assert not send_refused(agent, "198.51.100.254")  # the first datagram goes: the rule acts on it
+    record = wait_for(lambda: daemon.containment.store.active_for(agent.name), "a record for the agent")
+    assert record.rule == "Cloud metadata service contacted"
+    assert record.denied_networks == ["198.51.100.254/32", "2001:db8:100::254/128"]
+    # switching address families does not help: not this agent, not another, not IPv4-mapped
+    assert send_refused(agent, "2001:db8:100::254")
+    assert send_refused(other, "2001:db8:100::254")
+    assert send_refused(other, "::ffff:198.51.100.254")
+    assert send_refused(other, "198.51.100.254")
+    assert not send_refused(other, "198.51.100.2")  # the rest of the network is not
+    # the other agent's attempts were the rule's too: it holds the same networks; released, both open
+    wait_for(lambda: daemon.containment.store.active_for(other.name), "a record for the other agent")
+    daemon.containment.release(agent.name, "test", "done")
+    assert "2001:db8:100::254/128" in daemon.enforcer.denied_networks()
+    daemon.containment.release(other.name, "test", "done")
+    assert not {"198.51.100.254/32", "2001:db8:100::254/128"} & set(daemon.enforcer.denied_networks())
+
+
+def test_a_lookup_never_puts_an_internal_address_on_the_shared_deny_list(own_daemon, hierarchy, netns_host):
+    # the agent's own DNS server answers a pool name with an internal address (the node's
+    # storage, say) and an outside one: only the outside one is denied to every agent
+    resolver = "198.51.100.54"
+    netns_host.add_address(resolver)
+    server = netns_host.popen([sys.executable, str(REPO / "tests/servers/dns_server.py"), resolver, "53",
+                               "10.0.0.7", "--aaaa", "2001:db8:100::77"], stdout=subprocess.PIPE, text=True)
+    said = []
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        own_daemon.rules.write_text("")
+        daemon = own_daemon.start(deny_networks=(), notify=said.append, run=True)
+        looker = make_agent_cgroup(hierarchy, own_daemon.root)
+        looker.run([sys.executable, "-c", LOOKUP, "eu.pool.supportxmr.com", resolver], check=True)
+        record = wait_for(lambda: (r := daemon.containment.store.active_for(looker.name)) and r.denied_networks
+                          and r, "the daemon's own lookup of the pool name, and its deny")
+        assert record.rule == "DNS lookup of a mining pool"
+        assert record.denied_networks == ["2001:db8:100::77/128"]
+        denied = daemon.enforcer.denied_networks()
+        assert "2001:db8:100::77/128" in denied and not any(n.startswith("10.0.0.7") for n in denied)
+        refused = [a for a in record.actions if a.action == "deny_connect" and a.result == "refused"]
+        assert len(refused) == 1 and "10.0.0.7" in refused[0].detail, record.actions
+        wait_for(lambda: [n for n in said if n.priority == "CRITICAL" and "10.0.0.7" in n.message],
+                 "a CRITICAL notice that names the internal address")
+        assert record.cut  # the agent that looked it up is cut all the same
+        daemon.containment.release(looker.name, "test", "done")
+    finally:
+        server.kill()
+        server.wait()
