@@ -182,9 +182,10 @@ class Daemon:
             self.metrics.rule_evaluation.observe(time.perf_counter() - started)
         for verdict in verdicts:
             self.metrics.rule_matches.labels(verdict.rule, verdict.priority).inc()
+            self.contain(verdict)  # before anything is written: containment is a race
             if verdict.actions and self.containment:
                 self.metrics.containments.labels(verdict.rule).inc()
-            self.contain(verdict)  # before anything is written: containment is a race
+                self.metrics.event_to_action.observe(max(0, time.time_ns() - event.time_ns) / 1e9)
             self.metrics.event_to_verdict.observe(max(0, time.time_ns() - event.time_ns) / 1e9)
             self.echo(output.alert_line(verdict))
             record = self.containment.store.active_for(verdict.agent or "") if self.containment else None

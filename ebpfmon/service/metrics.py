@@ -38,6 +38,10 @@ class Metrics:
         self.event_to_verdict = Histogram("ebpfmon_event_to_verdict_seconds",
                                           "From the kernel's timestamp of an event to its verdict.",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.event_to_action = Histogram("ebpfmon_event_to_action_seconds",
+                                         "From the kernel's timestamp of an event to containment's actions on "
+                                         "it done (cut, kill, freeze, deny in force).",
+                                         buckets=LATENCY_BUCKETS, registry=r)
         self.reload_failures = Counter("ebpfmon_rules_reload_failures", "Reloads refused (bad rules or config).",
                                        registry=r)
         self.reloads = Counter("ebpfmon_rules_reloads", "Reloads taken.", registry=r)

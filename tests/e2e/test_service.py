@@ -64,6 +64,8 @@ alerts:
         assert value(metrics, "ebpfmon_events_total", kind="exec") > 0
         assert value(metrics, "ebpfmon_rule_matches_total", rule="Reverse SSH tunnel", priority="CRITICAL") == 1
         assert value(metrics, "ebpfmon_actions_total", action="cut_network", result="applied") == 1
+        assert value(metrics, "ebpfmon_containments_total", rule="Reverse SSH tunnel") == 1
+        assert value(metrics, "ebpfmon_event_to_action_seconds_count") >= 1
         assert value(metrics, "ebpfmon_quarantined_agents") == 1
         assert value(metrics, "ebpfmon_alerts_delivered_total", sink="pagerduty") >= 2
         assert value(metrics, "ebpfmon_events_lost_total", kind="exec") == 0

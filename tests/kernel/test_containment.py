@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from helpers import CONNECT, REPO, AgentCgroup, connect_from, make_agent_cgroup, remove_cgroup_tree
+from helpers import CONNECT, REPO, AgentCgroup, connect_from, ebpfmon, make_agent_cgroup, remove_cgroup_tree
 
 
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"
@@ -486,13 +486,13 @@ class OwnDaemon:
     def pools(self, items: str) -> None:
         self.rules.write_text(POOL_LIST.format(items))
 
-    def start(self, deny_networks: tuple[str, ...], notify=None, run: bool = False):
+    def start(self, deny_networks: tuple[str, ...], notify=None, run: bool = False, **enforce):
         from ebpfmon.config import AlertSettings, Config, EnforceSettings, MetricsSettings, RuleSettings
         from ebpfmon.service.daemon import Daemon
 
         config = Config(agent_root=self.root, state_dir=str(self.state_dir),
                         rules=RuleSettings(files=(str(self.rules),)),
-                        enforce=EnforceSettings(deny_networks=deny_networks),
+                        enforce=EnforceSettings(deny_networks=deny_networks, **enforce),
                         alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
         self.daemon = Daemon(config)
         if notify:
@@ -637,3 +637,53 @@ def test_a_lookup_never_puts_an_internal_address_on_the_shared_deny_list(own_dae
     finally:
         server.kill()
         server.wait()
+
+
+MISFIRING = """
+- rule: Misfiring test rule
+  desc: A rule gone wrong, as a bad edit would make it - every exec of every agent.
+  condition: spawned_process
+  output: every exec (agent=%agent.name proc=%proc.name)
+  priority: WARNING
+  actions: [cut_network]
+"""
+
+
+def test_a_misfiring_rule_on_a_live_daemon_is_suspended_and_the_tunnel_rule_still_cuts(
+        own_daemon, hierarchy, sshd, netns_host):
+    own_daemon.rules.write_text(MISFIRING)
+    said = []
+    daemon = own_daemon.start(deny_networks=(), notify=said.append, run=True, breaker_agents=10,
+                              breaker_fraction=0.0)
+    state = ["--state-dir", str(own_daemon.state_dir)]
+    agents = [make_agent_cgroup(hierarchy, own_daemon.root) for _ in range(RUSH)]
+    for agent in agents:
+        agent.run(["true"], check=True)
+    store = daemon.containment.store
+    page = wait_for(lambda: [n for n in said if n.priority == "CRITICAL" and "containment breaker" in n.message],
+                    "the breaker's page")
+    assert len(page) == 1 and "'Misfiring test rule' contained 10 agents" in page[0].message
+    assert "ebpfmon rules resume 'Misfiring test rule'" in page[0].message
+    wait_for(lambda: sum("not acting on" in n.message for n in said) == RUSH - 11, "the rule's later verdicts")
+    cut = daemon.enforcer.cut_agents()
+    assert sum(bool(cut.get(a.id)) for a in agents) == 10  # the first ten; the eleventh tripped it
+    out = ebpfmon("rules", "suspended", *state)
+    assert out.returncode == 0 and "Misfiring test rule: suspended" in out.stdout, out.stderr
+    # a tunnel afterwards is cut all the same: that rule is not under this rule's breaker
+    tunneller = make_agent_cgroup(hierarchy, own_daemon.root)
+    tunnel = tunneller.popen(["ssh", "-i", str(sshd), *SSH_OPTS, "-N", "-R", "2399:127.0.0.1:22",
+                              f"root@{netns_host.address}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        record = wait_for(lambda: (r := store.active_for(tunneller.name)) and r.cut and r, "the tunnel's cut")
+        assert record.rule == "Reverse SSH tunnel"
+        out = ebpfmon("rules", "resume", "Misfiring test rule", *state)
+        assert out.returncode == 0 and "contains again" in out.stdout, out.stderr
+        assert "no rule is suspended" in ebpfmon("rules", "suspended", *state).stdout
+        out = ebpfmon("rules", "resume", "Misfiring test rule", *state)
+        assert out.returncode != 0 and "is not suspended" in out.stderr
+    finally:
+        tunnel.kill()
+        tunnel.wait()
+        for agent in [*agents, tunneller]:
+            if store.active_for(agent.name):
+                daemon.containment.release(agent.name, "test", "done")
