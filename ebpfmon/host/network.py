@@ -4,7 +4,8 @@ An address is internal when it lies in a configured network (by default the
 private, shared, link-local and unique-local ranges), is a loopback address,
 or is reached through a route of this node other than the default route
 (read with pyroute2 from the kernel's main and local tables). Rules then ask
-fd.is_internal instead of carrying a CIDR list per node. Results are cached;
+fd.is_internal instead of carrying a CIDR list per node, and fd.is_local for
+the node's own addresses (the local table's local routes) and loopback. Results are cached;
 routes are read again every refresh_seconds.
 """
 
@@ -33,11 +34,16 @@ def parse_networks(cidrs: Iterable[str]) -> list[IPNetwork]:
     return [ipaddress.ip_network(c, strict=False) for c in cidrs]
 
 
-def read_routes() -> list[IPNetwork]:
-    """Destinations of this node's non-default routes (main and local tables)."""
+RTN_LOCAL = 2  # a route of type local: an address of this node
+
+
+def read_routes() -> tuple[list[IPNetwork], set[str]]:
+    """Destinations of this node's non-default routes (main and local tables), and the
+    node's own addresses (the local table's routes of type local)."""
     from pyroute2 import IPRoute
 
     networks: list[IPNetwork] = []
+    own: set[str] = set()
     with IPRoute() as ipr:
         for family in (socket.AF_INET, socket.AF_INET6):
             for route in ipr.get_routes(family=family):
@@ -46,7 +52,9 @@ def read_routes() -> list[IPNetwork]:
                 dst = route.get("dst")
                 if dst:
                     networks.append(ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False))
-    return networks
+                    if route["type"] == RTN_LOCAL and route["dst_len"] == (32 if family == socket.AF_INET else 128):
+                        own.add(str(ipaddress.ip_address(dst)))
+    return networks, own
 
 
 class NetworkClassifier:
@@ -61,6 +69,7 @@ class NetworkClassifier:
         self._next_look = float("-inf")  # when is_internal next looks at the routes
         self.cache_size = cache_size
         self._routes: list[IPNetwork] = []
+        self._own: set[str] = set()  # this node's addresses
         self._routes_read = float("-inf")
         self._cache: dict[str, bool] = {}
 
@@ -74,11 +83,11 @@ class NetworkClassifier:
             return
         self._routes_read = now
         try:
-            routes = read_routes()
+            routes, own = read_routes()
         except Exception as e:  # netlink refused (no CAP_NET_ADMIN needed, but be safe)
             log.warning("cannot read routes (%s); internal = configured networks only", e)
-            routes = []
-        self._routes = routes
+            routes, own = [], set()
+        self._routes, self._own = routes, own
         self._cache.clear()
 
     def _routes_changed(self) -> bool:
@@ -119,3 +128,10 @@ class NetworkClassifier:
             self._cache.clear()
         self._cache[address] = internal
         return internal
+
+    def is_local(self, address: str) -> bool:
+        """Loopback, or an address of this node: a service there runs outside the agents."""
+        if address.startswith("127.") or address == "::1":
+            return True
+        self.is_internal(address)  # looks at the routes when due
+        return address in self._own

@@ -233,6 +233,8 @@ _socket_field("fd.sockfamily", STR, "always 'ip'", lambda e, c: "ip")
 _attribute("fd.num", {CONNECT, UDP}, INT, "file descriptor number", "fd")
 _socket_field("fd.is_internal", BOOL, "destination is in an internal network: configured, loopback, or routed "
               "other than by the default route", _inline("c.networks.is_internal(e.address)"))
+_socket_field("fd.is_local", BOOL, "destination is this node: loopback or one of its own addresses (a service "
+              "there, such as sshd, runs outside the agent's cgroup)", _inline("c.networks.is_local(e.address)"))
 _socket_field("fd.is_loopback", BOOL, "destination is a loopback address",
               _inline('e.address.startswith("127.") or e.address == "::1"'))
 _attribute("evt.source", {CONNECT}, STR, "syscall, or cgroup_hook for a connect only the cgroup hooks saw "

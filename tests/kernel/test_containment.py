@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from helpers import CONNECT, REPO, AgentCgroup, connect_from, ebpfmon, make_agent_cgroup, remove_cgroup_tree
+from helpers import (CONNECT, REPO, AgentCgroup, connect_from, ebpfmon, free_port, make_agent_cgroup,
+                     remove_cgroup_tree)
 
 
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"
@@ -482,6 +483,7 @@ class OwnDaemon:
         self.state_dir = tmp_path / "state"
         self.daemon = None
         self.loop = None  # (stop, thread) when it judges events (start(run=True))
+        self.lines: list[str] = []  # what it printed: alerts, refusals, containment
 
     def pools(self, items: str) -> None:
         self.rules.write_text(POOL_LIST.format(items))
@@ -494,7 +496,7 @@ class OwnDaemon:
                         rules=RuleSettings(files=(str(self.rules),)),
                         enforce=EnforceSettings(deny_networks=deny_networks, **enforce),
                         alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
-        self.daemon = Daemon(config)
+        self.daemon = Daemon(config, show_events=self.lines.append, echo=self.lines.append)
         if notify:
             self.daemon.notify = notify
         self.daemon.start()
@@ -687,3 +689,57 @@ def test_a_misfiring_rule_on_a_live_daemon_is_suspended_and_the_tunnel_rule_stil
         for agent in [*agents, tunneller]:
             if store.active_for(agent.name):
                 daemon.containment.release(agent.name, "test", "done")
+
+
+def test_a_session_on_the_nodes_sshd_leaves_the_agent_and_a_cut_agent_cannot_open_one(
+        own_daemon, hierarchy, tmp_path):
+    from servers import internet
+
+    port = free_port()
+    server, key = internet.start_sshd(internet.Loopback(), tmp_path, port)
+    own_daemon.rules.write_text(f"- list: node_ssh_ports\n  items: [{port}]\n  override:\n    items: append\n")
+    daemon = own_daemon.start(deny_networks=(), run=True)
+    agent, neighbour = (make_agent_cgroup(hierarchy, own_daemon.root) for _ in range(2))
+    ssh = ["ssh", "-i", str(key), *SSH_OPTS, "-p", str(port), "root@127.0.0.1", "cat", "/proc/self/cgroup"]
+    listener = None
+    try:
+        # not cut: the session runs, in sshd's cgroup, not the agent's; and it is an alert
+        out = agent.run(ssh, text=True)
+        assert out.returncode == 0, out.stderr
+        assert own_daemon.root not in out.stdout
+        wait_for(lambda: [l for l in own_daemon.lines if "Agent connected to the node's SSH server" in l
+                          and agent.name.split("/")[-1] in l], "the alert")
+        # cut: refused before any packet, and the attempt is an event and an alert
+        daemon.containment.cut(agent.name, "test", "a cut agent")
+        before = len(own_daemon.lines)
+        out = agent.run(ssh, text=True)
+        assert out.returncode != 0 and "Operation not permitted" in out.stderr, out.stderr
+        wait_for(lambda: [l for l in own_daemon.lines[before:] if "REFUSED connect" in l and f"127.0.0.1:{port}" in l],
+                 "the refusal")
+        wait_for(lambda: [l for l in own_daemon.lines[before:] if "Agent connected to the node's SSH server" in l
+                          and "EPERM" in l], "the alert of the refused attempt")
+        # nor can another agent reach what the cut agent listens on, on loopback
+        listener = agent.popen([sys.executable, "-c", LISTEN], stdout=subprocess.PIPE, text=True)
+        agent_port = int(listener.stdout.readline())
+        assert connect_from(neighbour, "127.0.0.1", agent_port) != 0
+        daemon.containment.release(agent.name, "test", "done")
+        assert connect_from(neighbour, "127.0.0.1", agent_port) == 0  # released: it is reachable again
+    finally:
+        if listener:
+            listener.kill()
+            listener.wait()
+        server.kill()
+        server.wait()
+        if daemon.containment.store.active_for(agent.name):
+            daemon.containment.release(agent.name, "test", "done")
+
+
+LISTEN = """
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+while True:
+    s.accept()[0].close()
+"""

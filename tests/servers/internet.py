@@ -91,14 +91,24 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def start_sshd(host: NetnsHost, directory: Path) -> tuple[subprocess.Popen, Path]:
-    """A real OpenSSH server on host:22 with a key for root; the server and the client key."""
+@dataclass
+class Loopback:
+    """This machine's own loopback, for a server the node itself runs (its sshd, say)."""
+
+    address: str = "127.0.0.1"
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(argv, **kwargs)
+
+
+def start_sshd(host: NetnsHost | Loopback, directory: Path, port: int = 22) -> tuple[subprocess.Popen, Path]:
+    """A real OpenSSH server on host:port with a key for root; the server and the client key."""
     for key in ("host_key", "id"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / key)], check=True)
     (directory / "authorized_keys").write_text((directory / "id.pub").read_text())
     (directory / "sshd_config").write_text(f"""
 ListenAddress {host.address}
-Port 22
+Port {port}
 HostKey {directory}/host_key
 PidFile {directory}/sshd.pid
 AuthorizedKeysFile {directory}/authorized_keys
@@ -114,7 +124,7 @@ LogLevel ERROR
     os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
     server = host.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
                         stderr=subprocess.PIPE)
-    if not wait_for_port(host.address, 22):
+    if not wait_for_port(host.address, port):
         server.kill()
         raise RuntimeError(f"sshd did not start: {server.communicate()[1]}")
     return server, directory / "id"
