@@ -9,6 +9,13 @@ moment the cut is in the kernel map; whether ssh's connect was refused or got
 through before the cut; whether the reverse port ever opened on the far side
 (the tunnel carried something). Then 100 pool connects and 100 GPU opens from
 an agent not entitled to GPUs: how many got through.
+
+Then containment at scale, as an RL run's rollouts misbehave together: N agents
+(N = 1, 10, 50, 200) start the same reverse tunnel at once; per agent, exec ->
+cut in force (p50/p99/max), from the first exec to the last cut, quarantine
+file writes per containment, reverse ports that ever listened. And whether a
+cut agent looping on refused connects slows containing a second one: the
+second agent's exec -> cut with and without the loop, in alternated rounds.
 """
 
 from __future__ import annotations
@@ -51,9 +58,111 @@ def pct(values, p):
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
+LOOP = "import socket,sys\nwhile True:\n    s=socket.socket()\n    s.connect_ex((sys.argv[1], 3333))\n    s.close()"
+
+
+class TunnelRun:
+    """Reverse tunnels from fresh agent cgroups, and how long each took to be cut."""
+
+    def __init__(self, daemon, hierarchy, root, host, key, cut_at):
+        self.daemon, self.hierarchy, self.root, self.host, self.key = daemon, hierarchy, root, host, key
+        self.cut_at = cut_at
+        self.serial = 0
+
+    def agents(self, n: int) -> list[str]:
+        self.serial += 1
+        names = [f"{self.root}/wave-{self.serial}-{i}" for i in range(n)]
+        for name in names:
+            self.hierarchy.ensure(name)
+        return names
+
+    def start(self, names: list[str]) -> list[subprocess.Popen]:
+        return [subprocess.Popen(["ssh", "-i", str(self.key), *SSH_OPTS, "-N", "-R", f"{2300 + i}:127.0.0.1:22",
+                                  f"root@{self.host.address}"], preexec_fn=in_cgroup(self.hierarchy.path(name)),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for i, name in enumerate(names)]
+
+    def cut_times(self, names: list[str], timeout: float = 60) -> list[tuple[int, int]]:
+        """(exec time, cut time) of each agent, once all are cut and recorded."""
+        store = self.daemon.containment.store
+        ids = {name: self.hierarchy.cgroup_id(name) for name in names}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = {name: store.active_for(name) for name in names}
+            if all(ids[n] in self.cut_at and records[n] and records[n].event for n in names):
+                return [(records[n].event["time_ns"], self.cut_at[ids[n]]) for n in names]
+            time.sleep(0.01)
+        return [(r.event["time_ns"], self.cut_at[ids[n]]) for n in names
+                if ids[n] in self.cut_at and (r := store.active_for(n)) and r.event]
+
+    def finish(self, names: list[str], procs: list[subprocess.Popen]) -> None:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for name in names:
+            if self.daemon.containment.store.active_for(name):
+                self.daemon.containment.release(name, "bench", "next")
+            os.rmdir(self.hierarchy.path(name))
+
+    def listened(self, n: int) -> int:
+        probe = self.host.popen([sys.executable, "-c", OPEN_PORTS, *(str(2300 + i) for i in range(n))],
+                                stdout=subprocess.PIPE, text=True)
+        return int(probe.communicate(timeout=300)[0])
+
+    def wave(self, n: int, saves: list[int]) -> dict:
+        names = self.agents(n)
+        before = saves[0]
+        procs = self.start(names)
+        times = self.cut_times(names)
+        self.daemon.containment.flush()
+        writes = saves[0] - before
+        listened = self.listened(n)
+        self.finish(names, procs)
+        latencies = [(cut - exec_) / 1e6 for exec_, cut in times] or [float("nan")]
+        total = (max(c for _, c in times) - min(e for e, _ in times)) / 1e6 if times else float("nan")
+        print(f"wave of {n}: {len(times)} cut, p50 {statistics.median(latencies):.2f} ms, total {total:.0f} ms, "
+              f"{writes} quarantine writes", flush=True)
+        return {"n": n, "cut": len(times), "p50": statistics.median(latencies), "p99": pct(latencies, 0.99),
+                "max": max(latencies), "total": total, "writes": writes / max(1, len(times)), "listened": listened}
+
+    def with_and_without_a_looping_neighbour(self, rounds: int) -> tuple[list[float], list[float]]:
+        quiet, looping = [], []
+        (looper,) = self.agents(1)
+        self.daemon.containment.cut(looper, "bench", "the looping neighbour")
+        for _ in range(rounds):
+            for loop in (False, True):
+                neighbour = subprocess.Popen([sys.executable, "-c", LOOP, self.host.address],
+                                             preexec_fn=in_cgroup(self.hierarchy.path(looper))) if loop else None
+                time.sleep(0.3 if loop else 0)  # looping for a while before the tunnel starts
+                names = self.agents(1)
+                procs = self.start(names)
+                times = self.cut_times(names)
+                (looping if loop else quiet).extend((cut - exec_) / 1e6 for exec_, cut in times)
+                self.finish(names, procs)
+                if neighbour:
+                    neighbour.kill()
+                    neighbour.wait()
+        self.finish([looper], [])
+        return quiet, looping
+
+
+OPEN_PORTS = """
+import socket, sys
+found = 0
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.settimeout(1)
+    found += s.connect_ex(("127.0.0.1", port)) == 0
+    s.close()
+print(found)
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--waves", default="1,10,50,200", help="agents per wave, comma-separated")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of the looping-neighbour comparison")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-containment.md")
     args = parser.parse_args()
     hierarchy = Hierarchy()
@@ -70,7 +179,7 @@ def main() -> None:
     accepted = []
     threading.Thread(target=lambda: [accepted.append(l) for l in pool.stdout], daemon=True).start()
     config = Config(agent_root=root, gpu_entitled=(f"{root}/gpu-*",), state_dir=str(work / "state"),
-                    enforce=EnforceSettings(rate_limit=10 ** 6), alerts=AlertSettings(sinks=()),
+                    enforce=EnforceSettings(breaker_agents=10 ** 6), alerts=AlertSettings(sinks=()),
                     metrics=MetricsSettings(enabled=False))
     daemon = Daemon(config)
     cut_at: dict[int, int] = {}
@@ -82,6 +191,14 @@ def main() -> None:
         cut_at[agent_id] = time.time_ns()
 
     daemon.enforcer.cut = timed_cut
+    saves = [0]
+    original_save = daemon.containment.store.save
+
+    def counted_save() -> None:
+        saves[0] += 1
+        original_save()
+
+    daemon.containment.store.save = counted_save
     stop = threading.Event()
     thread = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
     thread.start()
@@ -122,6 +239,9 @@ def main() -> None:
         time.sleep(0.5)
         pool_ok, gpu_ok, pool_seen = int(out[0]), int(out[1]), len(accepted) - before
         os.rmdir(agent)
+        tunnel = TunnelRun(daemon, hierarchy, root, host, key, cut_at)
+        waves = [tunnel.wave(n, saves) for n in map(int, args.waves.split(","))]
+        quiet, looping = tunnel.with_and_without_a_looping_neighbour(args.rounds)
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -158,6 +278,27 @@ in a network namespace, ebpfmon's daemon running (shipped rules).
 |---|---|
 | 100 connects to the pool port 3333 from an agent | {pool_ok} (the pool saw {pool_seen}) |
 | 100 opens of a GPU node (c 195 0) by an agent not entitled | {gpu_ok} |
+
+## Many agents at once
+
+N agents start the same `ssh -N -R` within the time it takes to spawn them
+(each its own agent cgroup, reverse port 2300+i); per-rule breaker at its
+defaults would not trip here (breaker_agents raised: this measures the path).
+
+| agents | cut | exec -> cut p50 | p99 | max | first exec -> last cut | quarantine writes per containment | reverse ports that listened |
+|---|---|---|---|---|---|---|---|
+""" + "".join(f"| {w['n']} | {w['cut']} | {w['p50']:.2f} ms | {w['p99']:.2f} ms | {w['max']:.2f} ms | "
+              f"{w['total']:.0f} ms | {w['writes']:.2f} | {w['listened']} |\n" for w in waves) + f"""
+## A cut agent looping on refused connects
+
+A cut agent connects to the pool port in a loop (each refused in the kernel,
+each an event and a verdict on an agent already quarantined) while a second
+agent starts `ssh -N -R`; {args.rounds} rounds each, alternated.
+
+| neighbour | second agent's exec -> cut p50 | p99 | max |
+|---|---|---|---|
+| none | {statistics.median(quiet):.2f} ms | {pct(quiet, 0.99):.2f} ms | {max(quiet):.2f} ms |
+| looping on refused connects | {statistics.median(looping):.2f} ms | {pct(looping, 0.99):.2f} ms | {max(looping):.2f} ms |
 """
     args.out.write_text(text)
     print(text)

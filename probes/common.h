@@ -155,6 +155,34 @@ static __always_inline void submit(struct event_header *hdr, u64 size, u64 max_s
 		count(kind, COUNTER_LOST);
 }
 
+/* Refusals (and the failed syscalls behind them) reported per cgroup and window: an agent
+ * looping on refused connects (a cut one, say) would otherwise fill the ring buffer and delay
+ * every other agent's events, containment included. Past the budget they are counted
+ * (COUNTER_THROTTLED), and the refusal counters still count every one. */
+#define REFUSAL_BUDGET 64
+#define REFUSAL_WINDOW_NS 1000000000ULL
+struct refusal_budget {
+	u64 window_start;
+	u64 used;
+};
+BPF_TABLE("lru_hash", u64, struct refusal_budget, refusal_budgets, 4096);
+
+static __always_inline int refusal_reportable(u32 kind)
+{
+	u64 id = bpf_get_current_cgroup_id();
+	u64 now = bpf_ktime_get_ns();
+	struct refusal_budget *budget = refusal_budgets.lookup(&id);
+	if (!budget || now - budget->window_start > REFUSAL_WINDOW_NS) {
+		struct refusal_budget fresh = {.window_start = now, .used = 1};
+		refusal_budgets.update(&id, &fresh);
+		return 1;
+	}
+	if (__sync_fetch_and_add(&budget->used, 1) < REFUSAL_BUDGET)
+		return 1;
+	count(kind, COUNTER_THROTTLED);
+	return 0;
+}
+
 /* bpf_probe_read_user_str returns the bytes copied with the NUL, so a return
  * equal to the buffer may be a string that fits exactly: look at the next byte.
  */

@@ -19,6 +19,7 @@
 #define AF_INET6_ 10
 #define DNS_PORT 53
 #define EINPROGRESS_ 115
+#define EPERM_ 1
 
 struct socket_key {
 	u32 tgid;
@@ -133,6 +134,10 @@ static __always_inline int sockaddr_exit(u16 kind, long ret)
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct sockaddr_event *e = sockaddr_pending.lookup(&tid);
 	if (!e) {
+		return 0;
+	}
+	if (ret == -EPERM_ && !refusal_reportable(kind)) {  /* a refused one, past the budget */
+		sockaddr_pending.delete(&tid);
 		return 0;
 	}
 	u64 size = offsetof(struct sockaddr_event, payload) + e->payload_len;

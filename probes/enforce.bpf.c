@@ -170,6 +170,9 @@ int enforce_ingress(struct __sk_buff *skb)
 static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, u32 profile,
 				    struct bpf_sock_addr *ctx, u8 *addr, u32 addr_len)
 {
+	count_refusal(reason);
+	if (!refusal_reportable(EVENT_REFUSED))
+		return;
 	struct refused_event e = {};
 	fill_header(&e.hdr, EVENT_REFUSED, sizeof(e));
 	e.agent_id = agent;
@@ -187,7 +190,6 @@ static __always_inline void refused(u64 agent, u32 reason, u32 op, u32 dry_run, 
 		else if (addr_len == 16)
 			__builtin_memcpy(e.addr, addr, 16);
 	}
-	count_refusal(reason);
 	submit(&e.hdr, sizeof(e), sizeof(e), WAKE_ALERT);
 }
 

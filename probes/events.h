@@ -26,7 +26,8 @@ enum event_kind {
 enum counter {
 	COUNTER_LOST = 0,      /* ring buffer full, or entry state evicted */
 	COUNTER_TRUNCATED = 1, /* event sent with a truncated field */
-	COUNTER_MAX = 2,
+	COUNTER_THROTTLED = 2, /* a refusal past its cgroup's budget: counted, not sent */
+	COUNTER_MAX = 3,
 };
 
 /* header.flags */

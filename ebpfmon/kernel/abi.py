@@ -63,9 +63,10 @@ class RefuseOp(IntEnum):
 class Counter(IntEnum):
     LOST = 0
     TRUNCATED = 1
+    THROTTLED = 2
 
 
-COUNTER_MAX = 2
+COUNTER_MAX = 3
 
 EVENT_F_ARGV_TRUNCATED = 1 << 0
 EVENT_F_ARG_TRUNCATED = 1 << 1

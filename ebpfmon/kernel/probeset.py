@@ -275,7 +275,7 @@ class ProbeSet:
         self.bpf.ring_buffer_consume()
 
     def counters(self) -> dict[abi.EventKind, dict[abi.Counter, int]]:
-        """Per-kind kernel counters (lost, truncated), summed over CPUs."""
+        """Per-kind kernel counters (lost, truncated, throttled), summed over CPUs."""
         table = self.bpf[b"counters"]
         result = {}
         for kind in abi.EventKind:

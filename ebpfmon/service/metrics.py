@@ -96,6 +96,10 @@ def snapshot(daemon: "Daemon") -> dict:
                                 ["kind"], {(k,): stats.lost.get(k, 0) for k in kinds}),
         "ebpfmon_events_truncated": ("counter", "Events delivered with a field cut, by kind.", ["kind"],
                                      {(k,): stats.truncated.get(k, 0) for k in kinds}),
+        "ebpfmon_events_throttled": ("counter", "Refusals (and the refused syscalls) not sent as events because "
+                                     "their cgroup used its budget for the second; counted in ebpfmon_refusals "
+                                     "all the same, by kind.", ["kind"],
+                                     {(k,): stats.throttled.get(k, 0) for k in kinds}),
         "ebpfmon_events_malformed": ("counter", "Records that did not decode.", [], {(): stats.malformed}),
         "ebpfmon_refusals": ("counter", "Refusals by the kernel enforcement programs, by reason.", ["reason"],
                              {(k,): v for k, v in refusals.items() if k != "skb_dropped"}),

@@ -41,6 +41,7 @@ class Stats:
     events: Counter = field(default_factory=Counter)  # delivered, by kind
     lost: Counter = field(default_factory=Counter)  # counted in the kernel, by kind
     truncated: Counter = field(default_factory=Counter)
+    throttled: Counter = field(default_factory=Counter)  # refusals past a cgroup's budget: counted only
     malformed: int = 0  # records that did not decode
     handler_errors: int = 0
 
@@ -49,6 +50,8 @@ class Stats:
             return " ".join(f"{k}={v}" for k, v in sorted(counter.items()) if v) or "0"
 
         return (f"events: {fmt(self.events)}; lost: {fmt(self.lost)}; truncated: {fmt(self.truncated)}"
+                + (f"; refusals past their budget, counted only: {fmt(self.throttled)}"
+                   if any(self.throttled.values()) else "")
                 + (f"; malformed: {self.malformed}" if self.malformed else "")
                 + (f"; handler errors: {self.handler_errors}" if self.handler_errors else ""))
 
@@ -142,11 +145,12 @@ class EventStream:
         self.probes.poll(WAKE_WINDOW_MS + 1 if windowed_before else self.config.drain_interval_ms)
 
     def refresh_counters(self) -> None:
-        """Copies the kernel's lost/truncated counters into stats."""
+        """Copies the kernel's lost/truncated/throttled counters into stats."""
         for kind, counters in self.probes.counters().items():
             name = kind.name.lower()
             self.stats.lost[name] = counters[abi.Counter.LOST]
             self.stats.truncated[name] = counters[abi.Counter.TRUNCATED]
+            self.stats.throttled[name] = counters[abi.Counter.THROTTLED]
 
     def run(self, stop: threading.Event, duration: float | None = None,
             every: Callable[[], None] | None = None, after_poll: Callable[[], None] | None = None) -> None:

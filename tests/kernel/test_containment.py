@@ -743,3 +743,34 @@ print(s.getsockname()[1], flush=True)
 while True:
     s.accept()[0].close()
 """
+
+
+REFUSED_LOOP = """
+import socket, sys
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.connect_ex((sys.argv[1], 9))
+    s.close()
+"""
+
+
+def test_refusals_past_a_cgroups_budget_are_counted_not_sent(containment_daemon, contained_agent, netns_host):
+    # a cut agent looping on refused connects must not fill the ring buffer that every other
+    # agent's events (and their containment) go through: bench/containment.py measures that
+    daemon = containment_daemon.daemon
+    daemon.containment.cut(contained_agent.name, "test", "a looping agent")
+    stats = daemon.stream.stats
+    try:
+        daemon.stream.refresh_counters()
+        before = (daemon.enforcer.counters()["cut"], stats.throttled["connect"], stats.throttled["refused"])
+        contained_agent.run([sys.executable, "-c", REFUSED_LOOP, netns_host.address, "2000"], check=True)
+        containment_daemon.wait_line("REFUSED connect", contained_agent.name.split("/")[-1])  # the first ones are
+        daemon.stream.refresh_counters()
+        after = (daemon.enforcer.counters()["cut"], stats.throttled["connect"], stats.throttled["refused"])
+        refused, throttled_connects, throttled_refusals = (a - b for a, b in zip(after, before))
+        assert refused == 2000  # every refusal is counted
+        # the loop (about a tenth of a second) may cross into a second one-second window, a slow
+        # machine into a third: 64 reports each
+        assert throttled_connects >= 2000 - 64 * 3 and throttled_refusals >= 2000 - 64 * 3
+    finally:
+        daemon.containment.release(contained_agent.name, "test", "done")
