@@ -34,12 +34,14 @@ from run import build_storm, run_storm  # noqa: E402  (bench/run.py)
 CPU_ROUNDS = 3
 
 
-def start(root: str, work: Path) -> tuple[subprocess.Popen, float, socket.socket]:
+def start(root: str, work: Path, config: str = "metrics: {enabled: true, listen: '127.0.0.1:0'}\nalerts: {sinks: []}\n"
+          ) -> tuple[subprocess.Popen, float, socket.socket]:
+    """`ebpfmon run` as systemd starts it, on config (YAML text); returns once it said READY=1."""
     sock_path = work / f"notify-{time.monotonic_ns()}.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(sock_path))
     listener.settimeout(60)
-    (work / "config.yaml").write_text("metrics: {enabled: true, listen: '127.0.0.1:0'}\nalerts: {sinks: []}\n")
+    (work / "config.yaml").write_text(config)
     began = time.monotonic()
     proc = subprocess.Popen([str(REPO / ".venv/bin/ebpfmon"), "run", "--config", str(work / "config.yaml"),
                              "--agent-root", root, "--state-dir", str(work / "state")],

@@ -170,9 +170,10 @@ class Config:
     drain_interval_ms: int = 50
     # ancestors (parent, grandparent...) attached to every event
     ancestry_depth: int = 8
-    # nice value of the thread that reads events and contains agents: ahead of the agents'
-    # own work, so a busy node does not delay a cut (-20..19; below 0 needs CAP_SYS_NICE)
-    reader_nice: int = -10
+    # nice value of the daemon's threads (the one that reads events and contains agents above
+    # all): ahead of the agents' own work, so a busy node does not delay a cut (-20..19; below
+    # 0 needs CAP_SYS_NICE)
+    reader_nice: int = -20
     rules: RuleSettings = field(default_factory=RuleSettings)
     enforce: EnforceSettings = field(default_factory=EnforceSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)

@@ -201,6 +201,17 @@ class UdpSendEvent(ConnectEvent):
 
 
 @dataclass
+class UnixConnectEvent(Event):
+    """A connect() to a Unix socket: a service on this node, such as a container runtime's API."""
+
+    kind: str = kind_field("unix_connect")
+    path: str = ""  # as given; "@name" for an abstract socket
+    resolved: str = ""  # absolute, from the caller's working directory, directories' links followed
+    retval: int = 0
+    fd: int = -1
+
+
+@dataclass
 class GpuOpenEvent(Event):
     kind: str = kind_field("gpu_open")
     path: str = ""
@@ -287,14 +298,14 @@ class ExitEvent(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (ExecEvent, ConnectEvent, UdpSendEvent, GpuOpenEvent, RefusedEvent, DeviceEvent,
-                              DnsEvent, ForkEvent, ExitEvent)
+    cls.kind: cls for cls in (ExecEvent, ConnectEvent, UdpSendEvent, UnixConnectEvent, GpuOpenEvent, RefusedEvent,
+                              DeviceEvent, DnsEvent, ForkEvent, ExitEvent)
 }
 
 # what a user asks `trace` for -> event kinds shown
 KIND_GROUPS = {
     "exec": ("exec",),
-    "connect": ("connect", "udp_send"),
+    "connect": ("connect", "udp_send", "unix_connect"),
     "gpu": ("gpu_open", "device"),
 }
 KIND_GROUPS["all"] = tuple(k for group in KIND_GROUPS.values() for k in group) + ("refused", "dns")

@@ -65,6 +65,9 @@ def describe(event: ev.Event) -> str:
     if isinstance(event, ev.ConnectEvent):
         outcome = "(cgroup hook, result unknown)" if event.source == "cgroup_hook" else f"= {result(event)}"
         return f"connect {transport(event)}{endpoint(event)}  {outcome}"
+    if isinstance(event, ev.UnixConnectEvent):
+        given = f" (given {safe(event.path)})" if event.resolved and event.resolved != event.path else ""
+        return f"connect unix {safe(event.resolved or event.path)}{given}  = {result(event)}"
     if isinstance(event, ev.GpuOpenEvent):
         device = f" ({event.device} {event.vendor or 'unknown vendor'})" if event.device else ""
         return f"open {safe(event.path)}{device} {event.access}  = {result(event)}"

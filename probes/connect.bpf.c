@@ -1,5 +1,5 @@
-/* connect: connect() to IPv4/IPv6 destinations, and datagrams sent with a
- * destination (sendto/sendmsg/sendmmsg), each with the return value.
+/* connect: connect() to IPv4/IPv6 destinations and to Unix sockets (by path), and
+ * datagrams sent with a destination (sendto/sendmsg/sendmmsg), each with the return value.
  *
  * Only the syscalls that carry an address are traced: socket() and close()
  * are not, because their tracepoints would run for every close on the host
@@ -15,8 +15,10 @@
  * accepted one) would have its sends taken for DNS; user space reports a
  * query name only when the payload parses as a DNS query.
  */
+#define AF_UNIX_ 1
 #define AF_INET_ 2
 #define AF_INET6_ 10
+#define UNIX_PATH_MAX_ 108
 #define DNS_PORT 53
 #define EINPROGRESS_ 115
 #define EPERM_ 1
@@ -102,6 +104,23 @@ static __always_inline int read_sockaddr(struct sockaddr_event *e, const void *u
 	return 0;
 }
 
+/* A Unix socket's path, into the payload (a container runtime's API socket is a way out of
+ * the agent's cgroup); an abstract name starts with a NUL. */
+static __always_inline int read_unix_sockaddr(struct sockaddr_event *e, const void *uaddr, int addrlen)
+{
+	u16 family = 0;
+	if (!uaddr || addrlen <= 2 || bpf_probe_read_user(&family, sizeof(family), uaddr) < 0 || family != AF_UNIX_)
+		return -1;
+	u32 n = addrlen > UNIX_PATH_MAX_ + 2 ? UNIX_PATH_MAX_ : (u32)addrlen - 2;
+	n &= 127;  /* the verifier's bound; n is at most UNIX_PATH_MAX_ already */
+	if (n == 0 || bpf_probe_read_user(e->payload, n, (const char *)uaddr + 2) < 0)
+		return -1;
+	e->family = AF_UNIX_;
+	e->dport = 0;
+	e->payload_len = n;
+	return 0;
+}
+
 /* Takes the destination of a socket connected to port 53, for addressless sends. */
 static __always_inline int use_connected_dns(struct sockaddr_event *e, int fd)
 {
@@ -136,6 +155,8 @@ static __always_inline int sockaddr_exit(u16 kind, long ret)
 	if (!e) {
 		return 0;
 	}
+	if (e->family == AF_UNIX_)
+		kind = EVENT_UNIX_CONNECT;
 	if (ret == -EPERM_ && !refusal_reportable(kind)) {  /* a refused one, past the budget */
 		sockaddr_pending.delete(&tid);
 		return 0;
@@ -165,7 +186,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 	struct sockaddr_event *e = sockaddr_begin(args->fd);
 	if (!e)
 		return 0;
-	if (read_sockaddr(e, args->uservaddr, args->addrlen) < 0)
+	if (read_sockaddr(e, args->uservaddr, args->addrlen) < 0 &&
+	    read_unix_sockaddr(e, args->uservaddr, args->addrlen) < 0)
 		sockaddr_abandon();
 	return 0;
 }

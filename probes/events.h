@@ -19,7 +19,8 @@ enum event_kind {
 	EVENT_CGROUP_RMDIR = 8,/* cgroup removed (v2 hierarchy) */
 	EVENT_REFUSED = 9,     /* enforcement refused a connect, a send or a device */
 	EVENT_DEVICE = 10,     /* a GPU device access seen by the cgroup device hook only */
-	EVENT_KIND_MAX = 11,
+	EVENT_UNIX_CONNECT = 11, /* connect() to a Unix socket: a sockaddr_event, the path in payload */
+	EVENT_KIND_MAX = 12,
 };
 
 /* Per-kind counters, indexed kind * COUNTER_MAX + counter. */
@@ -82,14 +83,14 @@ struct sockaddr_event {
 	struct event_header hdr;
 	__s32 retval;               /* connect: 0/-errno; send: bytes sent or -errno */
 	__s32 fd;
-	__u16 family;               /* AF_INET, AF_INET6 */
+	__u16 family;               /* AF_INET, AF_INET6; AF_UNIX (connect only) */
 	__u16 dport;                /* host byte order */
 	__u16 sock_type;            /* SOCK_STREAM/SOCK_DGRAM...; 0 when unknown */
 	__u16 protocol;             /* as given to socket(); 0 when default/unknown */
 	__u8 addr[16];              /* IPv4 in the first 4 bytes */
 	__u32 length;               /* send: bytes asked to send */
 	__u32 payload_len;          /* bytes in payload[] */
-	__u8 payload[PAYLOAD_MAX];  /* head of a datagram to port 53 */
+	__u8 payload[PAYLOAD_MAX];  /* head of a datagram to port 53; a Unix socket's path */
 };
 
 struct gpu_open_event {

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class Containment:
         self.address_groups: list[frozenset[str]] = []  # addresses of one service (configure)
         self.shared: list = []  # networks a lookup never puts on the shared deny list (configure)
         self.later: deque[Notice] = deque(maxlen=1024)  # from background work, for take_notices
+        self.listing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="connections")
         self.configure(config, {})
 
     def configure(self, config: Config, lists: dict[str, list[str]]) -> None:
@@ -133,10 +135,23 @@ class Containment:
             notices = [self._act(record, action, verdict.event, dry, now) for action in verdict.actions]
             if new:
                 record.event = verdict.event.to_dict()
-                record.connections = self._connections(agent)  # still listed: a cut blocks, not closes
                 self.store.add(record)
                 self.dirty = True
+                # listing takes milliseconds of netlink and /proc: not on the reader's thread,
+                # where the next agent's cut waits (still listed later: a cut blocks, not closes)
+                self.listing.submit(self._list_connections, record)
             return [n for n in notices if n]
+
+    def _list_connections(self, record: Record) -> None:
+        connections = self._connections(record.agent)
+        with self.lock:
+            record.connections = connections
+            self.dirty = True
+
+    def close(self) -> None:
+        """Finishes the listings under way, then writes the quarantine file."""
+        self.listing.shutdown(wait=True)
+        self.flush()
 
     def flush(self) -> None:
         """Writes the quarantine file if records changed: once per batch of verdicts (the

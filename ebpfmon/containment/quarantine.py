@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,11 @@ class Record:
     def gpu_denied(self) -> bool:
         return any(a.action == "deny_gpu" and a.result == "applied" for a in self.actions)
 
+    def to_dict(self) -> dict[str, Any]:
+        """For the file: a shallow copy (asdict's deep copy was most of a write), to be
+        encoded at once, under the lock that guards the record."""
+        return {**vars(self), "actions": [vars(a) for a in self.actions]}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Record":
         data = dict(data)
@@ -71,6 +76,8 @@ class QuarantineStore:
         self.path = self.dir / "quarantine.json"
         self.lock = threading.RLock()
         self.records: list[Record] = []
+        self.writes = 0  # saves since start (each a write and two fsyncs)
+        self._closed_text: dict[str, str] = {}  # id -> JSON of a record no longer active: it does not change
         self.load()
 
     def load(self) -> None:
@@ -89,14 +96,24 @@ class QuarantineStore:
     def save(self) -> None:
         """Atomically: a temporary file, fsync, rename over, fsync the directory."""
         with self.lock:
+            self.writes += 1
             closed = [r for r in self.records if r.status != "active"]
             if len(closed) > MAX_CLOSED:
                 drop = {r.id for r in closed[:len(closed) - MAX_CLOSED]}
                 self.records = [r for r in self.records if r.id not in drop]
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lines, closed_text = [], {}
+            for r in self.records:
+                text = self._closed_text.get(r.id) if r.status != "active" else None
+                if text is None:
+                    text = json.dumps(r.to_dict())  # without indent: the C encoder
+                if r.status != "active":
+                    closed_text[r.id] = text
+                lines.append(text)
+            self._closed_text = closed_text
             tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
             with open(tmp, "w") as f:
-                json.dump({"records": [asdict(r) for r in self.records]}, f, indent=1)
+                f.write('{"records": [\n' + ",\n".join(lines) + "\n]}\n")  # a record a line
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)

@@ -32,9 +32,10 @@ class EventKind(IntEnum):
     CGROUP_RMDIR = 8
     REFUSED = 9
     DEVICE = 10
+    UNIX_CONNECT = 11
 
 
-EVENT_KIND_MAX = 11
+EVENT_KIND_MAX = 12
 
 
 class RefuseReason(IntEnum):
@@ -290,6 +291,7 @@ RECORDS = {
     EventKind.CGROUP_MKDIR: CgroupEvent,
     EventKind.CGROUP_RMDIR: CgroupEvent,
     EventKind.REFUSED: RefusedEvent,
+    EventKind.UNIX_CONNECT: SockaddrEvent,
     EventKind.DEVICE: DeviceEvent,
 }
 

@@ -12,7 +12,7 @@ A case file is a YAML list:
         - exec: {argv: [ssh, git@github.com, "git-upload-pack 'org/repo.git'"]}
       fires: []                            # empty: nothing at all may fire
 
-Event shorthand: one key, the kind (exec, connect, udp_send, gpu_open), mapping
+Event shorthand: one key, the kind (exec, connect, udp_send, unix_connect, gpu_open), mapping
 to the kind's fields (see ebpfmon/events.py) plus pid, ppid, comm, exe, uid,
 cgroup, ancestry (list of {comm, exe, argv}), and at (seconds from the start
 of the case). Sensible defaults fill the rest: one agent process in
@@ -82,7 +82,8 @@ def make_event(spec: dict[str, Any], index: int) -> ev.Event:
     kind, values = next(iter(spec.items()))
     cls = ev.EVENT_TYPES.get(kind)
     if cls is None or kind in ("fork", "exit"):
-        raise ValueError(f"unknown event kind {kind!r}; use exec, connect, udp_send, gpu_open, refused, device or dns")
+        raise ValueError(f"unknown event kind {kind!r}; use exec, connect, udp_send, unix_connect, gpu_open, refused, "
+                         "device or dns")
     values = dict(values or {})
     argv = values.get("argv") if kind == "exec" else values.pop("argv_of_process", None)
     exe = values.pop("exe", None)

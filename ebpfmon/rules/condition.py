@@ -371,11 +371,12 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
 # what an event of each kind says for evt.type
 KIND_TYPES = {"exec": ("execve", "execveat"), "connect": ("connect",), "udp_send": ("sendto",),
               "gpu_open": ("open", "openat", "openat2"), "refused": ("refused",), "device": ("device",),
-              "dns": ("dns",)}
+              "dns": ("dns",), "unix_connect": ("connect",)}
 STATIC_FIELDS = {"evt.kind": lambda kind: (kind,), "evt.dir": lambda kind: ("<",),
                  "evt.type": lambda kind: KIND_TYPES[kind],
                  # a refused device has no destination
-                 "fd.sockfamily": lambda kind: ("ip", None) if kind == "refused" else ("ip",)}
+                 "fd.sockfamily": lambda kind: ("ip", None) if kind == "refused" else
+                 ("unix",) if kind == "unix_connect" else ("ip",)}
 
 
 def specialize(node, kind: str):

@@ -23,8 +23,8 @@ from ebpfmon.host.users import user_name
 from ebpfmon.rules.argv import parse_ssh
 
 EXEC, CONNECT, UDP, GPU = "exec", "connect", "udp_send", "gpu_open"
-REFUSED, DEVICE, DNS = "refused", "device", "dns"
-ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU, REFUSED, DEVICE, DNS})
+REFUSED, DEVICE, DNS, UNIX = "refused", "device", "dns", "unix_connect"
+ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU, REFUSED, DEVICE, DNS, UNIX})
 # kinds with a destination; a refused event has one unless it refused a device
 SOCKET_KINDS = frozenset({CONNECT, UDP, REFUSED})
 DEVICE_KINDS = frozenset({GPU, DEVICE, REFUSED})
@@ -118,7 +118,7 @@ def _basename(path: str | None) -> str | None:
     return path.rpartition("/")[2] if path else None
 
 
-EVT_TYPES = {CONNECT: "connect", UDP: "sendto", REFUSED: "refused", DEVICE: "device", DNS: "dns"}
+EVT_TYPES = {CONNECT: "connect", UDP: "sendto", REFUSED: "refused", DEVICE: "device", DNS: "dns", UNIX: "connect"}
 
 
 @_field("evt.type", ALL_KINDS, STR, "the system call: execve, execveat, connect, sendto, open, openat, openat2; "
@@ -229,7 +229,9 @@ _socket_field("fd.l4proto", STR, "tcp, udp... ('unknown' when the socket type is
               _inline('e.protocol or "unknown"'))
 _socket_field("fd.type", STR, "ipv4 or ipv6", _inline('"ipv4" if e.family == "inet" else "ipv6"'))
 _socket_field("fd.typechar", STR, "4 or 6", _inline('"4" if e.family == "inet" else "6"'))
-_socket_field("fd.sockfamily", STR, "always 'ip'", lambda e, c: "ip")
+_field("fd.sockfamily", SOCKET_KINDS | {UNIX}, STR, "ip, or unix for a connect to a Unix socket",
+       by_kind=((CONNECT, lambda e, c: "ip"), (UDP, lambda e, c: "ip"), (UNIX, lambda e, c: "unix")))(
+    lambda e, c: "unix" if isinstance(e, ev.UnixConnectEvent) else "ip" if e.address is not None else None)
 _attribute("fd.num", {CONNECT, UDP}, INT, "file descriptor number", "fd")
 _socket_field("fd.is_internal", BOOL, "destination is in an internal network: configured, loopback, or routed "
               "other than by the default route", _inline("c.networks.is_internal(e.address)"))
@@ -241,15 +243,22 @@ _attribute("evt.source", {CONNECT}, STR, "syscall, or cgroup_hook for a connect 
        "(io_uring): its result is not known", "source")
 
 
-@_field("fd.name", SOCKET_KINDS | {GPU}, STR, "address:port for sockets, the path for GPU opens")
+@_field("fd.name", SOCKET_KINDS | {GPU, UNIX}, STR, "address:port for sockets, the path for GPU opens and Unix "
+        "sockets (as unix.path)")
 def _fd_name(e, c):
     if isinstance(e, ev.GpuOpenEvent):
         return e.path
+    if isinstance(e, ev.UnixConnectEvent):
+        return e.resolved or e.path
     if e.address is None:
         return None
     return f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}"
 
 
+_field("unix.path", {UNIX}, STR, "the Unix socket connected to: absolute, relative paths taken from the caller's "
+       "working directory, directories' links followed (/var/run is /run); @name for an abstract socket")(
+    lambda e, c: e.resolved or e.path)
+_attribute("unix.path_given", {UNIX}, STR, "the path as the caller gave it", "path")
 _attribute("dns.query", {UDP, DNS}, STR, "the name asked in a DNS query (datagrams to port 53; the question "
            "the DNS proxy had)", "dns_query")
 _attribute("dns.verdict", {DNS}, STR, "what the DNS proxy did: answered, refused (the profile does not allow the "

@@ -71,6 +71,7 @@ class Daemon:
         # the proxy's events, judged on the reader's thread (rules and enrichment are not shared)
         self.dns_events: collections.deque[ev.DnsEvent] = collections.deque(maxlen=65536)
         self.containment: Containment | None = None
+        self.pending_alerts: list[Verdict] = []  # judged, for deliver_alerts after the batch
         self.control: ControlServer | None = None
         self.reload_requested = threading.Event()
         self.judged = 0
@@ -81,7 +82,17 @@ class Daemon:
     # ---- start and stop ----
 
     def start(self) -> "Daemon":
-        """Probes, enforcement, reconciliation, alerts, metrics, control socket; then READY."""
+        """Probes, enforcement, reconciliation, alerts, metrics, control socket; then READY.
+        Every thread made here gets the reader's priority (see raise_priority); the caller's
+        own thread gets its priority back."""
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        self.raise_priority()
+        try:
+            return self._start()
+        finally:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), own)
+
+    def _start(self) -> "Daemon":
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.stream.start(self.judge)
         self.enforcer = assemble.enforcement(self.stream.probes, self.hierarchy, self.config,
@@ -121,11 +132,12 @@ class Daemon:
             if every:
                 every()
 
-        self.raise_reader_priority()
+        self.raise_priority()
         self.stream.run(stop, every=each_second, after_poll=self.after_poll)
 
     def after_poll(self) -> None:
-        """After each batch from the kernel: the DNS proxy's events, then the audit log to disk."""
+        """After each batch from the kernel: the DNS proxy's events, the quarantine file, the
+        batch's alerts, then the audit log to disk."""
         while self.dns_events:
             event = self.stream.enricher.apply(self.dns_events.popleft())
             self.stream.stats.events["dns"] += 1
@@ -134,12 +146,16 @@ class Daemon:
             for notice in self.containment.take_notices():
                 self.notify(notice)
             self.containment.flush()
+        self.deliver_alerts()
         if self.audit:
             self.audit.flush()
 
-    def raise_reader_priority(self) -> None:
-        """Nice applies per thread on Linux: this one reads events and contains, and on a busy
-        node a cut must not wait for a CPU behind the agents' own work (bench/README.md)."""
+    def raise_priority(self) -> None:
+        """Nice applies per thread on Linux, and threads inherit it from the thread that makes
+        them. The reader reads events and contains, and on a busy node a cut must not wait
+        for a CPU behind the agents' own work; nor may any other thread of the daemon, since
+        with Python's one lock, a thread holding it while it waits for a CPU stalls the reader
+        too (bench/README.md, containment at scale)."""
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.reader_nice)
         except OSError as e:  # watching matters more: go on, loudly
@@ -155,7 +171,8 @@ class Daemon:
         if self.dns_proxy:
             self.dns_proxy.close()
         if self.containment:
-            self.containment.flush()
+            self.containment.close()
+        self.deliver_alerts()
         self.stream.close()
         self.alerting.close()
         self.metrics.close()
@@ -188,6 +205,13 @@ class Daemon:
                 self.metrics.event_to_action.observe(max(0, time.time_ns() - event.time_ns) / 1e9)
             self.metrics.event_to_verdict.observe(max(0, time.time_ns() - event.time_ns) / 1e9)
             self.echo(output.alert_line(verdict))
+            self.pending_alerts.append(verdict)
+
+    def deliver_alerts(self) -> None:
+        """The batch's verdicts to the alert sinks (spooled first), after every containment the
+        batch asked for: the next agent's cut does not wait behind this one's alert."""
+        pending, self.pending_alerts = self.pending_alerts, []
+        for verdict in pending:
             record = self.containment.store.active_for(verdict.agent or "") if self.containment else None
             self.alerting.verdict(verdict, dataclasses.asdict(record) if record else None)
 

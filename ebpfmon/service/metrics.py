@@ -105,6 +105,9 @@ def snapshot(daemon: "Daemon") -> dict:
                              {(k,): v for k, v in refusals.items() if k != "skb_dropped"}),
         "ebpfmon_cut_packets_dropped": ("counter", "Packets of cut agents dropped.", [],
                                         {(): refusals.get("skb_dropped", 0)}),
+        "ebpfmon_quarantine_writes": ("counter", "Writes of the quarantine file (each with two fsyncs): once per "
+                                      "batch of verdicts that changed records.", [],
+                                      {(): daemon.containment.store.writes if daemon.containment else 0}),
         "ebpfmon_quarantined_agents": ("gauge", "Agents in quarantine.", [],
                                        {(): len(daemon.containment.store.active()) if daemon.containment else 0}),
         "ebpfmon_alert_spool_depth": ("gauge", "Alerts waiting for a sink.", [], {(): daemon.alerting.spool.depth()}),

@@ -33,6 +33,7 @@ BODIES = {
     abi.EventKind.EXEC: body(abi.ExecEvent, upto="args"),
     abi.EventKind.CONNECT: body(abi.SockaddrEvent, upto="payload"),
     abi.EventKind.UDP_SEND: body(abi.SockaddrEvent, upto="payload"),
+    abi.EventKind.UNIX_CONNECT: body(abi.SockaddrEvent, upto="payload"),
     abi.EventKind.GPU_OPEN: body(abi.GpuOpenEvent),
     abi.EventKind.FORK: body(abi.ForkEvent),
     abi.EventKind.EXIT: body(abi.ExitEvent),
@@ -41,8 +42,9 @@ BODIES = {
     abi.EventKind.REFUSED: body(abi.RefusedEvent),
     abi.EventKind.DEVICE: body(abi.DeviceEvent),
 }
-# where an exec record's arguments start
+# where an exec record's arguments start, and a sockaddr record's payload
 EXEC_ARGS = HEADER_SIZE + BODIES[abi.EventKind.EXEC][0].size
+SOCKADDR_PAYLOAD = HEADER_SIZE + BODIES[abi.EventKind.CONNECT][0].size
 REFUSE_REASONS = {r.value: r.name.lower() for r in abi.RefuseReason}
 REFUSE_OPS = {o.value: o.name.lower() for o in abi.RefuseOp}
 
@@ -201,6 +203,12 @@ class Decoder:
             known = _remember(self._sockets, key, (FAMILIES.get(family, str(family)), _address(family, addr),
                                                    type_name, protocol_name))
         return known
+
+    def _unix_connect(self, time_ns, cgroup_id, proc, hdr_flags, record,
+                      retval, fd, family, dport, sock_type, protocol, addr, length, payload_len) -> ev.UnixConnectEvent:
+        raw = record[SOCKADDR_PAYLOAD:SOCKADDR_PAYLOAD + payload_len]
+        path = "@" + ev.text(raw[1:].rstrip(b"\0")) if raw.startswith(b"\0") else cstr(raw)
+        return ev.UnixConnectEvent(time_ns, cgroup_id, None, proc, [], path, "", retval, fd)
 
     def _gpu_open(self, time_ns, cgroup_id, proc, hdr_flags, record,
                   retval, dfd, flags, syscall, path) -> ev.GpuOpenEvent:

@@ -27,7 +27,8 @@ class Enricher:
         # per event, not an isinstance test per kind (every connect an agent makes comes here)
         self._before = {"fork": self._forked, "exec": self._executed}
         self._after = {"gpu_open": self._gpu_device, "refused": self._agent_and_vendor,
-                       "device": self._agent_and_vendor, "dns": self._agent_and_vendor, "exit": self._exited}
+                       "device": self._agent_and_vendor, "dns": self._agent_and_vendor, "exit": self._exited,
+                       "unix_connect": self._unix_path}
 
     def apply(self, item: ev.Event | CgroupChange) -> ev.Event | None:
         """Updates state from the item; returns the enriched event (None for cgroup changes)."""
@@ -73,6 +74,10 @@ class Enricher:
         if getattr(item, "device", None):
             item.vendor = self.devices.vendor_of(item.device)
 
+    @staticmethod
+    def _unix_path(item: ev.UnixConnectEvent) -> None:
+        item.resolved = resolve_socket_path(item.path, item.proc.pid)
+
     def _exited(self, item: ev.ExitEvent) -> None:
         self.tree.exited(item.proc.tid)
 
@@ -97,3 +102,19 @@ class Enricher:
             return ev.text(os.readlink(f"/proc/{pid}/exe".encode()))
         except OSError:
             return filename
+
+
+def resolve_socket_path(path: str, pid: int) -> str:
+    """A Unix socket's path as rules compare it: relative to the caller's working directory
+    when relative (read while it lives), the directories' symbolic links followed
+    (/var/run/docker.sock is /run/docker.sock), in this node's view of the files; an abstract
+    name ("@...") as it is."""
+    if path.startswith("@") or not path:
+        return path
+    if not path.startswith("/"):
+        try:
+            path = os.path.join(ev.text(os.readlink(f"/proc/{pid}/cwd".encode())), path)
+        except OSError:
+            return os.path.normpath(path)
+    directory, name = os.path.split(os.path.normpath(path))
+    return os.path.join(os.path.realpath(directory), name)

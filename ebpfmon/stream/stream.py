@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 # kinds whose records may not have woken the reader (probes/common.h, windowed_wake)
 WINDOWED_KINDS = frozenset(k.value for k in (abi.EventKind.EXEC, abi.EventKind.CONNECT, abi.EventKind.UDP_SEND,
                                              abi.EventKind.GPU_OPEN, abi.EventKind.REFUSED, abi.EventKind.DEVICE,
-                                             abi.EventKind.CGROUP_MKDIR))
+                                             abi.EventKind.CGROUP_MKDIR, abi.EventKind.UNIX_CONNECT))
 
 # event kinds -> the probe that produces them
-PROBE_OF_KIND = {"exec": "exec", "connect": "connect", "udp_send": "connect", "gpu_open": "gpu"}
+PROBE_OF_KIND = {"exec": "exec", "connect": "connect", "udp_send": "connect", "unix_connect": "connect",
+                 "gpu_open": "gpu"}
 
 
 @dataclass

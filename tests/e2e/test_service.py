@@ -115,10 +115,11 @@ def test_systemd_notify_ready_watchdog_stopping_and_reader_priority(bpf, own_roo
         except TimeoutError:
             raise AssertionError((tmp_path / "stderr").read_text()[-2000:]) from None
         assert got == ["READY=1", "WATCHDOG=1"]
-        # the event loop (the main thread) runs ahead of the agents; the other threads do not
+        # the event loop (the main thread) runs ahead of the agents, and so does every other
+        # thread of the daemon: one holding Python's lock while it waits for a CPU stalls the loop
         assert thread_nice(proc.pid, proc.pid) == -7
-        others = {thread_nice(proc.pid, int(t)) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid}
-        assert others == {0}
+        threads = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(threads) > 1 and {thread_nice(proc.pid, int(t)) for t in threads} == {-7}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         rest = []

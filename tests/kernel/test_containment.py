@@ -774,3 +774,48 @@ def test_refusals_past_a_cgroups_budget_are_counted_not_sent(containment_daemon,
         assert throttled_connects >= 2000 - 64 * 3 and throttled_refusals >= 2000 - 64 * 3
     finally:
         daemon.containment.release(contained_agent.name, "test", "done")
+
+
+UNIX_CONNECT = """
+import os, socket, sys
+os.chdir(sys.argv[1])
+s = socket.socket(socket.AF_UNIX)
+print(s.connect_ex(sys.argv[2]))
+"""
+
+
+def test_a_container_runtime_socket_is_an_alert_however_its_path_is_spelled(own_daemon, hierarchy, tmp_path):
+    # a runtime's API socket (the rules' list, as an operator's file would extend it) reached
+    # through a linked directory and a relative path, by a plain script: no runtime CLI
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "var-run").symlink_to(run)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(run / "docker.sock"))
+    server.listen(4)
+    own_daemon.rules.write_text(f"- list: container_runtime_sockets\n  items: [{run}/docker.sock]\n"
+                                "  override:\n    items: append\n")
+    own_daemon.start(deny_networks=(), run=True)
+    agent = make_agent_cgroup(hierarchy, own_daemon.root)
+    try:
+        out = agent.run([sys.executable, "-c", UNIX_CONNECT, str(tmp_path), "var-run/docker.sock"], text=True,
+                        check=True)
+        assert out.stdout.strip() == "0"
+        line = wait_for(lambda: [l for l in own_daemon.lines if "Container runtime socket contacted" in l],
+                        "the alert")[0]
+        assert f"socket={run}/docker.sock" in line and "result=SUCCESS" in line
+        wait_for(lambda: [l for l in own_daemon.lines if f"connect unix {run}/docker.sock (given var-run/docker.sock)"
+                          in l], "the event, with the path as given")
+        # another socket is an event, not this alert
+        before = len(own_daemon.lines)
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(str(run / "other.sock"))
+        other.listen(4)
+        agent.run([sys.executable, "-c", UNIX_CONNECT, str(run), "other.sock"], check=True)
+        agent.run([sys.executable, "-c", UNIX_CONNECT, str(run), "docker.sock"], check=True)  # judged after it
+        alerts = wait_for(lambda: [l for l in own_daemon.lines[before:] if "Container runtime socket contacted" in l],
+                          "the second alert")
+        assert [l for l in own_daemon.lines[before:] if f"connect unix {run}/other.sock" in l]
+        assert len(alerts) == 1 and f"socket={run}/docker.sock" in alerts[0]
+    finally:
+        server.close()

@@ -65,6 +65,16 @@ def test_connect_records():
     assert (v6.family, v6.address, v6.sock_type, v6.protocol) == ("inet6", "198.51.100.1", None, None)
 
 
+def test_unix_connect_records_carry_the_path_as_given():
+    d = Decoder()
+    named = d.decode(sockaddr_record(abi.EventKind.UNIX_CONNECT, 1, b"", 0, b"/var/run/docker.sock\0"))
+    assert (named.kind, named.path, named.resolved, named.fd) == ("unix_connect", "/var/run/docker.sock", "", 3)
+    abstract = d.decode(sockaddr_record(abi.EventKind.UNIX_CONNECT, 1, b"", 0, b"\0containerd-shim\0\0"))
+    assert abstract.path == "@containerd-shim"
+    odd = d.decode(sockaddr_record(abi.EventKind.UNIX_CONNECT, 1, b"", 0, b"run/\xffsock"))  # not NUL-ended
+    assert odd.path == "run/\udcffsock"
+
+
 def test_udp_dns_record():
     query = bytes(12) + b"\x04pool\x07example\x03com\x00\x00\x01\x00\x01"
     event = Decoder().decode(sockaddr_record(abi.EventKind.UDP_SEND, 2, bytes([127, 0, 0, 1]), 53, query, 2))

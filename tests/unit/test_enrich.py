@@ -31,3 +31,22 @@ def test_argv_from_proc_only_for_the_program_that_exec_d(tmp_path):
     assert (other.argv, other.argv_source) == ([], "none")
     gone = enricher.apply(unreadable_exec(502, "ssh"))
     assert (gone.argv, gone.argv_source) == ([], "none")
+
+
+def test_a_unix_socket_path_is_made_absolute_and_its_directories_links_followed(tmp_path):
+    import os
+
+    from ebpfmon.stream.enrich import resolve_socket_path
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert resolve_socket_path(f"{tmp_path}/link/docker.sock", os.getpid()) == f"{tmp_path}/real/docker.sock"
+    assert resolve_socket_path(f"{tmp_path}/real/../link/./x.sock", os.getpid()) == f"{tmp_path}/real/x.sock"
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # relative: from the caller's working directory, read from /proc while it lives
+        assert resolve_socket_path("link/d.sock", os.getpid()) == f"{tmp_path}/real/d.sock"
+    finally:
+        os.chdir(here)
+    assert resolve_socket_path("@abstract", os.getpid()) == "@abstract"
+    assert resolve_socket_path("gone/d.sock", 2 ** 22 + 7) == "gone/d.sock"  # no such process: as given
