@@ -69,4 +69,5 @@ def test_unknown_kind_and_fields_are_refused():
 
 
 def test_kind_groups_cover_every_agent_event():
-    assert set(ev.KIND_GROUPS["all"]) == {"exec", "connect", "udp_send", "gpu_open", "device", "refused", "dns"}
+    assert set(ev.KIND_GROUPS["all"]) == {"exec", "connect", "udp_send", "unix_connect", "gpu_open", "device", "refused",
+                                          "dns"}
