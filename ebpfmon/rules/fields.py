@@ -157,6 +157,14 @@ def _cmdline(e, c):
 
 _field("proc.args", ALL_KINDS, STR, "the arguments after argv[0], joined by spaces")(
     lambda e, c: " ".join(_argv(e)[1:]))
+_field("proc.args_words", ALL_KINDS, STR, "the arguments after argv[0] that are one word (no whitespace), joined "
+       "by spaces: options and their values, without the code, commands and prose that shells and interpreters "
+       "take as one argument (sh -c '...', python -c '...', a message)")(
+    lambda e, c: " ".join(a for a in _argv(e)[1:] if not _has_space(a)))
+
+
+def _has_space(text: str) -> bool:
+    return any(ch.isspace() for ch in text)
 
 
 def _ancestor(e: ev.Event, n: int) -> ev.Ancestor | None:

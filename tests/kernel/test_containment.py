@@ -819,3 +819,26 @@ def test_a_container_runtime_socket_is_an_alert_however_its_path_is_spelled(own_
         assert len(alerts) == 1 and f"socket={run}/docker.sock" in alerts[0]
     finally:
         server.close()
+
+
+def test_mentioning_a_pool_url_is_not_mining_and_passing_one_is(containment_daemon, contained_agent, tmp_path):
+    agent = contained_agent.name.split("/")[-1]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the pool was stratum+tcp://pool.example.com:3333\n")
+    # the benign twins, real programs: search for it, print it, carry it in a shell's and an
+    # interpreter's code; each runs to its end, and is at most a notice
+    assert contained_agent.run(["grep", "-c", "stratum+tcp://", str(notes)], text=True).stdout.strip() == "1"
+    contained_agent.run(["bash", "-c", "echo stratum+tcp://pool.example.com:3333 >/dev/null"], check=True)
+    contained_agent.run([sys.executable, "-c", "print('stratum+tcp://pool.example.com:3333')"], check=True)
+    containment_daemon.wait_line("Mining pool URL or miner options mentioned", agent, "print(")  # the last, judged
+    assert containment_daemon.containment.store.active_for(contained_agent.name) is None
+    # the act: a program (a script, under a harmless name) given the URL as its argument
+    script = tmp_path / "trainer"
+    script.write_text("#!/bin/sh\nsleep 30\n")
+    script.chmod(0o755)
+    miner = contained_agent.popen([str(script), "-o", "stratum+tcp://pool.example.com:3333"])
+    assert miner.wait(timeout=10) == -9
+    containment_daemon.wait_line("kill applied on", contained_agent.name)
+    record = containment_daemon.containment.store.active_for(contained_agent.name)
+    assert record.rule == "Mining pool URL in arguments" and record.cut
+    containment_daemon.containment.release(contained_agent.name, "test", "done")
