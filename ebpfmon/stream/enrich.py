@@ -59,7 +59,9 @@ class Enricher:
         if item.retval != 0:
             return
         proc = item.proc
-        exe = self._argv_from_proc(item) if item.argv_source == "none" else None
+        # unreadable, or cut at the probe's limits (an option hidden after many others): /proc
+        # has it whole while the process lives
+        exe = self._argv_from_proc(item) if item.argv_source == "none" or item.argv_truncated else None
         self.tree.executed(proc.pid, proc.ppid, proc.comm, exe or self._exe(proc.pid, item.filename), item.argv)
 
     def _gpu_device(self, item: ev.GpuOpenEvent) -> None:
@@ -82,13 +84,18 @@ class Enricher:
         self.tree.exited(item.proc.tid)
 
     def _argv_from_proc(self, item: ev.ExecEvent) -> str | None:
-        """The probe could not read argv: after fork, a child's pages of the program's
+        """The probe cut argv at its limits, or could not read it: after fork, a child's pages of the program's
         constants (execve("/bin/sh", {"sh", ...}) with literals) are not mapped until touched,
         and a probe cannot fault them in. The exec is done: /proc has the new argv while the
         process lives, which a tunnel or a miner does. Returns the exe /proc names, if taken."""
         node = read_proc(item.proc.pid, self.tree.proc)
         # the same comm: still the program of this exec, not one it has exec'd since
         if node is None or not node.argv or node.comm != item.proc.comm:
+            return None
+        # a truncated copy: the arguments the probe read whole must begin /proc's (the last one
+        # read may be cut), or the process rewrote its arguments since
+        whole = item.argv[:-1]
+        if item.argv_source == "kernel" and (len(node.argv) < len(item.argv) or node.argv[:len(whole)] != whole):
             return None
         item.argv, item.argv_source, item.argv_truncated = node.argv, "proc", False
         return node.exe

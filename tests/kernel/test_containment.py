@@ -842,3 +842,22 @@ def test_mentioning_a_pool_url_is_not_mining_and_passing_one_is(containment_daem
     record = containment_daemon.containment.store.active_for(contained_agent.name)
     assert record.rule == "Mining pool URL in arguments" and record.cut
     containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_a_reverse_forward_hidden_past_the_probes_argument_limit_is_cut(containment_daemon, contained_agent,
+                                                                         sshd, netns_host):
+    # 70 harmless options first: the kernel's copy stops at 64 arguments, /proc has them all
+    padding = ["-o", "Compression=no"] * 35
+    tunnel = contained_agent.popen(["ssh", "-i", str(sshd), *SSH_OPTS, *padding, "-N", "-R", "2398:127.0.0.1:22",
+                                    f"root@{netns_host.address}"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    try:
+        containment_daemon.wait_line("Reverse SSH tunnel", contained_agent.name.split("/")[-1])
+        record = containment_daemon.containment.store.active_for(contained_agent.name)
+        assert record.rule == "Reverse SSH tunnel" and record.cut
+        assert record.event["argv_source"] == "proc" and record.event["argv"][-2] == "2398:127.0.0.1:22"
+    finally:
+        tunnel.kill()
+        tunnel.wait()
+        if containment_daemon.containment.store.active_for(contained_agent.name):
+            containment_daemon.containment.release(contained_agent.name, "test", "done")

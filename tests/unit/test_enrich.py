@@ -33,6 +33,23 @@ def test_argv_from_proc_only_for_the_program_that_exec_d(tmp_path):
     assert (gone.argv, gone.argv_source) == ([], "none")
 
 
+def test_argv_cut_at_the_probes_limits_comes_whole_from_proc_when_it_begins_the_same(tmp_path):
+    hidden = ["ssh", *(["-o", "Compression=no"] * 40), "-R", "2222:127.0.0.1:22", "agent@tunnel.example"]
+    fake_proc(tmp_path, 600, "ssh", hidden)
+    fake_proc(tmp_path, 601, "ssh", ["ssh", "-V"])  # rewrote its arguments since the exec
+    enricher = Enricher(CgroupNames(Hierarchy()), ProcessTree(proc=str(tmp_path)), DeviceResolver())
+
+    def cut(pid):
+        proc = ev.Process(pid=pid, tid=pid, ppid=1, uid=0, gid=0, comm="ssh")
+        return ev.ExecEvent(time_ns=1, cgroup_id=0, cgroup=None, proc=proc, filename="/usr/bin/ssh",
+                            argv=hidden[:63] + ["Compres"], argv_truncated=True, argv_source="kernel")
+
+    whole = enricher.apply(cut(600))
+    assert (whole.argv, whole.argv_source, whole.argv_truncated) == (hidden, "proc", False)
+    kept = enricher.apply(cut(601))
+    assert (kept.argv[-1], kept.argv_source, kept.argv_truncated) == ("Compres", "kernel", True)
+
+
 def test_a_unix_socket_path_is_made_absolute_and_its_directories_links_followed(tmp_path):
     import os
 
