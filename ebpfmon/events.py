@@ -176,6 +176,9 @@ class ExecEvent(Event):
     # where argv comes from: "kernel" (the probe, at the call), "proc" (/proc/PID/cmdline after
     # the exec: the probe could not read the caller's memory), "none" (neither could)
     argv_source: str = "kernel"
+    # an ssh client's configuration lines that ask for a remote forward or a tun device
+    # ("file:line: key values", host/sshconfig.py), read by the enricher
+    ssh_config: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -305,11 +305,22 @@ def _ssh(e, c):
 _field("ssh.client", {EXEC}, BOOL, "the program is an ssh-family client (ssh, autossh, dbclient, plink)")(
     lambda e, c: _ssh(e, c) is not None)
 _field("ssh.remote_forward", {EXEC}, BOOL, "an ssh-family client asked for a remote (reverse) forward: -R in "
-       "any spelling, or -o RemoteForward")(lambda e, c: bool((cmd := _ssh(e, c)) and cmd.remote_forward))
+       "any spelling, -o RemoteForward, or RemoteForward in the configuration files it reads for the destination "
+       "(ssh.config)")(
+    lambda e, c: bool((cmd := _ssh(e, c)) and (cmd.remote_forward or _from_config(e, "remoteforward"))))
 _field("ssh.local_forward", {EXEC}, BOOL, "an ssh-family client asked for -L, -D or LocalForward")(
     lambda e, c: bool((cmd := _ssh(e, c)) and cmd.local_forward))
-_field("ssh.tun", {EXEC}, BOOL, "an ssh client asked for a tun device (-w, -o Tunnel)")(
-    lambda e, c: bool((cmd := _ssh(e, c)) and cmd.tun))
+_field("ssh.tun", {EXEC}, BOOL, "an ssh client asked for a tun device (-w, -o Tunnel, or Tunnel in its "
+       "configuration files)")(
+    lambda e, c: bool((cmd := _ssh(e, c)) and (cmd.tun or _from_config(e, "tunnel"))))
+_field("ssh.config", {EXEC}, STR, "the lines of the ssh client's configuration files that ask for a remote "
+       "forward or a tun device (file:line: key values), '; '-separated")(
+    lambda e, c: "; ".join(e.ssh_config) or None)
+
+
+def _from_config(e, key: str) -> bool:
+    """A configuration line of the event that asks for key (tunnel: Tunnel or TunnelDevice)."""
+    return any(line.partition(": ")[2].startswith(key) for line in e.ssh_config)
 _field("ssh.host", {EXEC}, STR, "the destination an ssh-family client was given")(
     lambda e, c: (cmd := _ssh(e, c)) and cmd.host)
 

@@ -12,6 +12,8 @@ from ebpfmon import events as ev
 from ebpfmon.host.cgroups import CgroupNames
 from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.host.devices import DeviceResolver
+from ebpfmon.host.sshconfig import SshConfigReader
+from ebpfmon.rules.argv import parse_ssh
 from ebpfmon.stream.proctree import ProcessTree, read_proc
 
 
@@ -23,6 +25,7 @@ class Enricher:
         self.devices = devices
         self.ancestry_depth = ancestry_depth
         self.egress_profiles: dict[int, str] = {}  # id -> name, set by whoever writes the policy
+        self.ssh_config = SshConfigReader(tree.proc)
         # what some kinds need besides what every event gets, found by kind: one dict lookup
         # per event, not an isinstance test per kind (every connect an agent makes comes here)
         self._before = {"fork": self._forked, "exec": self._executed}
@@ -62,7 +65,14 @@ class Enricher:
         # unreadable, or cut at the probe's limits (an option hidden after many others): /proc
         # has it whole while the process lives
         exe = self._argv_from_proc(item) if item.argv_source == "none" or item.argv_truncated else None
-        self.tree.executed(proc.pid, proc.ppid, proc.comm, exe or self._exe(proc.pid, item.filename), item.argv)
+        exe = exe or self._exe(proc.pid, item.filename)
+        self.tree.executed(proc.pid, proc.ppid, proc.comm, exe, item.argv)
+        ssh = parse_ssh(tuple(item.argv), exe)
+        if ssh is not None and ssh.client in ("ssh", "autossh"):  # the clients that read ssh_config
+            config = [v for o, v in ssh.options if o == "F" and v is not None]
+            options = [v for o, v in ssh.options if o == "o" and v is not None]
+            item.ssh_config = [str(f) for f in self.ssh_config.findings(proc.pid, proc.uid, config[-1] if config
+                                                                         else None, ssh.host, options)]
 
     def _gpu_device(self, item: ev.GpuOpenEvent) -> None:
         device = self.devices.resolve(item.path, item.proc.pid)

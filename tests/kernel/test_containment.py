@@ -861,3 +861,37 @@ def test_a_reverse_forward_hidden_past_the_probes_argument_limit_is_cut(containm
         tunnel.wait()
         if containment_daemon.containment.store.active_for(contained_agent.name):
             containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_a_reverse_forward_written_in_an_ssh_configuration_file_is_cut(containment_daemon, hierarchy, sshd,
+                                                                        netns_host, tmp_path):
+    common = (f"Host *\n  IdentityFile {sshd}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+              "  BatchMode yes\n  ConnectTimeout 3\n  ExitOnForwardFailure yes\n")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "fwd.conf").write_text(f"Host {netns_host.address}\n  RemoteForward 2397 127.0.0.1:22\n")
+    (tmp_path / "ssh.conf").write_text(f"Include {tmp_path}/extra/*.conf\n" + common)
+    (tmp_path / "plain.conf").write_text(common)
+    agent, twin = (make_agent_cgroup(hierarchy, containment_daemon.root) for _ in range(2))
+    store = containment_daemon.containment.store
+    # the benign twin: the same client and server, a configuration without forwards: runs to its end
+    out = twin.run(["ssh", "-F", str(tmp_path / "plain.conf"), f"root@{netns_host.address}", "echo", "hi"],
+                   text=True)
+    assert out.stdout.strip() == "hi", out.stderr
+    # the forward only in a file the -F file (relative, from the working directory) includes
+    tunnel = agent.popen(["ssh", "-F", "ssh.conf", "-N", f"root@{netns_host.address}"], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        containment_daemon.wait_line("Reverse SSH tunnel opened", agent.name.split("/")[-1],
+                                     f"config={tmp_path}/extra/fwd.conf:2: remoteforward 2397 127.0.0.1:22")
+        record = store.active_for(agent.name)
+        assert record and record.cut
+        probe = netns_host.popen([sys.executable, "-c", OPEN_PORTS, "2397"], stdout=subprocess.PIPE, text=True)
+        assert probe.communicate(timeout=30)[0].strip() == "[]"
+        assert store.active_for(twin.name) is None
+    finally:
+        tunnel.kill()
+        tunnel.wait()
+        if store.active_for(agent.name):
+            containment_daemon.containment.release(agent.name, "test", "done")
+        remove_cgroup_tree(agent.path)
+        remove_cgroup_tree(twin.path)
