@@ -47,7 +47,7 @@ class Notice:
 
 class Containment:
     def __init__(self, enforcer: Enforcer, hierarchy: Hierarchy, config: Config, store: QuarantineStore,
-                 clock=time.time_ns, on_release=None, on_action=None):
+                 clock=time.time_ns, on_release=None, on_action=None, lists: dict[str, list[str]] | None = None):
         self.enforcer = enforcer
         self.hierarchy = hierarchy
         self.store = store
@@ -63,7 +63,7 @@ class Containment:
         self.shared: list = []  # networks a lookup never puts on the shared deny list (configure)
         self.later: deque[Notice] = deque(maxlen=1024)  # from background work, for take_notices
         self.listing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="connections")
-        self.configure(config, {})
+        self.configure(config, lists or {})
 
     def configure(self, config: Config, lists: dict[str, list[str]]) -> None:
         """Settings and the rules' lists, at start and on reload."""

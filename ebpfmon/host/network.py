@@ -111,11 +111,14 @@ class NetworkClassifier:
             self._watch_failed = True
             return False
 
-    def is_internal(self, address: str) -> bool:
+    def _refresh(self) -> None:
         now = time.monotonic()
         if now >= self._next_look:  # one comparison otherwise: this runs for every connect an agent makes
             self._next_look = now + self.watch_interval
             self._look_at_routes(now)
+
+    def is_internal(self, address: str) -> bool:
+        self._refresh()
         known = self._cache.get(address)
         if known is not None:
             return known
@@ -133,5 +136,5 @@ class NetworkClassifier:
         """Loopback, or an address of this node: a service there runs outside the agents."""
         if address.startswith("127.") or address == "::1":
             return True
-        self.is_internal(address)  # looks at the routes when due
+        self._refresh()
         return address in self._own

@@ -302,6 +302,11 @@ def _ssh(e, c):
     return parse_ssh(tuple(e.argv), e.proc.exe)
 
 
+def _from_config(e, key: str) -> bool:
+    """A configuration line of the event that asks for key (tunnel: Tunnel or TunnelDevice)."""
+    return any(line.partition(": ")[2].startswith(key) for line in e.ssh_config)
+
+
 _field("ssh.client", {EXEC}, BOOL, "the program is an ssh-family client (ssh, autossh, dbclient, plink)")(
     lambda e, c: _ssh(e, c) is not None)
 _field("ssh.remote_forward", {EXEC}, BOOL, "an ssh-family client asked for a remote (reverse) forward: -R in "
@@ -316,11 +321,6 @@ _field("ssh.tun", {EXEC}, BOOL, "an ssh client asked for a tun device (-w, -o Tu
 _field("ssh.config", {EXEC}, STR, "the lines of the ssh client's configuration files that ask for a remote "
        "forward or a tun device (file:line: key values), '; '-separated")(
     lambda e, c: "; ".join(e.ssh_config) or None)
-
-
-def _from_config(e, key: str) -> bool:
-    """A configuration line of the event that asks for key (tunnel: Tunnel or TunnelDevice)."""
-    return any(line.partition(": ")[2].startswith(key) for line in e.ssh_config)
 _field("ssh.host", {EXEC}, STR, "the destination an ssh-family client was given")(
     lambda e, c: (cmd := _ssh(e, c)) and cmd.host)
 

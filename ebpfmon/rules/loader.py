@@ -367,8 +367,8 @@ class Compiler:
         return CompiledRule(
             name=name, desc=str(item.get("desc", "")), priority=priority, tags=tags, actions=list(actions),
             enabled=item.get("enabled", True),
-            enforce=item.get("enforce", True), never_suspend=item.get("never_suspend", False), condition=cond, exceptions=exceptions, window=window,
-            sequence=sequence, output=Output(output_text),
+            enforce=item.get("enforce", True), never_suspend=item.get("never_suspend", False), condition=cond,
+            exceptions=exceptions, window=window, sequence=sequence, output=Output(output_text),
             source=f"{item.where.source.name}:{item.where.node.start_mark.line + 1}")
 
     def exceptions(self, item: Item):

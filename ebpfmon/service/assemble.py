@@ -109,8 +109,7 @@ def containment(enforcer: Enforcer, hierarchy: Hierarchy, config: Config, lists:
     """Containment over the enforcer, with the quarantine records in the state directory,
     and the GPU grants of the entitled agents in place."""
     result = Containment(enforcer, hierarchy, config, QuarantineStore(config.state_dir), on_release=on_release,
-                         on_action=on_action)
-    result.configure(config, lists)
+                         on_action=on_action, lists=lists)
     result.grant_gpus(result.agent_paths())
     return result
 

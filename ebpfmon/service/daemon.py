@@ -293,10 +293,10 @@ class Daemon:
         self.engine.load(ruleset)
         if self.enforcer:
             assemble.configure_enforcer(self.enforcer, config, ruleset.lists)
-        if self.containment:
-            self.containment.configure(config, ruleset.lists)
             self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
             self._reconfigure_dns_proxy()
+        if self.containment:
+            self.containment.configure(config, ruleset.lists)
         self.metrics.reloads.inc()
         self.metrics.rules_loaded.set(len(ruleset.rules))
         message = f"reloaded: {len(ruleset.rules)} rules"

@@ -13,7 +13,7 @@ from ebpfmon.host.cgroups import CgroupNames
 from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.host.devices import DeviceResolver
 from ebpfmon.host.sshconfig import SshConfigReader
-from ebpfmon.rules.argv import parse_ssh
+from ebpfmon.rules.argv import parse_ssh, ssh_client_name
 from ebpfmon.stream.proctree import ProcessTree, read_proc
 
 
@@ -67,8 +67,9 @@ class Enricher:
         exe = self._argv_from_proc(item) if item.argv_source == "none" or item.argv_truncated else None
         exe = exe or self._exe(proc.pid, item.filename)
         self.tree.executed(proc.pid, proc.ppid, proc.comm, exe, item.argv)
-        ssh = parse_ssh(tuple(item.argv), exe)
-        if ssh is not None and ssh.client in ("ssh", "autossh"):  # the clients that read ssh_config
+        # the clients that read ssh_config; the name first: argv is parsed only for them
+        ssh = parse_ssh(tuple(item.argv), exe) if ssh_client_name(item.argv, exe) in ("ssh", "autossh") else None
+        if ssh is not None:
             config = [v for o, v in ssh.options if o == "F" and v is not None]
             options = [v for o, v in ssh.options if o == "o" and v is not None]
             item.ssh_config = [str(f) for f in self.ssh_config.findings(proc.pid, proc.uid, config[-1] if config
