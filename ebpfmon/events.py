@@ -179,6 +179,10 @@ class ExecEvent(Event):
     # an ssh client's configuration lines that ask for a remote forward or a tun device
     # ("file:line: key values", host/sshconfig.py), read by the enricher
     ssh_config: list[str] = field(default_factory=list)
+    # the installed programs (by name) the executable is a copy of or a link to, by content
+    # (host/programs.py), whatever its own name
+    exe_is: list[str] = field(default_factory=list)
+    loader: str | None = None  # the dynamic loader the program was started through, if it was
 
 
 @dataclass

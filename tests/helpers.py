@@ -222,6 +222,22 @@ s.settimeout(3)
 print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))
 """
 
+# which of the given ports on 127.0.0.1 accept a connection (run where the reverse end would open)
+OPEN_PORTS = """
+import socket, sys
+found = []
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.settimeout(1)
+    if s.connect_ex(("127.0.0.1", port)) == 0:
+        found.append(port)
+    s.close()
+print(found)
+"""
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=3", "-o", "ExitOnForwardFailure=yes"]
+
 
 def connect_from(cgroup, host: str, port: int) -> int:
     out = cgroup.run([sys.executable, "-c", CONNECT, host, str(port)], text=True)

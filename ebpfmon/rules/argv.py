@@ -55,8 +55,10 @@ class SshCommand:
         return any(o == "w" for o, _ in self.options) or any(k in TUN_KEYS for k in self.config_keys())
 
 
-def ssh_client_name(argv: list[str], exe: str | None) -> str | None:
-    for candidate in (exe, argv[0] if argv else None):
+def ssh_client_name(argv, exe: str | None, exe_is: tuple[str, ...] = ()) -> str | None:
+    """The ssh-family client this is: by what the file is (exe_is, host/programs.py), else by
+    the program's name or argv[0]."""
+    for candidate in (*exe_is, exe, argv[0] if argv else None):
         if candidate:
             name = os.path.basename(candidate)
             if name in CLIENTS:
@@ -65,7 +67,7 @@ def ssh_client_name(argv: list[str], exe: str | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def parse_ssh(argv: tuple[str, ...], exe: str | None = None) -> SshCommand | None:
+def parse_ssh(argv: tuple[str, ...], exe: str | None = None, exe_is: tuple[str, ...] = ()) -> SshCommand | None:
     """The options and host of an ssh-family command line; None for other programs.
 
     Like OpenSSH: options may come before and right after the host; the first
@@ -73,7 +75,7 @@ def parse_ssh(argv: tuple[str, ...], exe: str | None = None) -> SshCommand | Non
     Cached: agents run the same command lines again and again. Do not modify
     the result.
     """
-    client = ssh_client_name(argv, exe)
+    client = ssh_client_name(argv, exe, exe_is)
     if client is None:
         return None
     with_arg = CLIENTS[client]

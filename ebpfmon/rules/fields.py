@@ -148,6 +148,13 @@ _attribute("proc.comm", ALL_KINDS, STR, "the thread's comm (15 bytes, settable b
 _field("proc.exe", ALL_KINDS, STR, "first command-line argument (argv[0])")(
     lambda e, c: (_argv(e) or [None])[0])
 _attribute("proc.exepath", ALL_KINDS, STR, "full path of the program", "proc.exe")
+_field("proc.exe_is", {EXEC}, STR, "the installed programs (list programs_identified_by_content) this "
+       "executable is, by its file (a link, a copy, a memfd, a deleted file), whatever its name: "
+       "`proc.exe_is in (relay_binaries)`", is_list=True)(lambda e, c: e.exe_is)
+_field("proc.is_exe_from_memfd", ALL_KINDS, BOOL, "the program runs from a memfd (a file only in memory), as "
+       "in Falco")(lambda e, c: (e.proc.exe or "").startswith("/memfd:"))
+_attribute("proc.loader", {EXEC}, STR, "the dynamic loader the program was started through "
+           "(ld-linux-x86-64.so.2 PROGRAM ...): the event shows PROGRAM and its argv", "loader")
 
 
 @_field("proc.cmdline", ALL_KINDS, STR, "proc.name followed by the arguments, as in Falco")
@@ -299,7 +306,7 @@ _attribute("refused.dry_run", {REFUSED}, BOOL, "true when enforcement only repor
 _attribute("refused.profile", {REFUSED}, STR, "egress: the profile that refused the destination", "profile")
 
 def _ssh(e, c):
-    return parse_ssh(tuple(e.argv), e.proc.exe)
+    return parse_ssh(tuple(e.argv), e.proc.exe, tuple(e.exe_is))
 
 
 def _from_config(e, key: str) -> bool:

@@ -68,11 +68,11 @@ class Output:
                 continue
             f, index, name = part
             value = (extra or {}).get(name) if f is None else x.get(name, f, index)
-            if value is None:
+            if value is None or value == () or value == []:
                 out.append("<NA>")
             elif isinstance(value, bool):
                 out.append("true" if value else "false")
-            elif isinstance(value, list):
+            elif isinstance(value, (list, tuple)):
                 out.append(safe(",".join(str(v) for v in value)))
             else:
                 out.append(safe(str(value)))

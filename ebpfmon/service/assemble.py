@@ -48,6 +48,11 @@ def deny_ports(config: Config, lists: dict[str, list[str]]) -> tuple[int, ...]:
     return tuple(int(p) for p in lists.get("mining_pool_ports", []) if str(p).isdigit())
 
 
+def identified_programs(lists: dict[str, list[str]]) -> list[str]:
+    """The installed programs the enricher recognises by their file (proc.exe_is)."""
+    return [str(name) for name in lists.get("programs_identified_by_content", [])]
+
+
 def deny_networks(config: Config, lists: dict[str, list[str]]) -> tuple[str, ...]:
     """The networks no agent may reach from the start: configured, and the rules'
     mining_pool_networks list. A list item that is not a network is an error that names it."""

@@ -62,6 +62,7 @@ class Daemon:
         self.hierarchy = Hierarchy()
         self.engine = Engine(assemble.load_ruleset(config), assemble.rule_context(config))
         self.stream = assemble.event_stream(config, self.hierarchy, on_cgroup=self.cgroup_changed)
+        self.stream.enricher.programs.look_for(assemble.identified_programs(self.engine.ruleset.lists))
         self.metrics = Metrics()
         self.metrics.rules_loaded.set(len(self.engine.ruleset.rules))
         self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered)
@@ -291,6 +292,7 @@ class Daemon:
         self.config = config
         self.engine.context = assemble.rule_context(config)
         self.engine.load(ruleset)
+        self.stream.enricher.programs.look_for(assemble.identified_programs(ruleset.lists))
         if self.enforcer:
             assemble.configure_enforcer(self.enforcer, config, ruleset.lists)
             self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names

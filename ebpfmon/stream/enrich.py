@@ -12,6 +12,7 @@ from ebpfmon import events as ev
 from ebpfmon.host.cgroups import CgroupNames
 from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.host.devices import DeviceResolver
+from ebpfmon.host.programs import LOADER, ProgramIdentifier, loaded_program
 from ebpfmon.host.sshconfig import SshConfigReader
 from ebpfmon.rules.argv import parse_ssh, ssh_client_name
 from ebpfmon.stream.proctree import ProcessTree, read_proc
@@ -26,6 +27,7 @@ class Enricher:
         self.ancestry_depth = ancestry_depth
         self.egress_profiles: dict[int, str] = {}  # id -> name, set by whoever writes the policy
         self.ssh_config = SshConfigReader(tree.proc)
+        self.programs = ProgramIdentifier()  # told what to look for by whoever loads the rules
         # what some kinds need besides what every event gets, found by kind: one dict lookup
         # per event, not an isinstance test per kind (every connect an agent makes comes here)
         self._before = {"fork": self._forked, "exec": self._executed}
@@ -66,14 +68,35 @@ class Enricher:
         # has it whole while the process lives
         exe = self._argv_from_proc(item) if item.argv_source == "none" or item.argv_truncated else None
         exe = exe or self._exe(proc.pid, item.filename)
+        # the file, not its name: /proc/PID/exe reaches a copy, a link, a memfd, a deleted file
+        item.exe_is = list(self.programs.identify(f"{self.tree.proc}/{proc.pid}/exe"))
+        if LOADER in item.exe_is:
+            exe = self._through_loader(item, exe)
         self.tree.executed(proc.pid, proc.ppid, proc.comm, exe, item.argv)
         # the clients that read ssh_config; the name first: argv is parsed only for them
-        ssh = parse_ssh(tuple(item.argv), exe) if ssh_client_name(item.argv, exe) in ("ssh", "autossh") else None
+        ssh = (parse_ssh(tuple(item.argv), exe, tuple(item.exe_is))
+               if ssh_client_name(item.argv, exe, item.exe_is) in ("ssh", "autossh") else None)
         if ssh is not None:
             config = [v for o, v in ssh.options if o == "F" and v is not None]
             options = [v for o, v in ssh.options if o == "o" and v is not None]
             item.ssh_config = [str(f) for f in self.ssh_config.findings(proc.pid, proc.uid, config[-1] if config
                                                                          else None, ssh.host, options)]
+
+    def _through_loader(self, item: ev.ExecEvent, loader: str) -> str:
+        """`ld.so [OPTIONS] PROGRAM ARGS` runs PROGRAM: the event becomes that program's exec, with
+        the argv it sees; the loader stays in item.loader. Returns the program's path."""
+        loaded = loaded_program(item.argv)
+        if loaded is None:
+            return loader
+        path, item.argv = loaded
+        if not path.startswith("/"):
+            try:
+                path = os.path.join(ev.text(os.readlink(f"{self.tree.proc}/{item.proc.pid}/cwd".encode())), path)
+            except OSError:
+                pass
+        item.loader = loader
+        item.exe_is = list(self.programs.identify(path))
+        return os.path.normpath(path)
 
     def _gpu_device(self, item: ev.GpuOpenEvent) -> None:
         device = self.devices.resolve(item.path, item.proc.pid)
@@ -111,13 +134,13 @@ class Enricher:
         item.argv, item.argv_source, item.argv_truncated = node.argv, "proc", False
         return node.exe
 
-    @staticmethod
-    def _exe(pid: int, filename: str) -> str:
-        """The absolute program path: the filename when absolute, else /proc/PID/exe."""
-        if filename.startswith("/"):
+    def _exe(self, pid: int, filename: str) -> str:
+        """The absolute program path: the filename when absolute, else /proc/PID/exe (a relative
+        name, or a descriptor's: fexecve of a memfd is /dev/fd/N to the kernel)."""
+        if filename.startswith("/") and not filename.startswith(("/dev/fd/", "/proc/")):
             return filename
         try:
-            return ev.text(os.readlink(f"/proc/{pid}/exe".encode()))
+            return ev.text(os.readlink(f"{self.tree.proc}/{pid}/exe".encode()))
         except OSError:
             return filename
 

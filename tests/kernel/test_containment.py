@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from helpers import (CONNECT, REPO, AgentCgroup, connect_from, ebpfmon, free_port, make_agent_cgroup,
-                     remove_cgroup_tree)
+from helpers import (CONNECT, OPEN_PORTS, REPO, SSH_OPTS, AgentCgroup, connect_from, ebpfmon, free_port,
+                     make_agent_cgroup, remove_cgroup_tree)
 
 
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"
@@ -133,10 +133,6 @@ def test_loopback_pool_port_stays_open(containment_daemon, contained_agent):
         assert connect_from(contained_agent, "127.0.0.1", 4444) == 0
 
 
-SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-            "-o", "ConnectTimeout=3", "-o", "ExitOnForwardFailure=yes"]
-
-
 def reverse_port_open(netns_host, port: int) -> bool:
     probe = netns_host.popen([sys.executable, "-c", CONNECT, "127.0.0.1", str(port)], stdout=subprocess.PIPE,
                              text=True)
@@ -171,17 +167,6 @@ def test_reverse_tunnel_is_cut_before_it_carries_anything(containment_daemon, co
 
 # many rollouts of one policy misbehave at once: the reverse ports the tunnels ask for
 RUSH = 50
-OPEN_PORTS = """
-import socket, sys
-found = []
-for port in map(int, sys.argv[1:]):
-    s = socket.socket()
-    s.settimeout(1)
-    if s.connect_ex(("127.0.0.1", port)) == 0:
-        found.append(port)
-    s.close()
-print(found)
-"""
 
 
 def test_fifty_agents_opening_the_same_tunnel_then_the_same_miner_are_all_contained(

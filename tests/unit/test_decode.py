@@ -165,7 +165,7 @@ def test_every_field_of_the_frequent_kinds_lands_in_its_place():
                "protocol": "udp", "retval": 0, "fd": 3, "source": "syscall", "length": 15, "dns_query": "a"}),
         (exec_record([b"ssh", b"-R"], abi.EVENT_F_ARGV_TRUNCATED),
          {"kind": "exec", "filename": "/usr/bin/ssh", "argv": ["ssh", "-R"], "retval": -errno.EACCES,
-          "argv_truncated": True, "syscall": "execveat", "argv_source": "kernel", "ssh_config": []}),
+          "argv_truncated": True, "syscall": "execveat", "argv_source": "kernel", "ssh_config": [], "exe_is": [], "loader": None}),
         (bytes(gpu), {"kind": "gpu_open", "path": "/dev/nvidia0", "flags": 2, "access": "rw", "retval": 5,
                       "device": None, "vendor": None, "path_truncated": True, "syscall": "openat2"}),
         (bytes(fork), {"kind": "fork", "child_pid": 4242}),
