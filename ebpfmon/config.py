@@ -163,6 +163,9 @@ class Config:
     # destinations counted as internal (fd.is_internal), besides what the
     # node's own routes reach other than by the default route
     internal_networks: tuple[str, ...] = DEFAULT_INTERNAL_NETWORKS
+    # whether what the node's routes reach other than by the default route is internal too
+    # (false: only internal_networks; for a node whose routes also lead outside, e.g. a VPN)
+    internal_from_routes: bool = True
     # 4 MiB: room for the bursts a storm of agents makes while the reader judges
     # (how fast it drains, and what overflows it: bench/README.md)
     ringbuf_pages: int = 1024

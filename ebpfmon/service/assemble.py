@@ -38,7 +38,7 @@ def load_ruleset(config: Config) -> RuleSet:
 def rule_context(config: Config) -> Context:
     """What rule fields need from the configuration and the node."""
     return Context(agents=config.agents, gpu_entitled=config.gpu_entitled,
-                   networks=NetworkClassifier(config.internal_networks))
+                   networks=NetworkClassifier(config.internal_networks, use_routes=config.internal_from_routes))
 
 
 def deny_ports(config: Config, lists: dict[str, list[str]]) -> tuple[int, ...]:
