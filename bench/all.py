@@ -31,6 +31,7 @@ BENCHMARKS = {
     "containment": "RESULTS-containment.md",
     "egress": "RESULTS-egress.md",
     "dns_proxy": "RESULTS-dns-proxy.md",
+    "redteam": "RESULTS-redteam.md",
     "compare": "RESULTS-compare.md",
 }
 

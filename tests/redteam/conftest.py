@@ -3,6 +3,7 @@ the test internet's 198.51.100.0/25 is outside, 198.51.100.128/25 the internal n
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from helpers import RunningDaemon, make_agent_cgroup, remove_cgroup_tree
 
 INTERNAL = "198.51.100.128/25"
 OUTCOMES: list[dict] = []  # one per scenario run, for the summary
+REPORT = "EBPFMON_REDTEAM_REPORT"  # a path: the outcomes as JSON (bench/redteam.py reads it)
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +72,9 @@ def workspace():
 def pytest_terminal_summary(terminalreporter) -> None:
     if not OUTCOMES:
         return
+    if os.environ.get(REPORT):
+        with open(os.environ[REPORT], "w") as f:
+            json.dump(OUTCOMES, f, indent=1)
     attacks = [o for o in OUTCOMES if o["attack"]]
     benign = [o for o in OUTCOMES if not o["attack"]]
     checked = [o for o in attacks if o["containment_checked"]]

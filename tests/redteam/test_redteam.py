@@ -91,6 +91,7 @@ def test_scenario(scenario, redteam_daemon, marker_agent, hierarchy, netns_host,
             if store.active_for(agent.name):
                 problems.append(f"benign work contained: {store.active_for(agent.name).rule}")
         OUTCOMES.append({"name": scenario.name, "kind": "attack" if scenario.attack else "benign",
+                         "class": scenario.klass, "fired": sorted(fired),
                          "attack": scenario.attack, "alerted": alerted,
                          "noticed": bool(alerts) and all(p == "NOTICE" for p, _ in alerts),
                          "containment_checked": bool(scenario.reverse_port or scenario.no_pool_bytes or scenario.cut),
