@@ -77,8 +77,7 @@ static __always_inline int exec_exit(long ret)
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct exec_event *e = exec_pending.lookup(&tid);
 	if (!e) {
-		/* in scope but no entry: evicted, or the exec came from another
-		 * thread of a multi-threaded process (its tid changed) */
+		/* in scope but no entry: evicted (LRU, a burst of execs in flight) */
 		if (in_scope())
 			count(EVENT_EXEC, COUNTER_LOST);
 		return 0;
@@ -91,6 +90,22 @@ static __always_inline int exec_exit(long ret)
 	 * to the exec that follows (execvp tries each PATH entry in turn) */
 	submit(&e->hdr, size, sizeof(*e), ret < 0 ? WAKE_BULK : WAKE_EXEC);
 	exec_pending.delete(&tid);
+	return 0;
+}
+
+/* An exec from a thread other than the leader: the kernel gives the thread the
+ * leader's id (de_thread) before the exit probe runs, so the event parked under
+ * the old id moves to the new one here, or the exit would find nothing. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u32 old = args->old_pid, now = args->pid;
+	if (old == now)
+		return 0;
+	struct exec_event *e = exec_pending.lookup(&old);
+	if (!e)
+		return 0;
+	exec_pending.update(&now, e);
+	exec_pending.delete(&old);
 	return 0;
 }
 

