@@ -3,7 +3,10 @@
 An address is internal when it lies in a configured network (by default the
 private, shared, link-local and unique-local ranges), is a loopback address,
 or is reached through a route of this node other than the default route
-(read with pyroute2 from the kernel's main and local tables). Rules then ask
+(read with pyroute2 from the kernel's main and local tables), or lies in the
+network of one of the node's own addresses even when that is reached through the
+default route (cloud VMs hold /32 addresses: their neighbours' /24, /64 for IPv6,
+is the node's network all the same). Rules then ask
 fd.is_internal instead of carrying a CIDR list per node, and fd.is_local for
 the node's own addresses (the local table's local routes) and loopback. Results are cached;
 routes are read again every refresh_seconds.
@@ -35,6 +38,17 @@ def parse_networks(cidrs: Iterable[str]) -> list[IPNetwork]:
 
 
 RTN_LOCAL = 2  # a route of type local: an address of this node
+NEIGHBOURHOOD = {4: 24, 6: 64}  # the network around an address that has no wider route of its own
+
+
+def own_networks(own: Iterable[str]) -> list[IPNetwork]:
+    """The networks of the node's own addresses (loopback left out)."""
+    networks = []
+    for address in own:
+        ip = ipaddress.ip_address(address)
+        if not ip.is_loopback:
+            networks.append(ipaddress.ip_network(f"{ip}/{NEIGHBOURHOOD[ip.version]}", strict=False))
+    return networks
 
 
 def read_routes() -> tuple[list[IPNetwork], set[str]]:
@@ -87,7 +101,7 @@ class NetworkClassifier:
         except Exception as e:  # netlink refused (no CAP_NET_ADMIN needed, but be safe)
             log.warning("cannot read routes (%s); internal = configured networks only", e)
             routes, own = [], set()
-        self._routes, self._own = routes, own
+        self._routes, self._own = routes + own_networks(own), own
         self._cache.clear()
 
     def _routes_changed(self) -> bool:

@@ -18,7 +18,7 @@ from redteam.scenarios import SCENARIOS, Scenario
 
 ALERT = re.compile(r"^\S+ (EMERGENCY|ALERT|CRITICAL|ERROR|WARNING|NOTICE|INFORMATIONAL|DEBUG)\s+(.+?): ")
 PREAMBLE = 'tool() { mkdir -p "$W/bin"; cp /usr/bin/true "$W/bin/$1"; }\n'
-SCRIPT_SECONDS = 15
+SCRIPT_SECONDS = 30
 
 
 def ports_open(netns_host, *ports: int) -> list[int]:
