@@ -220,6 +220,63 @@ TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
 	return sockaddr_exit(EVENT_UDP_SEND, args->ret);
 }
 
+/* A DNS message may come in pieces (header in one iovec, question in the next): the
+ * head of the first IOV_GATHER iovecs, joined, is the payload. Read through a scratch
+ * of twice PAYLOAD_MAX so the verifier can bound each piece's place. */
+#define IOV_GATHER 4
+struct iov_gather_buf {
+	u8 bytes[2 * PAYLOAD_MAX];
+};
+BPF_PERCPU_ARRAY(iov_gather, struct iov_gather_buf, 1);
+
+static __always_inline void read_iovecs(struct sockaddr_event *e, const struct user_iovec *uiov, u64 iovlen)
+{
+	u32 zero = 0;
+	struct iov_gather_buf *gather = iov_gather.lookup(&zero);
+	if (!gather || !uiov)
+		return;
+	u8 *buf = gather->bytes;
+	u32 off = 0;
+	u64 total = 0;
+	int i;
+	for (i = 0; i < IOV_GATHER; i++) {
+		struct user_iovec iov = {};
+		if (i >= iovlen || bpf_probe_read_user(&iov, sizeof(iov), &uiov[i]) < 0)
+			break;
+		total += iov.len;
+		if (e->dport != DNS_PORT || !iov.base || off >= PAYLOAD_MAX)
+			continue;
+		/* off < PAYLOAD_MAX here, but the compiler drops a mask it can prove useless:
+		 * the barrier keeps it for the verifier. A piece may run past PAYLOAD_MAX into
+		 * the scratch's second half; only PAYLOAD_MAX bytes are kept. */
+		off &= PAYLOAD_MAX - 1;
+		asm volatile("" : "+r"(off));
+		off &= PAYLOAD_MAX - 1;
+		u32 n = iov.len > PAYLOAD_MAX ? PAYLOAD_MAX : (u32)iov.len;
+		if (n && bpf_probe_read_user(buf + off, n, iov.base) == 0)
+			off += n;
+	}
+	if (i == IOV_GATHER && iovlen > IOV_GATHER)
+		total += 1;  /* more pieces than were read: at least this much more */
+	e->length = total;
+	if (off == 0)
+		return;
+	off &= 2 * PAYLOAD_MAX - 1;
+	if (off > PAYLOAD_MAX)
+		off = PAYLOAD_MAX;
+	if (total > off)
+		e->hdr.flags |= EVENT_F_PAYLOAD_TRUNCATED;
+	if (bpf_probe_read_kernel(e->payload, PAYLOAD_MAX, buf) == 0)
+		e->payload_len = off;
+}
+
+/* user-space struct mmsghdr: a msghdr (56 bytes), then msg_len, padded */
+#define MMSGHDR_SIZE 64
+/* messages of one sendmmsg read: glibc's resolver sends A and AAAA questions together, and a
+ * question hidden behind an innocent first message is still a question */
+#define MMSG_MAX 8
+BPF_PERCPU_ARRAY(mmsg_scratch, struct sockaddr_event, 1);
+
 /* sendmsg, and the first message of sendmmsg (whose mmsghdr starts with a msghdr). */
 static __always_inline int sendmsg_enter(int fd, const void *umsg)
 {
@@ -236,12 +293,40 @@ static __always_inline int sendmsg_enter(int fd, const void *umsg)
 		sockaddr_abandon();
 		return 0;
 	}
-	struct user_iovec iov = {};
-	if (msg.iov && msg.iovlen > 0 && bpf_probe_read_user(&iov, sizeof(iov), msg.iov) == 0) {
-		e->length = iov.len;
-		read_dns_payload(e, iov.base, iov.len);
-	}
+	read_iovecs(e, msg.iov, msg.iovlen);
 	return 0;
+}
+
+/* The DNS questions among sendmmsg's messages after the first, each its own event, sent at
+ * the call (their own results are not known one by one: retval 0). */
+static __always_inline void later_dns_messages(int fd, const u8 *mmsg, u32 vlen)
+{
+	u32 zero = 0;
+	struct sockaddr_event *e = mmsg_scratch.lookup(&zero);
+	if (!e || !mmsg)
+		return;
+	for (int i = 1; i < MMSG_MAX; i++) {
+		if (i >= vlen)
+			break;
+		struct user_msghdr_head msg = {};
+		if (bpf_probe_read_user(&msg, sizeof(msg), mmsg + i * MMSGHDR_SIZE) < 0)
+			break;
+		e->hdr.flags = 0;
+		e->fd = fd;
+		e->length = 0;
+		e->payload_len = 0;
+		e->sock_type = 0;
+		e->protocol = 0;
+		__builtin_memset(e->addr, 0, sizeof(e->addr));
+		int found = msg.name ? read_sockaddr(e, msg.name, msg.namelen) : use_connected_dns(e, fd);
+		if (found < 0 || e->dport != DNS_PORT)
+			continue;
+		read_iovecs(e, msg.iov, msg.iovlen);
+		u64 size = offsetof(struct sockaddr_event, payload) + (e->payload_len & (2 * PAYLOAD_MAX - 1));
+		fill_header(&e->hdr, EVENT_UDP_SEND, size);
+		e->retval = 0;
+		submit(&e->hdr, size, sizeof(*e), WAKE_ALERT);
+	}
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
@@ -256,7 +341,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg)
 {
-	return sendmsg_enter(args->fd, args->mmsg);
+	sendmsg_enter(args->fd, args->mmsg);
+	if (in_scope())
+		later_dns_messages(args->fd, (const u8 *)args->mmsg, args->vlen);
+	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg)

@@ -232,6 +232,51 @@ def test_udp_datagrams_and_dns_names(monitor, agent_cgroup):
     assert c.retval == 0
 
 
+PIECES = """
+import ctypes, socket, struct
+def query(name):
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\x00"
+    return bytes.fromhex("abcd01000001000000000000") + labels + b"\\x00\\x01\\x00\\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+q = query("split.example.com")
+# the header, the name and the type in three iovecs of one sendmsg
+s.sendmsg([q[:12], q[12:-4], q[-4:]], [], 0, ("127.0.0.1", 53))
+# sendmmsg: an innocent first message, then two questions
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+class msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(iovec)),
+                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+class mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", msghdr), ("len", ctypes.c_uint)]
+keep = []
+def message(payload, port):
+    addr = ctypes.create_string_buffer(struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton("127.0.0.1")))
+    addr.raw  # little-endian family on x86: sockaddr_in's family is host order
+    ctypes.memmove(addr, struct.pack("=H", socket.AF_INET), 2)
+    data = ctypes.create_string_buffer(payload, len(payload))
+    iov = (iovec * 1)(iovec(ctypes.cast(data, ctypes.c_void_p), len(payload)))
+    keep.extend([addr, data, iov])
+    return mmsghdr(msghdr(ctypes.cast(addr, ctypes.c_void_p), 16, iov, 1, None, 0, 0), 0)
+msgs = (mmsghdr * 3)(message(b"hello", 9), message(query("second.example.com"), 53),
+                     message(query("third.example.com"), 53))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.sendmmsg(s.fileno(), msgs, 3, 0) == 3, ctypes.get_errno()
+"""
+
+
+def test_dns_questions_in_pieces_and_after_sendmmsgs_first_message_are_read(monitor, agent_cgroup):
+    out = agent_cgroup.run([PY, "-c", PIECES], text=True)
+    assert out.returncode == 0, out.stderr
+    mine = lambda e: e.kind == "udp_send" and e.cgroup_id == agent_cgroup.id  # noqa: E731
+    for name in ("split.example.com", "second.example.com", "third.example.com"):
+        e = monitor.wait_for(lambda e: mine(e) and e.dns_query == name)
+        assert e.port == 53 and e.address == "127.0.0.1"
+    split = monitor.wait_for(lambda e: mine(e) and e.dns_query == "split.example.com")
+    assert split.length == len("split.example.com") + 2 + 12 + 4
+
+
 def test_gpu_open_of_fake_nvidia_node(monitor, agent_cgroup, fake_gpu_dir):
     node = fake_gpu_dir / "nvidia0"
     code = f"""
