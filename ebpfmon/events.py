@@ -11,6 +11,7 @@ byte. Use raw_bytes() to get the original bytes back.
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
 import operator
@@ -339,13 +340,14 @@ def from_json(line: str) -> Event:
 
 
 def read_jsonl(path) -> Iterator[tuple[int, "Event | Exception"]]:
-    """(line number, event) for each line of a recorded trace or an audit log (whose events
+    """(line number, event) for each line of a recorded trace or an audit log, gzipped or not (whose events
     name their ancestry by id, from an ancestry line before them); a bad line yields a
     DecodeError naming the line instead, and reading goes on."""
     from ebpfmon.errors import DecodeError
 
     ancestries: dict[str, list] = {}
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open  # rotated logs are often compressed
+    with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

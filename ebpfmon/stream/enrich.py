@@ -68,8 +68,7 @@ class Enricher:
         # has it whole while the process lives
         exe = self._argv_from_proc(item) if item.argv_source == "none" or item.argv_truncated else None
         exe = exe or self._exe(proc.pid, item.filename)
-        # the file, not its name: /proc/PID/exe reaches a copy, a link, a memfd, a deleted file
-        item.exe_is = list(self.programs.identify(f"{self.tree.proc}/{proc.pid}/exe"))
+        item.exe_is = list(self._identify(item))
         if LOADER in item.exe_is:
             exe = self._through_loader(item, exe)
         self.tree.executed(proc.pid, proc.ppid, proc.comm, exe, item.argv)
@@ -81,6 +80,26 @@ class Enricher:
             options = [v for o, v in ssh.options if o == "o" and v is not None]
             item.ssh_config = [str(f) for f in self.ssh_config.findings(proc.pid, proc.uid, config[-1] if config
                                                                          else None, ssh.host, options)]
+
+    def _identify(self, item: ev.ExecEvent) -> tuple[str, ...]:
+        """What the exec'd file is: /proc/PID/exe reaches a copy, a link, a memfd, a deleted
+        file; but by the time it is read the process may have exec'd again (a shell's `exec
+        ssh`), and a name found then is the later program's: the comm says which (each exec
+        sets it). Then the path the kernel was given, when it is one."""
+        pid = item.proc.pid
+        found = self.programs.identify(f"{self.tree.proc}/{pid}/exe")
+        if not found:
+            return found
+        try:
+            with open(f"{self.tree.proc}/{pid}/comm", "rb") as f:
+                same = ev.text(f.read().rstrip(b"\n")) == item.proc.comm
+        except OSError:
+            same = False
+        if same:
+            return found
+        if item.filename.startswith("/") and not item.filename.startswith(("/dev/fd/", "/proc/")):
+            return self.programs.identify(item.filename)
+        return ()
 
     def _through_loader(self, item: ev.ExecEvent, loader: str) -> str:
         """`ld.so [OPTIONS] PROGRAM ARGS` runs PROGRAM: the event becomes that program's exec, with

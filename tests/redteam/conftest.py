@@ -3,11 +3,13 @@ the test internet's 198.51.100.0/25 is outside, 198.51.100.128/25 the internal n
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
 import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,9 @@ from helpers import RunningDaemon, make_agent_cgroup, remove_cgroup_tree
 INTERNAL = "198.51.100.128/25"
 OUTCOMES: list[dict] = []  # one per scenario run, for the summary
 REPORT = "EBPFMON_REDTEAM_REPORT"  # a path: the outcomes as JSON (bench/redteam.py reads it)
+# a path: the benign session scenarios' events from the audit log, agents under /ebpfmon-agents
+# (tests/unit/test_benign_corpus.py replays tests/redteam/benign-session.jsonl.gz, made so)
+RECORD = "EBPFMON_REDTEAM_RECORD"
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +56,21 @@ def redteam_daemon(bpf, hierarchy, redteam_root, fake_gpu_dir, tmp_path_factory)
     thread.join(timeout=10)
     daemon.enforcer.detach()
     daemon.close()
+    if os.environ.get(RECORD):
+        record_benign_session(Path(config.state_dir) / "audit", redteam_root, os.environ[RECORD])
+
+
+def record_benign_session(audit_dir: Path, root: str, out: str) -> None:
+    """The audit log's lines of the benign session scenarios (and the ancestry lines they name),
+    in the order written, under the default agent root."""
+    benign = {o["agent"] for o in OUTCOMES if not o["attack"] and o["class"] == "session"}
+    files = sorted(audit_dir.glob("events.jsonl*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    with gzip.open(out, "wt", encoding="utf-8") as f:
+        for path in files:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                data = json.loads(line)
+                if data.get("kind") == "ancestry" or data.get("cgroup") in benign:
+                    f.write(line.replace(root + "/", "/ebpfmon-agents/") + "\n")
 
 
 @pytest.fixture(scope="session")

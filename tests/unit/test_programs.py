@@ -73,6 +73,7 @@ def test_an_exec_through_the_loader_is_the_programs_exec(tmp_path):
     (proc / "700").mkdir(parents=True)
     (proc / "700" / "exe").symlink_to(tmp_path / "lib" / "ld-linux-x86-64.so.2")
     (proc / "700" / "cwd").symlink_to(bin_dir)
+    (proc / "700" / "comm").write_text("ld-linux-x86-64\n")
     enricher = Enricher(CgroupNames(Hierarchy()), ProcessTree(proc=str(proc)), DeviceResolver())
     enricher.programs = ident
     ident.look_for(["ssh"])
@@ -91,3 +92,22 @@ def test_a_renamed_copy_of_ssh_is_parsed_as_ssh():
     assert parse_ssh(("updater", "-fNR", "2222:h:22", "host"), "/tmp/updater") is None
     cmd = parse_ssh(("updater", "-fNR", "2222:h:22", "host"), "/tmp/updater", ("ssh",))
     assert cmd.remote_forward and cmd.host == "host"
+
+
+def test_a_process_that_exec_d_again_is_not_taken_for_its_later_program(tmp_path):
+    ident, bin_dir = installed(tmp_path, {"ssh": b"ssh program " * 50, "dash": b"a shell " * 40})
+    ident.look_for(["ssh", "dash"])
+    proc = tmp_path / "proc"
+    (proc / "800").mkdir(parents=True)
+    (proc / "800" / "exe").symlink_to(bin_dir / "ssh")  # `sh -c 'exec ssh ...'`: ssh by now
+    (proc / "800" / "comm").write_text("ssh\n")
+    enricher = Enricher(CgroupNames(Hierarchy()), ProcessTree(proc=str(proc)), DeviceResolver())
+    enricher.programs = ident
+
+    def exec_of(filename, comm):
+        return ev.ExecEvent(time_ns=1, cgroup_id=0, cgroup=None, filename=filename, argv=[comm],
+                            proc=ev.Process(pid=800, tid=800, ppid=1, uid=0, gid=0, comm=comm))
+
+    assert enricher.apply(exec_of(str(bin_dir / "dash"), "sh")).exe_is == ["dash"]  # the path it was given
+    assert enricher.apply(exec_of(str(bin_dir / "ssh"), "ssh")).exe_is == ["ssh"]
+    assert enricher.apply(exec_of("/dev/fd/3", "sh")).exe_is == []  # no path to fall back on
