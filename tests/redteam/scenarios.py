@@ -3,7 +3,10 @@
 Each is a bash script run inside an agent cgroup of its own, with $H the outside host
 (198.51.100.2: sshd, a fake stratum pool on 3333), $SSH the client options and key for
 it ($KEY the key alone), $W a working directory, $GPU a fake NVIDIA node, $INTERNAL the first three octets of
-the internal network (198.51.100.128/25 to this daemon), and `tool NAME` that makes a
+the internal network (198.51.100.128/25 to this daemon), $DNS_QUERY a Python statement
+prefix that sends a DNS question for its argument to $H, $SITE_PACKAGES where the test
+environment's packages are (python3 is the system's, outside temp directories as an agent's
+would be), and `tool NAME` that makes a
 harmless script called NAME in $W/bin (no real tunnel or mining software is ever run:
 names and arguments are what the rules read). An attack names the rules that may catch it
 (one is enough) and what containment must hold; a benign scenario must raise nothing
@@ -137,8 +140,7 @@ ATTACKS = [
        "printf 'import sys\\n' > $W/m.py && python3 $W/m.py --url=stratum+tcp://$H:3333",
        ("Mining pool URL in arguments",), no_pool_bytes=True, cut=True),
     _a("DNS lookup of a pool domain", "mining",
-       "python3 -c \"import socket, dns.message; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto("
-       "dns.message.make_query('xmr.pool.minexmr.com', 'A').to_wire(), ('$H', 53))\"",
+       "python3 -c \"$DNS_QUERY('xmr.pool.minexmr.com')\"",
        ("DNS lookup of a mining pool",), cut=True),
     _a("a GPU program of its own that talks outside", "mining",
        "printf '#!/bin/bash\\n: <> \"$GPU\" 2>/dev/null\\nexec 3<>/dev/tcp/$H/22\\nsleep 0.3\\n' > $W/trainer "
@@ -205,7 +207,7 @@ BENIGN = [
        "&& echo 'int main(void){return 0;}' > main.c && printf 'all: prog\\nprog: $(patsubst %%.c,%%.o,$(wildcard *.c))"
        "\\n\\t$(CC) -o $@ $^\\n' > Makefile && make -s -j4 && ./prog"),
     _b("a pytest run", "cd $W && printf 'def test_one():\\n    assert 1 + 1 == 2\\n' > test_x.py && "
-       "$PYTHON -m pytest -q -p no:cacheprovider test_x.py"),
+       "PYTHONPATH=$SITE_PACKAGES python3 -m pytest -q -p no:cacheprovider test_x.py"),
     _b("python compiles and runs a script", "cd $W && printf 'print(sum(range(10)))\\n' > s.py && python3 s.py && "
        "python3 -m compileall -q ."),
     _b("a local dev server and its client", "cd $W && (python3 -m http.server 18090 --bind 127.0.0.1 "
@@ -223,9 +225,7 @@ BENIGN = [
     _b("netcat checks a port", "nc -z -w 2 $H 22"),
     _b("netcat listener on loopback", "(timeout 2 nc -l 127.0.0.1 18095 >/dev/null &) && sleep 0.3 && "
        "echo hi | nc -N 127.0.0.1 18095 || true"),
-    _b("a DNS question for an ordinary name", "python3 -c \"import socket, dns.message; "
-       "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(dns.message.make_query('example.org', 'A')"
-       ".to_wire(), ('$H', 53))\""),
+    _b("a DNS question for an ordinary name", "python3 -c \"$DNS_QUERY('example.org')\""),
     _b("archives", "cd $W && mkdir -p a && echo x > a/x && tar czf a.tgz a && tar tzf a.tgz >/dev/null && "
        "gzip -k a/x && ls -la a >/dev/null"),
     _b("finding files", "find /usr/share/doc -maxdepth 1 -name 'open*' >/dev/null; du -sh $W >/dev/null; ls /"),

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import uuid
 
 import pytest
@@ -19,6 +20,13 @@ from redteam.scenarios import SCENARIOS, Scenario
 ALERT = re.compile(r"^\S+ (EMERGENCY|ALERT|CRITICAL|ERROR|WARNING|NOTICE|INFORMATIONAL|DEBUG)\s+(.+?): ")
 PREAMBLE = 'tool() { mkdir -p "$W/bin"; cp /usr/bin/true "$W/bin/$1"; }\n'
 SCRIPT_SECONDS = 30
+# a DNS question as a resolver sends it, built by hand (the system's python3 runs it)
+DNS_QUERY = ("import socket; q = lambda n: bytes.fromhex('abcd01000001000000000000') + b''.join(bytes([len(p)]) + "
+             "p.encode() for p in n.split('.')) + bytes.fromhex('0000010001'); "
+             "(lambda n: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(q(n), ('{host}', 53)))")
+
+
+SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 
 
 def ports_open(netns_host, *ports: int) -> list[int]:
@@ -54,9 +62,9 @@ def test_scenario(scenario, redteam_daemon, marker_agent, hierarchy, netns_host,
     work = os.path.join(workspace, short)
     os.mkdir(work)
     env = {"H": netns_host.address, "SSH": " ".join([*SSH_OPTS, "-i", str(sshd)]), "KEY": str(sshd), "W": work,
-           "GPU": str(fake_gpu_dir / "nvidia0"), "INTERNAL": INTERNAL.rsplit(".", 1)[0], "PYTHON": sys.executable,
-           "HOME": work, "LANG": "C.UTF-8",
-           "PATH": f"{work}/bin:{os.path.dirname(sys.executable)}:/usr/sbin:/usr/bin:/sbin:/bin"}
+           "GPU": str(fake_gpu_dir / "nvidia0"), "INTERNAL": INTERNAL.rsplit(".", 1)[0],
+           "DNS_QUERY": DNS_QUERY.format(host=netns_host.address), "SITE_PACKAGES": SITE_PACKAGES,
+           "HOME": work, "LANG": "C.UTF-8", "PATH": f"{work}/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     store = redteam_daemon.containment.store
     start = len(redteam_daemon.lines)
     pool_before = len(stratum_pool.accepted)
