@@ -20,10 +20,13 @@ import yaml
 from ebpfmon.alerts.sinks import SINKS
 from ebpfmon.errors import ConfigError
 from ebpfmon.host.cgroups import AgentLayout
+from ebpfmon.host.gpus import GpuNameError, parse_gpu_name
 from ebpfmon.host.network import DEFAULT_INTERNAL_NETWORKS
 from ebpfmon.policy.profiles import compile_policy, compiled
 from ebpfmon.rules.vocabulary import PRIORITIES
 
+# keys that were renamed: the old name is an error that names the new one
+RENAMED = {"gpu_minors": "gpu_devices"}
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
 # "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.
 DEFAULT_GPU_PREFIXES = (
@@ -158,8 +161,10 @@ class Config:
     gpu_prefixes: tuple[str, ...] = field(default=DEFAULT_GPU_PREFIXES)
     # cgroup globs of agents allowed to use GPUs; every agent by default
     gpu_entitled: tuple[str, ...] = ("*",)
-    # entitled agents limited to some GPUs: (cgroup glob, device minors), first match wins
-    gpu_minors: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # entitled agents limited to some GPUs: (cgroup glob, GPUs), first match wins; a GPU is an
+    # index (0), a UUID (GPU-...), a PCI bus id (0000:18:00.0) or a MIG instance (gpu0/gi1/ci0).
+    # Grants from the scheduler (ebpfmon gpu grant, ebpfmon exec --gpus) come before these.
+    gpu_devices: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
     # destinations counted as internal (fd.is_internal), besides what the
     # node's own routes reach other than by the default route
     internal_networks: tuple[str, ...] = DEFAULT_INTERNAL_NETWORKS
@@ -240,8 +245,8 @@ class _Loader:
             return self.dataclass(hint, raw, path)
         if origin is tuple:
             item = typing.get_args(hint)[0]
-            if path.endswith("gpu_minors") and isinstance(raw, dict):
-                return tuple((str(k), self.value(tuple[int, ...], v, f"{path}.{k}")) for k, v in raw.items())
+            if path == "gpu_devices" and isinstance(raw, dict):
+                return tuple((str(k), self.value(tuple[int | str, ...], v, f"{path}.{k}")) for k, v in raw.items())
             if not isinstance(raw, list):
                 raise self.error(path, f"expected {_describe(hint)}, got {raw!r}")
             return tuple(self.value(item, v, f"{path}[{i}]") for i, v in enumerate(raw))
@@ -259,6 +264,8 @@ class _Loader:
         values = {}
         for key, item in raw.items():
             key_path = f"{path}.{key}" if path else str(key)
+            if key in RENAMED and RENAMED[key] in known:
+                raise self.error(key_path, f"renamed to {RENAMED[key]} (same values)")
             if key not in known:
                 raise self.error(key_path, f"unknown key (known here: {', '.join(sorted(known))})")
             values[key] = self.value(hints[key], item, key_path)
@@ -328,6 +335,12 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
         if sink.type == "pagerduty" and not (sink.routing_key or sink.routing_key_file or sink.routing_key_env):
             raise loader.error(f"{where}.routing_key", "a pagerduty sink needs routing_key, routing_key_file or "
                                                        "routing_key_env")
+    for glob, names in config.gpu_devices:
+        for i, name in enumerate(names):
+            try:
+                parse_gpu_name(name)
+            except GpuNameError as e:
+                raise loader.error(f"gpu_devices.{glob}[{i}]", str(e)) from None
     host, _, port = config.metrics.listen.rpartition(":")
     if not host or not port.isdigit():
         raise loader.error("metrics.listen", f"expected host:port, got {config.metrics.listen!r}")
@@ -347,5 +360,5 @@ def effective(config: Config) -> dict[str, Any]:
         for key in SECRET_FIELDS:
             if sink.get(key) and (key == "routing_key" or sink["type"] in ("slack", "webhook")):
                 sink[key] = "***"
-    data["gpu_minors"] = {glob: list(minors) for glob, minors in config.gpu_minors}
+    data["gpu_devices"] = {glob: list(names) for glob, names in config.gpu_devices}
     return data

@@ -21,7 +21,9 @@ BPF_TABLE_PINNED("hash", u64, u64, cut_cgroups, 4096, PIN_DIR "/cut_cgroups");
 BPF_TABLE_PINNED("hash", u16, u8, deny_ports, 1024, PIN_DIR "/deny_ports");
 BPF_TABLE_PINNED7("lpm_trie", struct lpm_v4, u8, deny_nets4, 4096, PIN_DIR "/deny_nets4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct lpm_v6, u8, deny_nets6, 4096, PIN_DIR "/deny_nets6", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", u64, struct gpu_policy, gpu_policy, 4096, PIN_DIR "/gpu_policy");
+/* GPU grants per agent; the pins are named after their layout (an older gpu_policy pin is not read) */
+BPF_TABLE_PINNED("hash", u64, struct gpu_policy, gpu_grants, 65536, PIN_DIR "/gpu_grants");
+BPF_TABLE_PINNED("hash", struct gpu_mig_key, u8, gpu_mig_grants, 65536, PIN_DIR "/gpu_mig_grants");
 /* egress profiles, two generations (probes/events.h) */
 BPF_TABLE_PINNED("array", u32, struct egress_state, egress_state, 1, PIN_DIR "/egress_state");
 BPF_TABLE_PINNED("hash", struct egress_agent_key, struct egress_class, egress_agents, 65536,
@@ -36,7 +38,8 @@ BPF_TABLE("lru_hash", struct dns_client_key, struct dns_client, dns_clients, 163
 /* what a cut leaves open (default: nothing) */
 BPF_LPM_TRIE(cut_allow4, struct lpm_v4, u8, 256);
 BPF_LPM_TRIE(cut_allow6, struct lpm_v6, u8, 256);
-BPF_HASH(gpu_majors, u32, u8, 64);
+BPF_HASH(gpu_majors, u32, u32, 64);
+BPF_HASH(gpu_nodes, u64, struct gpu_node, 16384);
 /* refusals by reason, packets dropped by cuts */
 BPF_PERCPU_ARRAY(enforce_counters, u64, REFUSE_REASON_MAX + 1);
 #define COUNTER_SKB_DROPPED REFUSE_REASON_MAX
@@ -475,16 +478,56 @@ int enforce_getpeername6(struct bpf_sock_addr *ctx)
 
 /* ---- GPU devices ---- */
 
-static __always_inline int gpu_allowed(struct enforce_config *cfg, u64 agent, u32 minor)
+/* What a device number is: the model's entry (user space read /dev, sysfs and the driver's
+ * MIG minors), else its major's rule. */
+static __always_inline struct gpu_node gpu_node_of(u32 kind, u32 major, u32 minor)
 {
-	struct gpu_policy *policy = gpu_policy.lookup(&agent);
+	u64 number = (u64)major << 32 | minor;
+	struct gpu_node *known = gpu_nodes.lookup(&number);
+	if (known)
+		return *known;
+	struct gpu_node node = {.node_class = GPU_NODE_ADMIN};
+	if (kind == GPU_MAJOR_NVIDIA) {
+		node.node_class = minor >= 254 ? GPU_NODE_SHARED : GPU_NODE_GPU;
+		node.gpu = minor;
+	} else if (kind == GPU_MAJOR_SHARED) {
+		node.node_class = GPU_NODE_SHARED;
+	} else if (kind == GPU_MAJOR_DRM) {
+		node.node_class = GPU_NODE_GPU;
+		node.gpu = minor % 64;
+	} else if (kind == GPU_MAJOR_INDEXED) {
+		node.node_class = GPU_NODE_GPU;
+		node.gpu = minor;
+	}
+	return node;
+}
+
+static __always_inline int gpu_bit(u64 mask, u32 gpu)
+{
+	return gpu < GPU_INDEX_MAX && (mask & (1ULL << gpu));
+}
+
+static __always_inline int gpu_allowed(struct enforce_config *cfg, u64 agent, u32 kind, u32 major, u32 minor)
+{
+	struct gpu_policy *policy = gpu_grants.lookup(&agent);
 	if (!policy)
 		return !cfg->gpu_default_deny;
 	if (!policy->allow)
 		return 0;
-	if (!policy->limit_minors)
+	if (policy->every_gpu)
 		return 1;
-	return minor < 64 && (policy->minor_mask & (1ULL << minor));
+	struct gpu_node node = gpu_node_of(kind, major, minor);
+	if (node.node_class == GPU_NODE_SHARED)
+		return 1;
+	if (node.node_class == GPU_NODE_GPU)
+		return gpu_bit(policy->gpu_mask | policy->mig_mask, node.gpu);
+	if (node.node_class == GPU_NODE_MIG) {
+		if (gpu_bit(policy->gpu_mask, node.gpu))
+			return 1;
+		struct gpu_mig_key key = {.agent_id = agent, .major = major, .minor = minor};
+		return gpu_mig_grants.lookup(&key) != NULL;
+	}
+	return 0;
 }
 
 /* 1 allows the access (open or mknod) of the device; 0 fails it with EPERM. */
@@ -493,7 +536,8 @@ int enforce_device(struct bpf_cgroup_dev_ctx *ctx)
 	if ((ctx->access_type & 0xffff) != BPF_DEVCG_DEV_CHAR_)
 		return 1;
 	u32 major = ctx->major;
-	if (!gpu_majors.lookup(&major))
+	u32 *kind = gpu_majors.lookup(&major);
+	if (!kind)
 		return 1;
 	struct enforce_config *cfg = econfig();
 	if (!cfg)
@@ -502,7 +546,7 @@ int enforce_device(struct bpf_cgroup_dev_ctx *ctx)
 	if (!agent)
 		return 1;  /* a process at the agent root itself, not in an agent */
 	u32 access = ctx->access_type >> 16;
-	if (!gpu_allowed(cfg, agent, ctx->minor)) {
+	if (!gpu_allowed(cfg, agent, *kind, major, ctx->minor)) {
 		struct refused_event e = {};
 		fill_header(&e.hdr, EVENT_REFUSED, sizeof(e));
 		e.agent_id = agent;

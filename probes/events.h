@@ -171,11 +171,43 @@ struct enforce_config {
 	__u32 dns_proxy_port;       /* the daemon's DNS proxy on loopback; 0: none, DNS is judged like the rest */
 };
 
-/* gpu_policy value: per agent cgroup. */
+/* GPUs. gpu_majors: major -> enum gpu_major, how its minors are judged when
+ * gpu_nodes (major << 32 | minor -> struct gpu_node) has no entry for the number. */
+enum gpu_major {
+	GPU_MAJOR_NVIDIA = 1,       /* nvidiaN is GPU N; 254 and 255 (modeset, ctl) are control nodes */
+	GPU_MAJOR_SHARED = 2,       /* every minor is a control node (nvidia-uvm, kfd) */
+	GPU_MAJOR_DRM = 3,          /* cardN, controlD(64+N), renderD(128+N): GPU N */
+	GPU_MAJOR_INDEXED = 4,      /* minor N is accelerator N (accel) */
+	GPU_MAJOR_ADMIN = 5,        /* the driver's administration (MIG config, NVSwitch, IMEX) */
+};
+
+enum gpu_node_class {
+	GPU_NODE_GPU = 1,           /* one GPU's node: its grant, or a MIG instance's on it */
+	GPU_NODE_SHARED = 2,        /* a control node: every agent granted any GPU */
+	GPU_NODE_MIG = 3,           /* a MIG capability: its GPU granted whole, or a gpu_mig_grants entry */
+	GPU_NODE_ADMIN = 4,         /* only an agent granted every GPU */
+};
+
+#define GPU_INDEX_MAX 64        /* GPUs by index in the 64-bit masks */
+
+struct gpu_node {
+	__u32 node_class;           /* enum gpu_node_class */
+	__u32 gpu;                  /* its GPU's index (GPU and MIG nodes) */
+};
+
+/* gpu_policy value: per agent cgroup; agents without one get gpu_default_deny. */
 struct gpu_policy {
-	__u32 allow;                /* 0 deny every GPU device, 1 allow (see minors) */
-	__u32 limit_minors;         /* 1: only minors set in minor_mask (0..63) */
-	__u64 minor_mask;
+	__u32 allow;                /* 0: no GPU node at all */
+	__u32 every_gpu;            /* 1: every node, administration included */
+	__u64 gpu_mask;             /* else: the GPUs (bit = index) granted whole */
+	__u64 mig_mask;             /* the GPUs a MIG instance of is granted (their GPU node, not their caps) */
+};
+
+/* gpu_mig_grants key: one MIG capability node an agent may open. */
+struct gpu_mig_key {
+	__u64 agent_id;
+	__u32 major;
+	__u32 minor;
 };
 
 struct lpm_v4 {

@@ -209,7 +209,7 @@ def containment_daemon(bpf, hierarchy, contained_root, fake_gpu_dir, tmp_path_fa
 
     config = Config(agent_root=contained_root, gpu_prefixes=DEFAULT_GPU_PREFIXES + (f"{fake_gpu_dir}/nvidia",),
                     gpu_entitled=(f"{contained_root}/gpu-*",),
-                    gpu_minors=((f"{contained_root}/gpu-limited-*", (1,)),),
+                    gpu_devices=((f"{contained_root}/gpu-limited-*", (1,)),),
                     state_dir=str(tmp_path_factory.mktemp("state")), enforce=EnforceSettings(breaker_agents=100),
                     alerts=AlertSettings(sinks=()), metrics=MetricsSettings(enabled=False))
     running = RunningDaemon(None, contained_root, threading.Event())

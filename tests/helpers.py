@@ -368,3 +368,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+GPU_HOSTS = REPO / "tests/data/gpu-hosts"
+
+
+def materialize_gpu_host(name: str, into: Path) -> tuple[Path, Path, Path]:
+    """A recorded GPU host (tests/data/gpu-hosts/NAME) made real under into: its /proc files,
+    its /dev nodes made with mknod (opening one reaches no driver here: ENXIO), and its sysfs
+    links from DRM nodes to their PCI devices. Returns (proc, dev, sys)."""
+    import shutil
+
+    layout = GPU_HOSTS / name
+    proc, dev, sys_ = into / "proc", into / "dev", into / "sys"
+    shutil.copytree(layout / "proc", proc)
+    for line in (layout / "dev.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        path, major, minor = line.split()
+        (dev / path).parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(dev / path, 0o666 | 0o020000, os.makedev(int(major), int(minor)))
+    for line in (layout / "sys.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        number, bus_id = line.split()
+        device = sys_ / "devices/pci0000:00" / bus_id
+        device.mkdir(parents=True, exist_ok=True)
+        (sys_ / "dev/char" / number).mkdir(parents=True)
+        (sys_ / "dev/char" / number / "device").symlink_to(device)
+    return proc, dev, sys_

@@ -25,8 +25,9 @@ from ebpfmon.host.cgroups import Hierarchy, cgroup_of
 from ebpfmon.config import Config
 from ebpfmon.containment import dns
 from ebpfmon.containment.breaker import Breaker
-from ebpfmon.containment.gpu import grant_gpus
+from ebpfmon.containment.gpu import GpuGrants
 from ebpfmon.host import sockets
+from ebpfmon.host.gpus import DeviceModel
 from ebpfmon.containment.quarantine import ActionResult, QuarantineStore, Record
 from ebpfmon.errors import ContainmentRefused
 from ebpfmon.kernel.enforcer import Enforcer
@@ -47,7 +48,8 @@ class Notice:
 
 class Containment:
     def __init__(self, enforcer: Enforcer, hierarchy: Hierarchy, config: Config, store: QuarantineStore,
-                 clock=time.time_ns, on_release=None, on_action=None, lists: dict[str, list[str]] | None = None):
+                 clock=time.time_ns, on_release=None, on_action=None, lists: dict[str, list[str]] | None = None,
+                 devices: DeviceModel | None = None):
         self.enforcer = enforcer
         self.hierarchy = hierarchy
         self.store = store
@@ -63,6 +65,7 @@ class Containment:
         self.shared: list = []  # networks a lookup never puts on the shared deny list (configure)
         self.later: deque[Notice] = deque(maxlen=1024)  # from background work, for take_notices
         self.listing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="connections")
+        self.gpus = GpuGrants(enforcer, config, hierarchy, store, devices or DeviceModel.read())
         self.configure(config, lists or {})
 
     def configure(self, config: Config, lists: dict[str, list[str]]) -> None:
@@ -70,6 +73,7 @@ class Containment:
         with self.lock:
             self.config, self.settings = config, config.enforce
             self.breaker.settings = config.enforce
+            self.gpus.config = config
             # one service under several addresses (the metadata service's IPv4 and IPv6 ones):
             # denying one denies them all, or the agent just switches address families
             self.address_groups = [frozenset(_canonical(a) for a in lists.get(name, []) if _canonical(a))
@@ -305,12 +309,15 @@ class Containment:
             now = self.clock()
             self._hold_denied_networks()  # held with this record's (the CLI without a daemon starts here)
             self.enforcer.uncut(record.agent_id)
-            self.enforcer.clear_gpu(record.agent_id)
             if record.frozen and self.hierarchy.path(agent).is_dir():
                 (self.hierarchy.path(agent) / "cgroup.freeze").write_text("0")
             record.actions.append(ActionResult("release", "applied", now, f"by {by}: {reason}"))
             record.status, record.released_ns, record.released_by = "released", now, by
             record.release_reason = reason
+            if self.hierarchy.cgroup_id_or_none(agent) == record.agent_id:
+                self.gpus.write(agent, record.agent_id)  # its GPUs as before the deny_gpu
+            else:
+                self.enforcer.clear_gpu(record.agent_id)
             self._hold_denied_networks()  # its networks open unless configured or another holds them
             self.store.save()
         self.on_release(record)
@@ -368,8 +375,8 @@ class Containment:
         return self.agents.agents(self.hierarchy)
 
     def grant_gpus(self, paths: list[str]) -> None:
-        """GPU entries for the entitled agents among paths (new cgroups, or all at start)."""
-        grant_gpus(self.enforcer, self.config, self.hierarchy, self.store, paths)
+        """GPU entries for the agents among paths (new cgroups, or all at start and on reload)."""
+        self.gpus.apply(paths)
 
 
 def _canonical(address: str | None) -> str | None:

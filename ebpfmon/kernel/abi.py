@@ -55,6 +55,24 @@ class EgressMode(IntEnum):
     ENFORCE = 2
 
 
+class GpuMajor(IntEnum):
+    NVIDIA = 1  # nvidiaN is GPU N; 254 and 255 (nvidia-modeset, nvidiactl) are control nodes
+    SHARED = 2  # every minor is a control node (nvidia-uvm, nvidia-uvm-tools, kfd)
+    DRM = 3  # cardN, controlD(64+N) and renderD(128+N) are GPU N unless sysfs says otherwise
+    INDEXED = 4  # minor N is accelerator N (accel)
+    ADMIN = 5  # the driver's administration: MIG config and monitor, NVSwitch, NVLink, IMEX channels
+
+
+class GpuNodeClass(IntEnum):
+    GPU = 1  # one GPU's node: open to an agent granted that GPU (or a MIG instance on it)
+    SHARED = 2  # a control node: open to every agent granted any GPU
+    MIG = 3  # a MIG capability: open to an agent granted its GPU whole, or that instance
+    ADMIN = 4  # administration: open only to an agent granted every GPU
+
+
+GPU_INDEX_MAX = 64
+
+
 class RefuseOp(IntEnum):
     CONNECT = 1
     SENDMSG = 2
@@ -191,7 +209,15 @@ class EnforceConfig(ctypes.Structure):
 
 
 class GpuPolicy(ctypes.Structure):
-    _fields_ = [("allow", u32), ("limit_minors", u32), ("minor_mask", u64)]
+    _fields_ = [("allow", u32), ("every_gpu", u32), ("gpu_mask", u64), ("mig_mask", u64)]
+
+
+class GpuNode(ctypes.Structure):
+    _fields_ = [("node_class", u32), ("gpu", u32)]
+
+
+class GpuMigKey(ctypes.Structure):
+    _fields_ = [("agent_id", u64), ("major", u32), ("minor", u32)]
 
 
 class LpmV4(ctypes.Structure):
@@ -264,6 +290,8 @@ STRUCTS = {
     "device_event": DeviceEvent,
     "enforce_config": EnforceConfig,
     "gpu_policy": GpuPolicy,
+    "gpu_node": GpuNode,
+    "gpu_mig_key": GpuMigKey,
     "lpm_v4": LpmV4,
     "lpm_v6": LpmV6,
     "probe_config": ProbeConfig,
@@ -306,6 +334,9 @@ CONSTANTS = {
     "GPU_PREFIX_MAX": GPU_PREFIX_MAX,
     "GPU_PREFIXES_MAX": GPU_PREFIXES_MAX,
     "SCOPE_MAX_DEPTH": SCOPE_MAX_DEPTH,
+    "GPU_INDEX_MAX": GPU_INDEX_MAX,
+    **{f"GPU_MAJOR_{m.name}": m.value for m in GpuMajor},
+    **{f"GPU_NODE_{c.name}": c.value for c in GpuNodeClass},
     "EGRESS_RANGES": EGRESS_RANGES,
     "EGRESS_UNCLASSIFIED": EGRESS_UNCLASSIFIED,
     **{f"EGRESS_{m.name}": m.value for m in EgressMode},

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ebpfmon.host.cgroups import AgentLayout, Hierarchy
+from ebpfmon.host.gpus import DeviceModel, Selection
 from ebpfmon.errors import CgroupError, ProbeLoadError
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import BPFFS, ProbeSet, import_bcc
@@ -38,25 +39,10 @@ HOOKS = {
     "enforce_device": ("CGROUP_DEVICE", "CGROUP_DEVICE"),
 }
 
-# character majors of GPUs and accelerators that do not depend on a driver's
-# registration order; others come from /proc/devices by driver name
-STATIC_GPU_MAJORS = {195: "nvidia", 226: "drm"}
-GPU_DRIVERS = ("nvidia-uvm", "nvidia-caps", "nvidia-nvlink", "nvidia-frontend", "kfd", "accel")
-
 
 def pin_dir(hierarchy: Hierarchy, agent_root: str) -> Path:
     """Where the state of enforcement at this agent root is pinned."""
     return BPFFS / "ebpfmon" / str(hierarchy.cgroup_id(agent_root))
-
-
-def gpu_majors(proc_devices: str = "/proc/devices") -> set[int]:
-    from ebpfmon.host.devices import char_drivers
-
-    majors = set(STATIC_GPU_MAJORS)
-    for major, name in char_drivers(proc_devices).items():
-        if name in GPU_DRIVERS:
-            majors.add(major)
-    return majors
 
 
 def _write_batch(table, scope: int, prefixes: list) -> None:
@@ -141,7 +127,8 @@ class Enforcer:
         return self.probes.bpf
 
     def configure(self, dry_run: bool, gpu_default_deny: bool, keep_open: tuple[str, ...],
-                  deny_ports: tuple[int, ...], deny_networks: tuple[str, ...] = ()) -> None:
+                  deny_ports: tuple[int, ...], deny_networks: tuple[str, ...] = (),
+                  devices: DeviceModel | None = None) -> None:
         """Writes the policy the programs read; deny_networks are the configured ones (actions add
         theirs with hold_network)."""
         self._config = abi.EnforceConfig(agent_level=self.agents.absolute_level, dry_run=int(dry_run),
@@ -160,10 +147,21 @@ class Enforcer:
         before = self.configured_networks | self.held_networks
         self.configured_networks = frozenset(_canonical(n) for n in deny_networks)
         self._apply_networks(before)
-        majors = self.bpf[b"gpu_majors"]
-        majors.clear()
-        for major in gpu_majors():
-            majors[ctypes.c_uint32(major)] = ctypes.c_uint8(1)
+        self.set_devices(devices or DeviceModel.read())
+
+    def set_devices(self, devices: DeviceModel) -> None:
+        """What each GPU device number is (host/gpus.py): majors by their rule, nodes the rule
+        does not tell (DRM nodes by their PCI device, MIG capabilities)."""
+        majors, nodes = self.bpf[b"gpu_majors"], self.bpf[b"gpu_nodes"]
+        for major, kind in devices.majors.items():
+            majors[ctypes.c_uint32(major)] = ctypes.c_uint32(kind)
+        for major in [k.value for k in majors.keys() if k.value not in devices.majors]:
+            del majors[ctypes.c_uint32(major)]
+        wanted = {(major << 32 | minor): node for (major, minor), node in devices.nodes.items()}
+        for number, node in wanted.items():
+            nodes[ctypes.c_uint64(number)] = abi.GpuNode(node_class=node.node_class, gpu=node.gpu or 0)
+        for number in [k.value for k in nodes.keys() if k.value not in wanted]:
+            del nodes[ctypes.c_uint64(number)]
 
     def set_dns_proxy(self, port: int) -> None:
         """Where agents with a profile send their DNS from now on (0: nowhere, judged as the rest)."""
@@ -404,20 +402,42 @@ class Enforcer:
 
     # ---- GPUs ----
 
-    def set_gpu(self, agent_id: int, allow: bool, minors: list[int] | None = None) -> None:
-        mask = sum(1 << m for m in minors or [] if 0 <= m < 64)
-        self.bpf[b"gpu_policy"][ctypes.c_uint64(agent_id)] = abi.GpuPolicy(
-            allow=int(allow), limit_minors=int(minors is not None), minor_mask=mask)
+    def set_gpu(self, agent_id: int, allow: bool, selection: Selection | None = None,
+                mig_nodes: set[tuple[int, int]] = frozenset()) -> None:
+        """The GPU nodes one agent may open: none (allow False), every one (selection None or
+        every), or the selection's GPUs whole, their control nodes and its MIG instances'
+        capability nodes (mig_nodes, from the device model)."""
+        every = selection is None or selection.every
+        gpu_mask = 0 if every else sum(1 << g for g in selection.gpus if 0 <= g < abi.GPU_INDEX_MAX)
+        mig_mask = 0 if every else sum(1 << g for g, _, _ in selection.mig if 0 <= g < abi.GPU_INDEX_MAX)
+        grants = self.bpf[b"gpu_mig_grants"]
+        wanted = set(mig_nodes) if allow and not every else set()
+        for key in [k for k in grants.keys() if k.agent_id == agent_id and (k.major, k.minor) not in wanted]:
+            del grants[key]
+        for major, minor in wanted:
+            grants[abi.GpuMigKey(agent_id=agent_id, major=major, minor=minor)] = ctypes.c_uint8(1)
+        self.bpf[b"gpu_grants"][ctypes.c_uint64(agent_id)] = abi.GpuPolicy(
+            allow=int(allow), every_gpu=int(allow and every), gpu_mask=gpu_mask, mig_mask=mig_mask)
 
     def clear_gpu(self, agent_id: int) -> None:
+        """Back to the default for agents without an entry (gpu_default_deny)."""
         try:
-            del self.bpf[b"gpu_policy"][ctypes.c_uint64(agent_id)]
+            del self.bpf[b"gpu_grants"][ctypes.c_uint64(agent_id)]
         except KeyError:
             pass
+        grants = self.bpf[b"gpu_mig_grants"]
+        for key in [k for k in grants.keys() if k.agent_id == agent_id]:
+            del grants[key]
 
-    def gpu_policies(self) -> dict[int, tuple[bool, int | None]]:
-        return {k.value: (bool(v.allow), v.minor_mask if v.limit_minors else None)
-                for k, v in self.bpf[b"gpu_policy"].items()}
+    def gpu_policies(self) -> dict[int, tuple[bool, frozenset[int] | None]]:
+        """agent id -> (allowed any GPU, the GPUs whose node it may open; None: every node)."""
+        def gpus(mask: int) -> frozenset[int]:
+            return frozenset(i for i in range(abi.GPU_INDEX_MAX) if mask >> i & 1)
+        return {k.value: (bool(v.allow), None if v.every_gpu else gpus(v.gpu_mask | v.mig_mask))
+                for k, v in self.bpf[b"gpu_grants"].items()}
+
+    def gpu_mig_grants(self, agent_id: int) -> set[tuple[int, int]]:
+        return {(k.major, k.minor) for k in self.bpf[b"gpu_mig_grants"].keys() if k.agent_id == agent_id}
 
     def counters(self) -> dict[str, int]:
         """Refusals by reason, and packets dropped by cuts, since the programs were loaded."""

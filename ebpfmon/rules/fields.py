@@ -38,6 +38,7 @@ class Context:
 
     agents: AgentLayout = field(default_factory=lambda: AgentLayout(DEFAULT_AGENT_ROOT))
     gpu_entitled: tuple[str, ...] = ()  # cgroup path globs of agents allowed to use GPUs
+    gpu_granted: Callable[[str], bool] | None = None  # the daemon's grants, which decide when known
     networks: NetworkClassifier = field(default_factory=NetworkClassifier)
     _users: dict[int, str] = field(default_factory=dict)
     _agents: dict[str, str | None] = field(default_factory=dict)
@@ -339,7 +340,12 @@ _field("agent.name", ALL_KINDS, STR, "the agent's name: the last part of agent.c
     lambda e, c: _basename(c.agent_cgroup(e.cgroup)))
 
 
-@_field("agent.gpu_entitled", ALL_KINDS, BOOL, "the agent's cgroup matches a glob of gpu_entitled")
+@_field("agent.gpu_entitled", ALL_KINDS, BOOL, "the agent may use GPUs: a scheduler's grant (ebpfmon gpu grant) "
+        "or, without one, a glob of gpu_entitled")
 def _gpu_entitled(e, c):
     agent = c.agent_cgroup(e.cgroup)
-    return agent is not None and any(fnmatch.fnmatchcase(agent, g) for g in c.gpu_entitled)
+    if agent is None:
+        return False
+    if c.gpu_granted is not None:
+        return c.gpu_granted(agent)
+    return any(fnmatch.fnmatchcase(agent, g) for g in c.gpu_entitled)

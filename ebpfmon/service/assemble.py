@@ -17,6 +17,7 @@ from ebpfmon.containment.actions import Containment
 from ebpfmon.containment.quarantine import QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.host.cgroups import Hierarchy
+from ebpfmon.host.gpus import DeviceModel
 from ebpfmon.host.network import NetworkClassifier
 from ebpfmon.kernel.enforcer import Enforcer, pin_dir
 from ebpfmon.kernel.probeset import ProbeSet, require_root
@@ -35,9 +36,17 @@ def load_ruleset(config: Config) -> RuleSet:
     return load_rules(rule_paths(config.rules))
 
 
-def rule_context(config: Config) -> Context:
-    """What rule fields need from the configuration and the node."""
-    return Context(agents=config.agents, gpu_entitled=config.gpu_entitled,
+def device_model(config: Config) -> DeviceModel:
+    """The node's GPUs and their device numbers, with the nodes under the directories of the
+    configured GPU prefixes too (a node made elsewhere is still judged by its number)."""
+    dirs = {prefix if prefix.endswith("/") else prefix.rsplit("/", 1)[0] for prefix in config.gpu_prefixes}
+    return DeviceModel.read(extra_dirs=tuple(sorted(d for d in dirs if d)))
+
+
+def rule_context(config: Config, gpu_entitled: Callable[[str], bool] | None = None) -> Context:
+    """What rule fields need from the configuration and the node; gpu_entitled: whether an agent
+    may use GPUs now (the grants), else the configuration's globs decide."""
+    return Context(agents=config.agents, gpu_entitled=config.gpu_entitled, gpu_granted=gpu_entitled,
                    networks=NetworkClassifier(config.internal_networks, use_routes=config.internal_from_routes))
 
 
@@ -67,11 +76,12 @@ def deny_networks(config: Config, lists: dict[str, list[str]]) -> tuple[str, ...
     return networks
 
 
-def configure_enforcer(enforcer: Enforcer, config: Config, lists: dict[str, list[str]]) -> None:
+def configure_enforcer(enforcer: Enforcer, config: Config, lists: dict[str, list[str]],
+                       devices: DeviceModel | None = None) -> None:
     """The enforcement policy from the configuration and the rules' lists, egress profiles included."""
     enforcer.configure(dry_run=config.enforce.dry_run, gpu_default_deny="*" not in config.gpu_entitled,
                        keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, lists),
-                       deny_networks=deny_networks(config, lists))
+                       deny_networks=deny_networks(config, lists), devices=devices or device_model(config))
     enforcer.set_egress(compiled(config.egress), enforcer.agents.agents(enforcer.hierarchy))
 
 
@@ -92,10 +102,11 @@ def trace_stream(config: Config, kinds: Iterable[str], cgroups: Iterable[str] = 
     return EventStream(config, kinds, cgroups=cgroups, all_cgroups=all_cgroups)
 
 
-def enforcement(probes: ProbeSet, hierarchy: Hierarchy, config: Config, lists: dict[str, list[str]]) -> Enforcer:
+def enforcement(probes: ProbeSet, hierarchy: Hierarchy, config: Config, lists: dict[str, list[str]],
+                devices: DeviceModel | None = None) -> Enforcer:
     """The enforcement programs configured and attached at the agent root."""
     enforcer = Enforcer(probes, hierarchy, config.agents)
-    configure_enforcer(enforcer, config, lists)
+    configure_enforcer(enforcer, config, lists, devices)
     enforcer.attach()
     return enforcer
 
@@ -110,11 +121,12 @@ def dns_proxy(enforcer: Enforcer, config: Config, on_event: Callable[[DnsEvent],
 
 def containment(enforcer: Enforcer, hierarchy: Hierarchy, config: Config, lists: dict[str, list[str]],
                 on_release: Callable[[Record], None] | None = None,
-                on_action: Callable[[str, str], None] | None = None) -> Containment:
+                on_action: Callable[[str, str], None] | None = None,
+                devices: DeviceModel | None = None) -> Containment:
     """Containment over the enforcer, with the quarantine records in the state directory,
     and the GPU grants of the entitled agents in place."""
     result = Containment(enforcer, hierarchy, config, QuarantineStore(config.state_dir), on_release=on_release,
-                         on_action=on_action, lists=lists)
+                         on_action=on_action, lists=lists, devices=devices or device_model(config))
     result.grant_gpus(result.agent_paths())
     return result
 
@@ -128,4 +140,6 @@ def offline_containment(config: Config, on_release: Callable[[Record], None] | N
     hierarchy.ensure(config.agent_root)
     probes = ProbeSet(["enforce"], pin_dir=pin_dir(hierarchy, config.agent_root)).load()
     lists = load_ruleset(config).lists
-    return containment(enforcement(probes, hierarchy, config, lists), hierarchy, config, lists, on_release=on_release)
+    devices = device_model(config)
+    return containment(enforcement(probes, hierarchy, config, lists, devices), hierarchy, config, lists,
+                       on_release=on_release, devices=devices)

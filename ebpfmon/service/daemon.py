@@ -96,14 +96,17 @@ class Daemon:
     def _start(self) -> "Daemon":
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.stream.start(self.judge)
+        devices = assemble.device_model(self.config)
         self.enforcer = assemble.enforcement(self.stream.probes, self.hierarchy, self.config,
-                                             self.engine.ruleset.lists)
+                                             self.engine.ruleset.lists, devices)
         self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
         self._start_dns_proxy()
         self.alerting.start()
         self.containment = assemble.containment(self.enforcer, self.hierarchy, self.config, self.engine.ruleset.lists,
                                                 on_release=self.released,
-                                                on_action=lambda a, r: self.metrics.actions.labels(a, r).inc())
+                                                on_action=lambda a, r: self.metrics.actions.labels(a, r).inc(),
+                                                devices=devices)
+        self.engine.context.gpu_granted = self.containment.gpus.entitled
         for notice in self.containment.reconcile():
             self.notify(notice)
         self.metrics.watch(lambda: snapshot(self))
@@ -248,6 +251,9 @@ class Daemon:
             self.enforcer.assign_egress(change.path)
         else:
             self.enforcer.forget_egress(change.cgroup_id)
+            if change.path and self.config.agents.is_agent(change.path):
+                self.enforcer.clear_gpu(change.cgroup_id)
+                self.containment.gpus.forget(change.path)
 
 
     def _start_dns_proxy(self) -> None:
@@ -290,7 +296,7 @@ class Daemon:
             self.alerting.close()
             self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered).start()
         self.config = config
-        self.engine.context = assemble.rule_context(config)
+        self.engine.context = assemble.rule_context(config, self.containment.gpus.entitled if self.containment else None)
         self.engine.load(ruleset)
         self.stream.enricher.programs.look_for(assemble.identified_programs(ruleset.lists))
         if self.enforcer:
@@ -299,6 +305,7 @@ class Daemon:
             self._reconfigure_dns_proxy()
         if self.containment:
             self.containment.configure(config, ruleset.lists)
+            self.containment.grant_gpus(self.containment.agent_paths())  # changed globs reach running agents
         self.metrics.reloads.inc()
         self.metrics.rules_loaded.set(len(ruleset.rules))
         message = f"reloaded: {len(ruleset.rules)} rules"

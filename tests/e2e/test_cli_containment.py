@@ -104,7 +104,7 @@ def test_quarantine_without_a_daemon_applies_the_configuration(bpf, hierarchy, o
     out = ebpfmon("quarantine", "cut", agent.name, "--reason", "offline", "--config", str(config))
     assert out.returncode == 0, out.stderr
     maps = attached_maps(hierarchy.path(own_root), "enforce_config", "deny_ports", "cut_allow4", "cut_cgroups",
-                         "gpu_policy")
+                         "gpu_grants")
     depth = len([p for p in own_root.split("/") if p])
     [settings] = maps["enforce_config"]
     assert settings["value"] == {"agent_level": depth + 2, "dry_run": 1, "gpu_default_deny": 1, "dns_proxy_port": 0}
@@ -112,7 +112,7 @@ def test_quarantine_without_a_daemon_applies_the_configuration(bpf, hierarchy, o
     assert sorted((e["key"]["addr"], e["key"]["prefixlen"]) for e in maps["cut_allow4"]) == [
         ([127, 0, 0, 0], 8), ([192, 0, 2, 0], 24)]
     assert [e["key"] for e in maps["cut_cgroups"]] == [agent.id]  # the agent at level 2
-    assert [(e["key"], e["value"]["allow"]) for e in maps["gpu_policy"]] == [(entitled.id, 1)]
+    assert [(e["key"], e["value"]["allow"]) for e in maps["gpu_grants"]] == [(entitled.id, 1)]
     # dry run: the cut agent is reported, not refused
     assert connect_from(agent, netns_host.address, 22) == 0
     out = ebpfmon("quarantine", "list", "--config", str(config))

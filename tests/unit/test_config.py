@@ -24,7 +24,7 @@ def test_overrides_and_nested_settings(tmp_path):
     config = load_config(write(tmp_path, """\
         agent_root: /agents
         gpu_entitled: ["/agents/train-*"]
-        gpu_minors: {"/agents/train-a*": [0, 1]}
+        gpu_devices: {"/agents/train-a*": [0, 1]}
         enforce: {dry_run: true, breaker_agents: 2, breaker_seconds: 30}
         alerts:
           dedup_seconds: 5
@@ -35,7 +35,7 @@ def test_overrides_and_nested_settings(tmp_path):
         metrics: {listen: "127.0.0.1:9999"}
         """))
     assert config.agent_root == "/agents" and config.enforce.dry_run and config.enforce.breaker_seconds == 30.0
-    assert config.gpu_minors == (("/agents/train-a*", (0, 1)),)
+    assert config.gpu_devices == (("/agents/train-a*", (0, 1)),)
     assert config.alerts.sinks[0].routing_key_file == "/etc/ebpfmon/pd.key"
     assert config.metrics.listen == "127.0.0.1:9999"
 
