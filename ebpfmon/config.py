@@ -27,6 +27,7 @@ from ebpfmon.rules.vocabulary import PRIORITIES
 
 # keys that were renamed: the old name is an error that names the new one
 RENAMED = {"gpu_minors": "gpu_devices"}
+GPU_HOLDER_ACTIONS = ("freeze", "kill", "keep")
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
 # "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.
 DEFAULT_GPU_PREFIXES = (
@@ -55,6 +56,10 @@ class EnforceSettings:
     # ports no agent may connect or send to; None: the rules' mining_pool_ports list
     deny_ports: tuple[int, ...] | None = None
     deny_networks: tuple[str, ...] = ()
+    # what deny_gpu does to the agent's processes that hold GPU nodes open already (a cgroup
+    # device program refuses opens, it cannot take back a descriptor): freeze the agent, kill
+    # the holders, or keep them running (report only)
+    gpu_holders: str = "freeze"
     # the breaker, per rule: a rule whose automatic cuts, freezes and kills reach more distinct
     # agents within breaker_seconds than the larger of breaker_agents and breaker_fraction of
     # the agents on the node is suspended (it still alerts) for breaker_resume_seconds, or until
@@ -341,6 +346,9 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
                 parse_gpu_name(name)
             except GpuNameError as e:
                 raise loader.error(f"gpu_devices.{glob}[{i}]", str(e)) from None
+    if config.enforce.gpu_holders not in GPU_HOLDER_ACTIONS:
+        raise loader.error("enforce.gpu_holders", f"{config.enforce.gpu_holders!r} is not one of "
+                                                  f"{', '.join(GPU_HOLDER_ACTIONS)}")
     host, _, port = config.metrics.listen.rpartition(":")
     if not host or not port.isdigit():
         raise loader.error("metrics.listen", f"expected host:port, got {config.metrics.listen!r}")

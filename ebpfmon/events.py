@@ -272,6 +272,21 @@ class DeviceEvent(Event):
 
 
 @dataclass
+class GpuHeldEvent(Event):
+    """A GPU device an agent holds open that its grant does not cover (a grant revoked, a
+    descriptor inherited): found by the daemon's scan of the agent's descriptors."""
+
+    kind: str = kind_field("gpu_held")
+    path: str = ""  # what the descriptor names
+    fd: int = 0
+    device: str = ""  # major:minor
+    vendor: str | None = None
+    node: str = ""  # what the number is: gpu 1, control, mig gpu0/gi1/ci0, admin
+    access: str = ""
+    agent: str | None = None
+
+
+@dataclass
 class DnsEvent(Event):
     """A question an agent asked and what the daemon's DNS proxy answered (its egress profile
     decides: a name it allows is answered, and its addresses allowed; others are refused)."""
@@ -307,7 +322,7 @@ class ExitEvent(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls for cls in (ExecEvent, ConnectEvent, UdpSendEvent, UnixConnectEvent, GpuOpenEvent, RefusedEvent,
-                              DeviceEvent, DnsEvent, ForkEvent, ExitEvent)
+                              DeviceEvent, GpuHeldEvent, DnsEvent, ForkEvent, ExitEvent)
 }
 
 # what a user asks `trace` for -> event kinds shown

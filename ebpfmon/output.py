@@ -76,6 +76,9 @@ def describe(event: ev.Event) -> str:
                 else f"{event.op} {event.protocol or '?'} {endpoint(event)}")
         verdict = "would refuse (dry run)" if event.dry_run else "REFUSED"
         return f"{verdict} {what}: {event.reason}"
+    if isinstance(event, ev.GpuHeldEvent):
+        return (f"holds {safe(event.path)} ({event.device} {event.node}, {event.vendor or 'unknown vendor'}) "
+                f"on fd {event.fd} beyond its grant")
     if isinstance(event, ev.DeviceEvent):
         return f"device {event.device} ({event.vendor or 'unknown vendor'}) {event.access} (cgroup hook)"
     if isinstance(event, ev.DnsEvent):

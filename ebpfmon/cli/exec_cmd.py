@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ebpfmon.cli.common import AgentRootOption, ConfigOption, effective_config
+from ebpfmon.cli.gpu import ask, gpu_names
 from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.kernel.probeset import require_root
 
@@ -16,7 +17,9 @@ EPILOG = """\
 Examples:\n\n
   ebpfmon exec -- /bin/echo hello\n\n
   ebpfmon exec --cgroup agent-7 -- python3 train.py\n\n
-The cgroup is created when missing. The command replaces ebpfmon (same pid),
+  ebpfmon exec --cgroup job-42 --gpus 0,1 -- python3 train.py\n\n
+The cgroup is created when missing. --gpus grants the agent those GPUs first (as
+'ebpfmon gpu grant' does: through the daemon, or on the kernel state without one). The command replaces ebpfmon (same pid),
 so its exit status, signals and terminal are its own.
 """
 
@@ -28,6 +31,8 @@ def exec_command(
     command: Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")],
     cgroup: Annotated[str, typer.Option("--cgroup", "-c", metavar="NAME",
                                         help="Agent cgroup, below the agent root.")] = "adhoc",
+    gpus: Annotated[str | None, typer.Option("--gpus", help="Grant the agent these GPUs first: 0,1 | GPU-<uuid> | "
+                                                             "0000:18:00.0 | gpu0/gi1/ci0 | all.")] = None,
     config_file: ConfigOption = None,
     agent_root: AgentRootOption = None,
 ) -> None:
@@ -37,6 +42,9 @@ def exec_command(
     hierarchy = Hierarchy()
     name = hierarchy.child(config.agent_root, cgroup)
     hierarchy.ensure(name)
+    if gpus is not None:
+        answer = ask(config, {"cmd": "gpu_grant", "agent": name, "gpus": gpu_names(gpus)})
+        print(f"ebpfmon: {name} may use gpus {answer['gpus']}", file=sys.stderr)
     hierarchy.join(name)
     print(f"ebpfmon: running {command[0]} in cgroup {name}", file=sys.stderr)
     sys.stderr.flush()

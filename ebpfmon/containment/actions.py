@@ -203,7 +203,7 @@ class Containment:
                 result = "applied"
             elif action == "deny_gpu":
                 self.enforcer.set_gpu(record.agent_id, allow=False)
-                result = "applied"
+                result, detail = "applied", self._gpu_holders(record, now)
             elif action == "freeze":
                 (self.hierarchy.path(record.agent) / "cgroup.freeze").write_text("1")
                 result = "applied"
@@ -322,6 +322,25 @@ class Containment:
             self.store.save()
         self.on_release(record)
         return record
+
+    def _gpu_holders(self, record: Record, now: int) -> str:
+        """A device program refuses opens only: what deny_gpu does to the descriptors the
+        agent's processes hold already (enforce.gpu_holders)."""
+        holders = self.gpus.holders.scan([record.agent])
+        if not holders:
+            return ""
+        pids = sorted({h.pid for h in holders})
+        what = self.settings.gpu_holders
+        if what == "freeze" and not record.frozen:
+            (self.hierarchy.path(record.agent) / "cgroup.freeze").write_text("1")
+            record.actions.append(ActionResult("freeze", "applied", now, f"held GPU nodes open: pids {pids}"))
+        elif what == "kill":
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return f"{len(holders)} GPU descriptor(s) held by pids {pids}: {what}"
 
     def _hold_denied_networks(self) -> None:
         self.enforcer.hold_networks({n for r in self.store.active() for n in r.denied_networks})

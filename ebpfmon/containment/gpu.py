@@ -12,16 +12,21 @@ import fnmatch
 import json
 import logging
 import os
+import stat
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ebpfmon import events as ev
 from ebpfmon.config import Config
 from ebpfmon.containment.quarantine import QuarantineStore
 from ebpfmon.errors import ContainmentRefused
 from ebpfmon.host.cgroups import Hierarchy
-from ebpfmon.host.gpus import DeviceModel, GpuNameError, Selection
+from ebpfmon.host.sockets import subtree
+from ebpfmon.host.devices import DeviceResolver
+from ebpfmon.host.gpus import DeviceModel, GpuNameError, Node, Selection
 from ebpfmon.kernel.enforcer import Enforcer
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,10 @@ class GpuGrants:
         self.path = Path(config.state_dir) / GRANTS_FILE
         self.lock = threading.RLock()
         self.scheduled: dict[str, ScheduledGrant] = self._load()
+        self.holders = GpuHolders(devices, hierarchy)
+        self.vendors = DeviceResolver()
+        # GPU descriptors held beyond a grant, found by scans: judged by the daemon's rules
+        self.held_events: deque[ev.GpuHeldEvent] = deque(maxlen=4096)
 
     # ---- what an agent may use ----
 
@@ -133,12 +142,31 @@ class GpuGrants:
             if self.scheduled.pop(path, None) is not None:
                 self._save()
 
+    def beyond_grants(self, agents: list[str]) -> list[Holder]:
+        """The descriptors the agents hold that their grants do not cover (a revoked grant, an
+        inherited descriptor, a deny_gpu), each queued as an event for the rules."""
+        out = []
+        for holder in self.holders.scan(agents):
+            record = self.store.active_for(holder.agent)
+            if record is not None and record.gpu_denied or not self.selection(holder.agent).allows(holder.node):
+                out.append(holder)
+        for holder in out:
+            self.held_events.append(ev.GpuHeldEvent(
+                time_ns=time.time_ns(), cgroup_id=self.hierarchy.cgroup_id_or_none(holder.agent) or 0, cgroup=None,
+                proc=ev.Process(holder.pid, holder.pid, 0, 0, 0, holder.comm), path=holder.path, fd=holder.fd,
+                device=holder.node.number, vendor=self.vendor_of(holder.node), node=holder.node.describe(),
+                access=holder.access, agent=holder.agent))
+        return out
+
+    def vendor_of(self, node: Node) -> str | None:
+        return self.vendors.vendor_of(node.number)
+
     # ---- grants from the scheduler ----
 
     def grant(self, agent: str, names: list[str], by: str) -> Selection:
         """Sets the agent's GPUs to names (replacing what it had); for a cgroup that does not
         exist yet, when it is made. ContainmentRefused for a name that is not a GPU here."""
-        agent = self._agent(agent)
+        agent = self.agent_path(agent)
         try:
             selection = self.devices.select(names)
         except GpuNameError as e:
@@ -155,7 +183,7 @@ class GpuGrants:
         """Takes GPUs away (names None: all of them); what the agent keeps is returned. The
         agent's next open is refused; descriptors it holds stay open (a cgroup device program
         cannot revoke them): `ebpfmon gpu` lists them."""
-        agent = self._agent(agent)
+        agent = self.agent_path(agent)
         with self.lock:
             before = self.selection(agent)
             if names is None:
@@ -171,7 +199,8 @@ class GpuGrants:
                 keep = before.without(drop).names()
             return self.grant(agent, keep, by)
 
-    def _agent(self, agent: str) -> str:
+    def agent_path(self, agent: str) -> str:
+        """An agent's cgroup path from a path or a name below the agent root."""
         agent = "/" + agent.strip("/")
         if not self.config.agents.is_agent(agent):
             agent = self.hierarchy.child(self.config.agent_root, agent.strip("/"))
@@ -216,3 +245,86 @@ class GpuGrants:
             os.replace(tmp, self.path)
         except OSError as e:  # the kernel has the grant; it is lost only if the daemon restarts
             log.error("GPU grants not saved to %s: %s", self.path, e.strerror)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One descriptor of a GPU device node that an agent's process holds open."""
+
+    agent: str
+    pid: int
+    comm: str
+    fd: int
+    path: str
+    node: Node
+    access: str
+
+
+class GpuHolders:
+    """Which agents hold which GPU nodes open: a scan of the agents' /proc/PID/fd at start, on
+    grants and when asked, kept current by open events; a descriptor closed or a process gone
+    drops out when the holders are next read."""
+
+    def __init__(self, devices: DeviceModel, hierarchy: Hierarchy):
+        self.devices = devices
+        self.hierarchy = hierarchy
+        self.held: dict[tuple[int, int], Holder] = {}  # (pid, fd) -> holder
+        self.lock = threading.Lock()
+
+    def scan(self, agents: list[str]) -> list[Holder]:
+        """The descriptors the agents' processes hold now (these agents' entries replaced)."""
+        found = [h for agent in agents for pid in sorted(subtree(self.hierarchy.path(agent))[1])
+                 for h in self._of_pid(agent, pid)]
+        with self.lock:
+            names = set(agents)
+            self.held = {k: h for k, h in self.held.items() if h.agent not in names}
+            self.held.update({(h.pid, h.fd): h for h in found})
+        return found
+
+    def opened(self, agent: str, pid: int, fd: int) -> None:
+        """An open that succeeded (a gpu_open event): the descriptor it returned."""
+        holder = self._descriptor(agent, pid, fd)
+        if holder is not None:
+            with self.lock:
+                self.held[(pid, fd)] = holder
+
+    def current(self) -> list[Holder]:
+        """Every holder still holding: each descriptor checked again (cost: the holders, not the agents)."""
+        with self.lock:
+            held = list(self.held.items())
+        gone = [key for key, h in held if _device_of(h.pid, h.fd) != (h.node.major, h.node.minor)]
+        with self.lock:
+            for key in gone:
+                self.held.pop(key, None)
+            return sorted(self.held.values(), key=lambda h: (h.agent, h.pid, h.fd))
+
+    def _of_pid(self, agent: str, pid: int) -> list[Holder]:
+        try:
+            fds = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")]
+        except (OSError, ValueError):
+            return []
+        return [h for fd in fds if (h := self._descriptor(agent, pid, fd)) is not None]
+
+    def _descriptor(self, agent: str, pid: int, fd: int) -> Holder | None:
+        number = _device_of(pid, fd)
+        node = self.devices.classify(*number) if number else None
+        if node is None:
+            return None
+        try:
+            path = os.readlink(f"/proc/{pid}/fd/{fd}")
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+        except (OSError, StopIteration, ValueError):
+            return None
+        access = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw"}.get(flags & os.O_ACCMODE, "")
+        return Holder(agent, pid, comm, fd, path, node, access)
+
+
+def _device_of(pid: int, fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISCHR(st.st_mode) else None

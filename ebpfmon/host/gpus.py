@@ -112,6 +112,22 @@ class Selection:
     def describe(self) -> str:
         return ",".join(self.names()) or "none"
 
+    def allows(self, node: "Node") -> bool:
+        """Whether the selection opens the node: as the kernel's gpu_allowed judges it."""
+        if self.every:
+            return True
+        if self.empty:
+            return False
+        if node.node_class == GpuNodeClass.SHARED:
+            return True
+        if node.node_class == GpuNodeClass.GPU:
+            return node.gpu in self.gpus or any(g == node.gpu for g, _, _ in self.mig)
+        if node.node_class == GpuNodeClass.MIG:
+            gpu, gi, ci = node.mig
+            return gpu in self.gpus or any(g == gpu and i == gi and (c is None or ci is None or c == ci)
+                                           for g, i, c in self.mig)
+        return False
+
 
 def parse_gpu_name(name: str | int) -> str:
     """The canonical spelling of one GPU name; GpuNameError says what a name may be."""

@@ -371,7 +371,7 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
 # what an event of each kind says for evt.type
 KIND_TYPES = {"exec": ("execve", "execveat"), "connect": ("connect",), "udp_send": ("sendto",),
               "gpu_open": ("open", "openat", "openat2"), "refused": ("refused",), "device": ("device",),
-              "dns": ("dns",), "unix_connect": ("connect",)}
+              "dns": ("dns",), "unix_connect": ("connect",), "gpu_held": ("held",)}
 STATIC_FIELDS = {"evt.kind": lambda kind: (kind,), "evt.dir": lambda kind: ("<",),
                  "evt.type": lambda kind: KIND_TYPES[kind],
                  # a refused device has no destination

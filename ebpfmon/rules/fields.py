@@ -23,11 +23,11 @@ from ebpfmon.host.users import user_name
 from ebpfmon.rules.argv import parse_ssh
 
 EXEC, CONNECT, UDP, GPU = "exec", "connect", "udp_send", "gpu_open"
-REFUSED, DEVICE, DNS, UNIX = "refused", "device", "dns", "unix_connect"
-ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU, REFUSED, DEVICE, DNS, UNIX})
+REFUSED, DEVICE, DNS, UNIX, HELD = "refused", "device", "dns", "unix_connect", "gpu_held"
+ALL_KINDS = frozenset({EXEC, CONNECT, UDP, GPU, REFUSED, DEVICE, DNS, UNIX, HELD})
 # kinds with a destination; a refused event has one unless it refused a device
 SOCKET_KINDS = frozenset({CONNECT, UDP, REFUSED})
-DEVICE_KINDS = frozenset({GPU, DEVICE, REFUSED})
+DEVICE_KINDS = frozenset({GPU, DEVICE, REFUSED, HELD})
 
 STR, INT, BOOL, IP = "string", "number", "bool", "ip address"
 
@@ -119,12 +119,13 @@ def _basename(path: str | None) -> str | None:
     return path.rpartition("/")[2] if path else None
 
 
-EVT_TYPES = {CONNECT: "connect", UDP: "sendto", REFUSED: "refused", DEVICE: "device", DNS: "dns", UNIX: "connect"}
+EVT_TYPES = {CONNECT: "connect", UDP: "sendto", REFUSED: "refused", DEVICE: "device", DNS: "dns", UNIX: "connect",
+             HELD: "held"}
 
 
 @_field("evt.type", ALL_KINDS, STR, "the system call: execve, execveat, connect, sendto, open, openat, openat2; "
         "refused for enforcement refusals, device for GPU accesses seen by the cgroup device hook, dns for "
-        "questions the DNS proxy answered or refused")
+        "questions the DNS proxy answered or refused, held for GPU descriptors an agent holds beyond its grant")
 def _evt_type(e, c):
     if isinstance(e, (ev.ExecEvent, ev.GpuOpenEvent)):
         return e.syscall
@@ -295,7 +296,8 @@ def _dns_suffixes(e, c):
     return [".".join(labels[i:]) for i in range(len(labels))]
 _attribute("udp.length", {UDP}, INT, "bytes the datagram carried", "length")
 
-_attribute("gpu.path", {GPU}, STR, "the device path opened", "path")
+_attribute("gpu.path", {GPU, HELD}, STR, "the device path opened (held: the path its descriptor names)", "path")
+_attribute("gpu.node", {HELD}, STR, "what the device number is: gpu N, control, mig gpuN/giM/ciK, admin", "node")
 _attribute("gpu.device", DEVICE_KINDS, STR, "major:minor of the device, when it resolves", "device")
 _attribute("gpu.vendor", DEVICE_KINDS, STR, "nvidia, amd, intel, habana... when known", "vendor")
 _attribute("gpu.access", DEVICE_KINDS, STR, "r, w, rw; m for mknod", "access")

@@ -4,7 +4,9 @@ A Unix stream socket in the state directory (itself 0700), 0600, root only
 (checked again with SO_PEERCRED). One JSON request per connection, one JSON
 answer: {"cmd": "list"} | {"cmd": "release", "agent": ..., "reason": ...} |
 {"cmd": "cut", "agent": ..., "reason": ...} | {"cmd": "reload"} | {"cmd": "names"} (the addresses
-agents' DNS names allow now) | {"cmd": "resume", "rule": ...} | {"cmd": "suspended"} (the breaker's).
+agents' DNS names allow now) | {"cmd": "resume", "rule": ...} | {"cmd": "suspended"} (the breaker's) |
+{"cmd": "gpu"} (grants and holders) | {"cmd": "gpu_grant", "agent": ..., "gpus": [...]} |
+{"cmd": "gpu_revoke", "agent": ..., "gpus": [...] or null for all}.
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
                                           for rule, s in containment.breaker.active().items()}}
         if cmd == "names":
             return {"ok": True, "names": containment.enforcer.name_grant_list()}
+        if cmd == "gpu":
+            if request.get("scan"):
+                containment.gpus.holders.scan(containment.agent_paths())
+            return {"ok": True, "gpus": [asdict(g) for g in sorted(containment.gpus.devices.gpus.values(),
+                                                                  key=lambda g: g.index)],
+                    "grants": containment.gpus.listing(),
+                    "holders": [holder_dict(h) for h in containment.gpus.holders.current()]}
+        if cmd in ("gpu_grant", "gpu_revoke"):
+            agent, names = request.get("agent") or "", request.get("gpus")
+            if cmd == "gpu_grant":
+                selection = containment.gpus.grant(agent, [str(n) for n in names or []], by)
+            else:
+                selection = containment.gpus.revoke(agent, None if names is None else [str(n) for n in names], by)
+            agent = containment.gpus.agent_path(agent)
+            beyond = containment.gpus.beyond_grants([agent])
+            return {"ok": True, "agent": agent, "gpus": selection.describe(),
+                    "held_beyond": [holder_dict(h) for h in beyond]}
         if cmd in ("release", "cut"):
             agent, reason = request.get("agent") or "", request.get("reason") or ""
             if cmd == "cut" and not reason:
@@ -67,7 +86,12 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
     except ContainmentRefused as e:
         return {"ok": False, "error": e.message}
     return {"ok": False, "error": f"unknown command {cmd!r}; known: list, release, cut, reload, names, "
-                             f"resume, suspended"}
+                             f"resume, suspended, gpu, gpu_grant, gpu_revoke"}
+
+
+def holder_dict(holder) -> dict:
+    return {"agent": holder.agent, "pid": holder.pid, "comm": holder.comm, "fd": holder.fd, "path": holder.path,
+            "device": holder.node.number, "node": holder.node.describe(), "access": holder.access}
 
 
 class ControlServer:

@@ -109,6 +109,7 @@ class Daemon:
         self.engine.context.gpu_granted = self.containment.gpus.entitled
         for notice in self.containment.reconcile():
             self.notify(notice)
+        self.containment.gpus.beyond_grants(self.containment.agent_paths())  # judged with the first batch
         self.metrics.watch(lambda: snapshot(self))
         if self.config.metrics.enabled:
             try:
@@ -147,6 +148,11 @@ class Daemon:
             self.stream.stats.events["dns"] += 1
             self.judge(event)
         if self.containment:
+            held = self.containment.gpus.held_events
+            while held:
+                event = self.stream.enricher.apply(held.popleft())
+                self.stream.stats.events["gpu_held"] += 1
+                self.judge(event)
             for notice in self.containment.take_notices():
                 self.notify(notice)
             self.containment.flush()
@@ -191,7 +197,11 @@ class Daemon:
         if self.show_events:
             self.show_events(output.table_line(event))
         self.judged += 1
-        if event.kind == "refused" and event.reason == "egress":
+        if event.kind == "gpu_open" and event.retval >= 0 and self.containment:
+            agent = self.engine.context.agent_cgroup(event.cgroup)
+            if agent:
+                self.containment.gpus.holders.opened(agent, event.proc.pid, event.retval)
+        elif event.kind == "refused" and event.reason == "egress":
             self.metrics.egress_refusals.labels(event.profile, "reported" if event.dry_run else "refused").inc()
         elif event.kind == "dns":
             self.metrics.dns_questions.labels(event.profile or "", event.verdict).inc()
@@ -306,6 +316,7 @@ class Daemon:
         if self.containment:
             self.containment.configure(config, ruleset.lists)
             self.containment.grant_gpus(self.containment.agent_paths())  # changed globs reach running agents
+            self.containment.gpus.beyond_grants(self.containment.agent_paths())
         self.metrics.reloads.inc()
         self.metrics.rules_loaded.set(len(ruleset.rules))
         message = f"reloaded: {len(ruleset.rules)} rules"
