@@ -53,6 +53,11 @@ def gpu_names(gpus: str) -> list[str]:
     return names
 
 
+def _show_grant(answer: dict) -> None:
+    held = "  (quarantined: applies when released)" if answer["quarantined"] else ""
+    print(f"{answer['agent']}: gpus {answer['gpus']}{held}")
+
+
 def _show_held(holders: list[dict], heading: str) -> None:
     if holders:
         print(heading)
@@ -99,7 +104,7 @@ def grant(
     """Give an agent these GPUs (and only these), from now on."""
     config, _ = effective_config(config_file, agent_root, state_dir)
     answer = ask(config, {"cmd": "gpu_grant", "agent": agent, "gpus": gpu_names(gpus)})
-    print(f"{answer['agent']}: gpus {answer['gpus']}")
+    _show_grant(answer)
     _show_held(answer["held_beyond"], "still open beyond the grant:")
 
 
@@ -114,5 +119,5 @@ def revoke(
     """Take GPUs away from an agent: its next open of them is refused."""
     config, _ = effective_config(config_file, agent_root, state_dir)
     answer = ask(config, {"cmd": "gpu_revoke", "agent": agent, "gpus": None if gpus is None else gpu_names(gpus)})
-    print(f"{answer['agent']}: gpus {answer['gpus']}")
+    _show_grant(answer)
     _show_held(answer["held_beyond"], "still open (the kernel cannot take a descriptor back; see enforce.gpu_holders):")

@@ -62,6 +62,10 @@ class GpuGrants:
         # GPU descriptors held beyond a grant, found by scans: judged by the daemon's rules
         self.held_events: deque[ev.GpuHeldEvent] = deque(maxlen=4096)
 
+    def set_devices(self, devices: DeviceModel) -> None:
+        """A new model of the node's devices (the kernel's comes from Enforcer.set_devices)."""
+        self.devices = self.holders.devices = devices
+
     # ---- what an agent may use ----
 
     def selection(self, agent: str) -> Selection:

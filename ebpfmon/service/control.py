@@ -75,6 +75,7 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
             agent = containment.gpus.agent_path(agent)
             beyond = containment.gpus.beyond_grants([agent])
             return {"ok": True, "agent": agent, "gpus": selection.describe(),
+                    "quarantined": containment.store.active_for(agent) is not None,
                     "held_beyond": [holder_dict(h) for h in beyond]}
         if cmd in ("release", "cut"):
             agent, reason = request.get("agent") or "", request.get("reason") or ""
