@@ -54,6 +54,9 @@ install:
 	sed -e 's#/opt/ebpfmon/venv#$(PREFIX)/venv#' -e 's#/etc/ebpfmon/config.yaml#$(CONFIG_DIR)/config.yaml#' \
 		deploy/ebpfmon.service > $(UNIT_DIR)/ebpfmon.service
 	install -m 0644 deploy/systemd/ebpfmon.service.d/limits.conf $(UNIT_DIR)/ebpfmon.service.d/limits.conf
+	install -d -m 0755 $(CONFIG_DIR)/slurm
+	for f in prolog.sh epilog.sh; do sed -e 's#/opt/ebpfmon/venv#$(PREFIX)/venv#' deploy/slurm/$$f > $(CONFIG_DIR)/slurm/$$f; \
+		chmod 0755 $(CONFIG_DIR)/slurm/$$f; done
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now ebpfmon; \
 	else echo "install: systemd is not running here: unit installed, not started"; fi
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ebpfmon.cli.common import AgentRootOption, ConfigOption, effective_config
+from ebpfmon.cli.common import AgentRootOption, ConfigOption, StateDirOption, effective_config
 from ebpfmon.cli.gpu import ask, gpu_names
 from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.kernel.probeset import require_root
@@ -35,10 +35,11 @@ def exec_command(
                                                              "0000:18:00.0 | gpu0/gi1/ci0 | all.")] = None,
     config_file: ConfigOption = None,
     agent_root: AgentRootOption = None,
+    state_dir: StateDirOption = None,
 ) -> None:
     """Run a command inside an agent cgroup, so the monitor watches it."""
     require_root()
-    config, _ = effective_config(config_file, agent_root)
+    config, _ = effective_config(config_file, agent_root, state_dir)
     hierarchy = Hierarchy()
     name = hierarchy.child(config.agent_root, cgroup)
     hierarchy.ensure(name)

@@ -83,6 +83,18 @@ class _Snapshot:
             yield family
 
 
+def gpu_holders(daemon: "Daemon") -> dict[tuple[str], int]:
+    """Distinct holding processes per GPU, from the holders the daemon keeps (no scan)."""
+    if not daemon.containment:
+        return {}
+    by_gpu: dict[tuple[str], set[int]] = {}
+    for holder in daemon.containment.gpus.holders.current():
+        node = holder.node
+        label = str(node.gpu) if node.gpu is not None else node.node_class.name.lower()
+        by_gpu.setdefault((label,), set()).add(holder.pid)
+    return {label: len(pids) for label, pids in by_gpu.items()}
+
+
 def snapshot(daemon: "Daemon") -> dict:
     """What is read at scrape time, from the kernel counters and the daemon's state."""
     daemon.stream.refresh_counters()
@@ -113,6 +125,8 @@ def snapshot(daemon: "Daemon") -> dict:
         "ebpfmon_alert_spool_depth": ("gauge", "Alerts waiting for a sink.", [], {(): daemon.alerting.spool.depth()}),
         "ebpfmon_alert_spool_dropped": ("counter", "Alerts dropped because the spool was full.", [],
                                         {(): daemon.alerting.spool.dropped}),
+        "ebpfmon_gpu_holders": ("gauge", "Processes in agents holding GPU device nodes open, by GPU index (control "
+                                "and administration nodes by their class).", ["gpu"], gpu_holders(daemon)),
         "ebpfmon_probes_attached": ("gauge", "Probes attached.", [], {(): len(daemon.stream.probes.probes)}),
         "ebpfmon_rules_suspended": ("gauge", "Rules the containment breaker suspended (they alert, they contain "
                                     "no one), by rule.", ["rule"],

@@ -1,5 +1,6 @@
 """The scripts that set machines up are shellcheck-clean."""
 
+import os
 import subprocess
 
 from helpers import REPO
@@ -35,6 +36,10 @@ def test_make_install_and_uninstall(tmp_path):
     assert f"ExecStart={ebpfmon} run --config {dirs['CONFIG_DIR']}/config.yaml" in unit.read_text()
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+    prolog = dirs["CONFIG_DIR"] / "slurm/prolog.sh"  # the Slurm hooks call the installed ebpfmon
+    assert f"${{EBPFMON:-{ebpfmon}}}" in prolog.read_text() and os.access(prolog, os.X_OK)
+    unslurmed = subprocess.run([str(prolog)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert unslurmed.returncode != 0 and "SLURM_JOB_ID is unset" in unslurmed.stderr
     config = dirs["CONFIG_DIR"] / "config.yaml"
     config.write_text("agent_root: /mine\n")  # an operator's edit survives a second install
     assert subprocess.run(["make", "-s", "install", *args], cwd=REPO, capture_output=True).returncode == 0

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AgentCgroup, ebpfmon, materialize_gpu_host, remove_cgroup_tree
+from helpers import REPO, AgentCgroup, ebpfmon, materialize_gpu_host, remove_cgroup_tree
 
 from ebpfmon.host.gpus import DeviceModel, Node
 from ebpfmon.kernel.abi import GpuMajor, GpuNodeClass
+from ebpfmon.service.metrics import snapshot
 
 ENXIO, EPERM = str(errno.ENXIO), str(errno.EPERM)
 CONTROL = ["nvidiactl", "nvidia-modeset", "nvidia-uvm", "nvidia-uvm-tools"]
@@ -210,6 +211,7 @@ def test_a_revoke_refuses_the_next_open_and_reports_the_descriptor_kept(containm
         assert [g["gpus"] for g in listed["grants"] if g["agent"] == agent.name] == ["3"]
         assert any(h["pid"] == holder.pid and h["fd"] == fd and h["node"] == "gpu 3" and h["access"] == "rw"
                    for h in listed["holders"])
+        assert snapshot(containment_daemon.daemon)["ebpfmon_gpu_holders"][3] == {("3",): 1}
         out = gpu_cli(containment_daemon, "revoke", agent.name)
         assert out.returncode == 0, out.stderr
         assert f"{agent.name}: gpus none" in out.stdout
@@ -264,3 +266,45 @@ def test_a_reload_that_changes_gpu_entitled_regrants_running_agents(containment_
         daemon.config = before
         assert daemon.reload()[0]
     assert opens(agent, dgx_dev, ["nvidia2"]) == {"nvidia2": EPERM}  # and back
+
+
+def test_the_slurm_prolog_grants_the_jobs_gpus_and_the_epilog_takes_them_back(containment_daemon, hierarchy,
+                                                                               dgx_dev):
+    job = f"9{uuid.uuid4().int % 10**6}"
+    env = {**os.environ, "SLURM_JOB_ID": job, "SLURM_JOB_GPUS": "0,2", "EBPFMON": f"{sys.executable} -m ebpfmon",
+           "EBPFMON_STATE_DIR": containment_daemon.daemon.config.state_dir, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([str(REPO / "deploy/slurm/prolog.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "gpus 0,2" in out.stdout
+    # the prolog ran before the job's cgroup exists: the grant waits for it
+    name = f"{containment_daemon.root}/job_{job}"
+    agent = AgentCgroup(name, hierarchy.ensure(name), hierarchy.cgroup_id(name))
+    try:
+        assert policy(containment_daemon, agent) == (True, frozenset({0, 2}))
+        assert opens(agent, dgx_dev, ["nvidia0", "nvidia2", "nvidia1", "nvidiactl"]) == {
+            "nvidia0": ENXIO, "nvidia2": ENXIO, "nvidia1": EPERM, "nvidiactl": ENXIO}
+        out = subprocess.run([str(REPO / "deploy/slurm/epilog.sh")], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and "gpus none" in out.stdout, out.stderr
+        assert opens(agent, dgx_dev, ["nvidia0", "nvidiactl"]) == {"nvidia0": EPERM, "nvidiactl": EPERM}
+    finally:
+        remove_cgroup_tree(agent.path)
+    # the grant ended with the job's cgroup
+    deadline = time.monotonic() + 5
+    while name in containment_daemon.containment.gpus.scheduled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert name not in containment_daemon.containment.gpus.scheduled
+
+
+def test_ebpfmon_exec_with_gpus_runs_the_command_with_only_those(containment_daemon, hierarchy, dgx_dev):
+    cgroup = f"run-{uuid.uuid4().hex[:6]}"
+    name = f"{containment_daemon.root}/{cgroup}"
+    out = ebpfmon("exec", "--agent-root", containment_daemon.root, "--state-dir",
+                  containment_daemon.daemon.config.state_dir, "--cgroup", cgroup, "--gpus", "1", "--",
+                  sys.executable, "-c", OPEN_ALL, str(dgx_dev / "nvidia1"), str(dgx_dev / "nvidia0"), input="")
+    try:
+        assert out.returncode == 0, out.stderr
+        assert f"ebpfmon: {name} may use gpus 1" in out.stderr
+        assert out.stdout.split() == [str(dgx_dev / "nvidia1"), ENXIO, str(dgx_dev / "nvidia0"), EPERM]
+    finally:
+        remove_cgroup_tree(hierarchy.path(name))
