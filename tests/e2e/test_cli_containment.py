@@ -4,11 +4,15 @@ real daemon processes, kill -9, restart, release."""
 from __future__ import annotations
 
 import errno
+import json
+import os
 import signal
 import subprocess
 import sys
 
 from helpers import DaemonProcess, attached_maps, connect_from, ebpfmon, make_agent_cgroup
+
+from ebpfmon.host.users import user_name
 
 
 def test_cut_survives_kill_9_and_restart_reconciles(bpf, hierarchy, own_root, tmp_path, sshd, stratum_pool,
@@ -117,3 +121,26 @@ def test_quarantine_without_a_daemon_applies_the_configuration(bpf, hierarchy, o
     assert connect_from(agent, netns_host.address, 22) == 0
     out = ebpfmon("quarantine", "list", "--config", str(config))
     assert "no daemon running" in out.stdout and agent.name in out.stdout
+
+
+def test_gpu_grants_without_a_daemon_go_to_the_kernel_and_the_state_dir(bpf, hierarchy, own_root, tmp_path):
+    agent = make_agent_cgroup(hierarchy, own_root)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"agent_root: {own_root}\nstate_dir: {tmp_path / 'state'}\ngpu_entitled: []\n"
+                      "metrics: {enabled: false}\n")
+    out = ebpfmon("gpu", "grant", agent.name, "--gpus", "1,3", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert f"{agent.name}: gpus 1,3" in out.stdout
+    [entry] = attached_maps(hierarchy.path(own_root), "gpu_grants")["gpu_grants"]
+    assert entry["key"] == agent.id and entry["value"]["gpu_mask"] == 0b1010 and entry["value"]["every_gpu"] == 0
+    listed = ebpfmon("gpu", "--json", "--config", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert [g for g in json.loads(listed.stdout)["grants"] if g["agent"] == agent.name] == [
+        {"agent": agent.name, "gpus": "1,3", "from": f"grant by {user_name(os.getuid())} (cli)", "exists": True}]
+    # kept in the state dir: a daemon started later gives the agent the same GPUs
+    saved = json.loads((tmp_path / "state/gpu-grants.json").read_text())["grants"]
+    assert [(g["agent"], g["gpus"], g["cgroup_id"]) for g in saved] == [(agent.name, ["1", "3"], agent.id)]
+    out = ebpfmon("gpu", "grant", agent.name, "--gpus", "nvidia0", "--config", str(config))
+    assert out.returncode == 2 and "'nvidia0' is not a GPU" in out.stderr
+    out = ebpfmon("gpu", "revoke", agent.name, "--gpus", "3", "--config", str(config))
+    assert out.returncode == 0 and f"{agent.name}: gpus 1" in out.stdout, out.stderr
