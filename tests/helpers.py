@@ -370,6 +370,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gpu_policy_of(containment_daemon, agent, timeout: float = 5.0):
+    """The GPU entry the daemon wrote for an agent, (allowed, GPUs or None for every one), once
+    there (it reacts to the kernel's cgroup_mkdir); None when none came."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        policies = containment_daemon.daemon.enforcer.gpu_policies()
+        if agent.id in policies:
+            return policies[agent.id]
+        time.sleep(0.05)
+    return None
+
+
 GPU_HOSTS = REPO / "tests/data/gpu-hosts"
 
 

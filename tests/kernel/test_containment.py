@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from helpers import (CONNECT, OPEN_PORTS, REPO, SSH_OPTS, AgentCgroup, connect_from, ebpfmon, free_port,
-                     make_agent_cgroup, remove_cgroup_tree)
+                     gpu_policy_of, make_agent_cgroup, remove_cgroup_tree)
 
 
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"
@@ -246,17 +246,6 @@ def test_a_cut_stops_an_established_connection(containment_daemon, contained_age
         containment_daemon.containment.release(contained_agent.name, "test", "done")
 
 
-def granted(containment_daemon, agent, timeout: float = 5.0):
-    """The GPU policy the daemon gave a new agent (it reacts to the kernel's cgroup_mkdir)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        policies = containment_daemon.daemon.enforcer.gpu_policies()
-        if agent.id in policies:
-            return policies[agent.id]
-        time.sleep(0.05)
-    return None
-
-
 def gpu_open(cgroup, path) -> str:
     code = ("import os, sys\ntry:\n    os.close(os.open(sys.argv[1], os.O_RDWR)); print('ok')\n"
             "except OSError as e:\n    print(e.errno)")
@@ -278,7 +267,7 @@ def test_gpu_refused_by_number_whatever_the_path(containment_daemon, contained_a
     entitled = AgentCgroup(name, hierarchy.ensure(name), hierarchy.cgroup_id(name))
     try:
         # the kernel's cgroup_mkdir event reaches the daemon, which grants the new agent its GPUs
-        assert granted(containment_daemon, entitled) == (True, None)
+        assert gpu_policy_of(containment_daemon, entitled) == (True, None)
         assert gpu_open(entitled, twin) == str(errno.ENXIO)
         # a relative open (dirfd) escapes the path probes; the device hook still reports it
         code = ("import os, sys\nd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n"
@@ -423,7 +412,7 @@ def test_entitled_agent_limited_to_its_own_gpu(containment_daemon, hierarchy, tm
     name = f"{containment_daemon.root}/gpu-limited-{uuid.uuid4().hex[:6]}"
     agent = AgentCgroup(name, hierarchy.ensure(name), hierarchy.cgroup_id(name))
     try:
-        assert granted(containment_daemon, agent) == (True, frozenset({1}))
+        assert gpu_policy_of(containment_daemon, agent) == (True, frozenset({1}))
         assert gpu_open(agent, own) == str(errno.ENXIO)  # its GPU: through to the (absent) driver
         assert gpu_open(agent, other) == str(errno.EPERM)  # another's
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, AgentCgroup, ebpfmon, materialize_gpu_host, remove_cgroup_tree
+from helpers import REPO, AgentCgroup, ebpfmon, gpu_policy_of, materialize_gpu_host, remove_cgroup_tree
 
 from ebpfmon.host.gpus import DeviceModel, Node
 from ebpfmon.kernel.abi import GpuMajor, GpuNodeClass
@@ -82,24 +82,13 @@ def opens(agent, dev: Path, names: list[str]) -> dict[str, str]:
     return {Path(line.split()[0]).relative_to(dev).as_posix(): line.split()[1] for line in out.stdout.splitlines()}
 
 
-def policy(containment_daemon, agent, timeout: float = 5.0):
-    """The GPU entry the daemon wrote for an agent (it reacts to the kernel's cgroup_mkdir)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        policies = containment_daemon.daemon.enforcer.gpu_policies()
-        if agent.id in policies:
-            return policies[agent.id]
-        time.sleep(0.05)
-    return None
-
-
 def gpu_cli(containment_daemon, *args) -> subprocess.CompletedProcess:
     return ebpfmon("gpu", *args, "--state-dir", containment_daemon.daemon.config.state_dir)
 
 
 def test_an_agent_limited_to_gpu_1_gets_its_gpu_and_the_control_nodes(containment_daemon, new_agent, dgx_dev):
     agent = new_agent("gpu-limited")  # gpu_devices: gpu-limited-* -> [1]
-    assert policy(containment_daemon, agent) == (True, frozenset({1}))
+    assert gpu_policy_of(containment_daemon, agent) == (True, frozenset({1}))
     reach = CONTROL + ["nvidia1", "dri/card1", "dri/renderD129"]
     refused = ["nvidia0", "nvidia2", "dri/card0", "dri/renderD128"] + ADMIN
     assert opens(agent, dgx_dev, reach + refused) == {**{n: ENXIO for n in reach}, **{n: EPERM for n in refused}}
@@ -109,14 +98,14 @@ def test_an_agent_limited_to_gpu_1_gets_its_gpu_and_the_control_nodes(containmen
 
 def test_an_agent_without_a_grant_is_refused_every_gpu_node(containment_daemon, new_agent, dgx_dev):
     agent = new_agent("coder")  # not gpu-*: no GPUs
-    assert policy(containment_daemon, agent, timeout=0.5) is None  # the default: refused
+    assert gpu_policy_of(containment_daemon, agent, timeout=0.5) is None  # the default: refused
     names = CONTROL + ["nvidia0", "nvidia1", "dri/card1", "dri/renderD128"] + ADMIN
     assert opens(agent, dgx_dev, names) == {n: EPERM for n in names}
 
 
 def test_an_agent_granted_every_gpu_opens_the_administration_too(containment_daemon, new_agent, dgx_dev):
     agent = new_agent("gpu")  # gpu-*: every GPU
-    assert policy(containment_daemon, agent) == (True, None)
+    assert gpu_policy_of(containment_daemon, agent) == (True, None)
     names = CONTROL + ["nvidia0", "nvidia7", "dri/card0", "dri/renderD135"] + ADMIN
     assert opens(agent, dgx_dev, names) == {n: ENXIO for n in names}
 
@@ -240,7 +229,7 @@ def test_deny_gpu_freezes_an_agent_that_holds_a_gpu_beyond_its_grant(containment
     # released: thawed, and its GPUs are what the grants say now (none)
     containment_daemon.containment.release(agent.name, "test", "done")
     assert "frozen 0" in (agent.path / "cgroup.events").read_text()
-    assert policy(containment_daemon, agent, timeout=0.5) is None  # the default: refused
+    assert gpu_policy_of(containment_daemon, agent, timeout=0.5) is None  # the default: refused
 
 
 def test_a_reload_that_changes_gpu_entitled_regrants_running_agents(containment_daemon, new_agent, dgx_dev,
@@ -280,7 +269,7 @@ def test_the_slurm_prolog_grants_the_jobs_gpus_and_the_epilog_takes_them_back(co
     name = f"{containment_daemon.root}/job_{job}"
     agent = AgentCgroup(name, hierarchy.ensure(name), hierarchy.cgroup_id(name))
     try:
-        assert policy(containment_daemon, agent) == (True, frozenset({0, 2}))
+        assert gpu_policy_of(containment_daemon, agent) == (True, frozenset({0, 2}))
         assert opens(agent, dgx_dev, ["nvidia0", "nvidia2", "nvidia1", "nvidiactl"]) == {
             "nvidia0": ENXIO, "nvidia2": ENXIO, "nvidia1": EPERM, "nvidiactl": ENXIO}
         out = subprocess.run([str(REPO / "deploy/slurm/epilog.sh")], env=env, capture_output=True, text=True,
