@@ -149,6 +149,8 @@ class GpuGrants:
     def beyond_grants(self, agents: list[str]) -> list[Holder]:
         """The descriptors the agents hold that their grants do not cover (a revoked grant, an
         inherited descriptor, a deny_gpu), each queued as an event for the rules."""
+        if self._nothing_beyond():
+            return []
         out = []
         for holder in self.holders.scan(agents):
             record = self.store.active_for(holder.agent)
@@ -161,6 +163,11 @@ class GpuGrants:
                 device=holder.node.number, vendor=self.vendor_of(holder.node), node=holder.node.describe(),
                 access=holder.access, agent=holder.agent))
         return out
+
+    def _nothing_beyond(self) -> bool:
+        """Every agent may open every GPU node (the default): no scan can find anything."""
+        return ("*" in self.config.gpu_entitled and not self.config.gpu_devices and not self.scheduled
+                and not any(r.gpu_denied for r in self.store.active()))
 
     def vendor_of(self, node: Node) -> str | None:
         return self.vendors.vendor_of(node.number)

@@ -22,6 +22,8 @@ DRIVER_VENDORS = {
     "nvidia-uvm": "nvidia",
     "nvidia-caps": "nvidia",
     "nvidia-nvlink": "nvidia",
+    "nvidia-nvswitch": "nvidia",
+    "nvidia-caps-imex-channels": "nvidia",
     "nvidiactl": "nvidia",
     "kfd": "amd",
 }

@@ -109,7 +109,6 @@ class Daemon:
         self.engine.context.gpu_granted = self.containment.gpus.entitled
         for notice in self.containment.reconcile():
             self.notify(notice)
-        self.containment.gpus.beyond_grants(self.containment.agent_paths())  # judged with the first batch
         self.metrics.watch(lambda: snapshot(self))
         if self.config.metrics.enabled:
             try:
@@ -122,6 +121,10 @@ class Daemon:
             self.judge(event)  # connections agents held before we started are judged like new ones
         self.ready_ns = time.monotonic_ns()
         sdnotify.notify("READY=1")
+        # GPU descriptors held beyond a grant (a restart after a revoke): a /proc scan of every
+        # agent, off the start's critical path; what it finds is judged with the next batch
+        threading.Thread(target=self.containment.gpus.beyond_grants, args=(self.containment.agent_paths(),),
+                         name="gpu-holders", daemon=True).start()
         return self
 
     def run(self, stop: threading.Event, every: Callable[[], None] | None = None) -> None:

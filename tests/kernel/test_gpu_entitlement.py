@@ -297,3 +297,28 @@ def test_ebpfmon_exec_with_gpus_runs_the_command_with_only_those(containment_dae
         assert out.stdout.split() == [str(dgx_dev / "nvidia1"), ENXIO, str(dgx_dev / "nvidia0"), EPERM]
     finally:
         remove_cgroup_tree(hierarchy.path(name))
+
+
+def test_a_descriptor_brought_into_an_agent_is_found_on_reload(containment_daemon, new_agent, openable_gpu):
+    # opened outside any agent (nothing refuses it there), then the process joins an agent that
+    # may use no GPU: the kernel never saw an open to refuse; the scan finds the descriptor
+    agent = new_agent("coder")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(openable_gpu)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([holder.stdout], [], [], 20)
+        assert ready, "the holder printed nothing"
+        fd = int(holder.stdout.readline())
+        (agent.path / "cgroup.procs").write_text(str(holder.pid))
+        out = ebpfmon("reload", "--state-dir", containment_daemon.daemon.config.state_dir)
+        assert out.returncode == 0, out.stderr
+        line = containment_daemon.wait_line("GPU held beyond the agent's grant (agent=", agent.name.split("/")[-1])
+        assert f"pid={holder.pid}" in line and "node=gpu 3" in line
+        record = containment_daemon.containment.store.active_for(agent.name)
+        assert any(a.action == "freeze" and str(holder.pid) in a.detail for a in record.actions)
+        assert any(a.action == "deny_gpu" and f"held by pids [{holder.pid}]: freeze" in a.detail
+                   for a in record.actions)
+        assert fd >= 0
+    finally:
+        holder.kill()
+        holder.wait()
