@@ -9,6 +9,7 @@ never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from dataclasses import dataclass, field
@@ -346,6 +347,15 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
                 parse_gpu_name(name)
             except GpuNameError as e:
                 raise loader.error(f"gpu_devices.{glob}[{i}]", str(e)) from None
+    for key, networks in (("internal_networks", config.internal_networks),
+                          ("enforce.keep_open", config.enforce.keep_open),
+                          ("enforce.deny_networks", config.enforce.deny_networks)):
+        for i, network in enumerate(networks):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise loader.error(f"{key}[{i}]", f"{network!r} is not an IP network: write an address or a "
+                                                  "CIDR, such as 192.0.2.0/24") from None
     if config.enforce.gpu_holders not in GPU_HOLDER_ACTIONS:
         raise loader.error("enforce.gpu_holders", f"{config.enforce.gpu_holders!r} is not one of "
                                                   f"{', '.join(GPU_HOLDER_ACTIONS)}")

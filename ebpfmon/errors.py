@@ -88,4 +88,9 @@ class ContainmentRefused(EbpfmonError):
 
 
 class DeliveryError(EbpfmonError):
-    """A remote sink did not take the alert; it will be tried again."""
+    """A remote sink did not take the alert; it will be tried again, unless permanent (the
+    service refused this alert for good: a 4xx other than 408 and 429)."""
+
+    def __init__(self, message: str, fix: str = "", permanent: bool = False):
+        super().__init__(message, fix)
+        self.permanent = permanent

@@ -23,7 +23,7 @@ from helpers import (DNS_SERVER, MIRROR6, MIRROR_PORT, MIRRORS, REPO, REQUIRE_BP
                      RunningDaemon, Served, bpf_unavailable_reason, make_agent_cgroup, remove_cgroup_tree,
                      stopped_after)
 
-TIERS = ("unit", "kernel", "e2e", "redteam")
+TIERS = ("unit", "kernel", "e2e", "redteam", "faults")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -28,6 +28,9 @@ from ebpfmon import events as ev
 from ebpfmon.config import AuditSettings
 
 MAX_ANCESTRIES_REMEMBERED = 65536
+# what waits in memory while the disk refuses writes (full, read-only); beyond it, lines are
+# dropped and counted
+MAX_PENDING_BYTES = 64 << 20
 # distinct connects whose line is kept; all are forgotten when there are more (bounded memory)
 MAX_CONNECT_LINES = 4096
 TIME_PREFIX = b'{"kind":"connect","time_ns":'  # every connect's line starts so (kind, then time)
@@ -66,10 +69,15 @@ class AuditLog:
         self.max_bytes = settings.max_bytes
         self.backups = settings.backups
         self.buffer: list[tuple[str, object, bytes]] = []  # (ancestry id, its JSON, event line)
-        self.file = open(self.path, "ab")
+        # unbuffered: after a failed write, what the disk did not take is known (pending)
+        self.file = open(self.path, "ab", buffering=0)
         self.size = self.file.tell()
         self.ancestries_written: set[str] = set()  # ids with a line in the current file
         self.connect_lines = ConnectLines()
+        self.pending = bytearray()  # lines not on disk yet
+        self.failing: str | None = None  # why the last write failed; None while writes succeed
+        self.write_failures = 0
+        self.lines_dropped = 0
 
     def write(self, event: ev.Event) -> None:
         if type(event) is ev.ConnectEvent and type(event.ancestry) is ev.Ancestry:
@@ -80,16 +88,43 @@ class AuditLog:
         self.buffer.append((ancestry.id, ancestry.json, line))
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        text = self._text()
-        if self.size and self.size + len(text) > self.max_bytes:
-            self.rotate()
-            text = self._text()  # the new file gets its own ancestry lines
-        self.buffer.clear()
-        self.file.write(text)
-        self.file.flush()
-        self.size += len(text)
+        """Writes the buffered lines. A disk that refuses (full, read-only) fails no caller: the
+        lines wait in memory (up to MAX_PENDING_BYTES, then they are dropped and counted) and go
+        out with a later flush once it takes them again."""
+        if self.buffer:
+            try:
+                text = self._text()
+                if self.size and self.size + len(self.pending) + len(text) > self.max_bytes:
+                    self._write_pending()  # what waits belongs to the file being closed
+                    self.rotate()
+                    text = self._text()  # the new file gets its own ancestry lines
+            except OSError as e:
+                self._failed(e)
+            self.buffer.clear()
+            self.pending += text
+        try:
+            self._write_pending()
+        except OSError as e:
+            self._failed(e)
+            if len(self.pending) > MAX_PENDING_BYTES:
+                self.lines_dropped += self.pending.count(b"\n")
+                self.pending.clear()
+                self.ancestries_written.clear()  # their lines may have been among those dropped
+        else:
+            self.failing = None
+
+    def _write_pending(self) -> None:
+        if self.file.closed:  # a rotation that failed half way
+            self.file = open(self.path, "ab", buffering=0)
+            self.size = self.file.tell()
+        while self.pending:
+            written = self.file.write(self.pending)
+            del self.pending[:written]
+            self.size += written
+
+    def _failed(self, error: OSError) -> None:
+        self.write_failures += 1
+        self.failing = f"{self.path}: {error.strerror or error}"
 
     def _text(self) -> bytes:
         if len(self.ancestries_written) > MAX_ANCESTRIES_REMEMBERED:
@@ -114,7 +149,7 @@ class AuditLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
-        self.file = open(self.path, "ab")
+        self.file = open(self.path, "ab", buffering=0)
         self.size = 0
         self.ancestries_written.clear()
 

@@ -160,24 +160,37 @@ class Alerting:
     # ---- delivery ----
 
     def _work(self, sink: Sink) -> None:
+        """One sink's deliveries, until close(). Nothing ends it but close: an error of ours is
+        logged and the worker goes on after a pause."""
         while not self.stopping.is_set():
-            item = self.spool.next_for(sink.name)
-            now = self.clock()
-            if item is None or item[3] > now:
-                wait = 1.0 if item is None else min(1.0, (item[3] - now) / 1e9)
-                with self.wake:
-                    self.wake.wait(wait)
-                continue
-            alert_id, alert, attempts, _ = item
             try:
-                sink.deliver(alert)
-            except DeliveryError as e:
-                backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** attempts) * random.uniform(0.5, 1.0)
-                self.spool.failed(alert_id, sink.name, str(e), now + int(backoff * 1e9))
-                self.on_delivery(sink.name, False)
-                if attempts in (0, 5, 10) or attempts % 50 == 0:
-                    log.warning("alert %d to %s failed (attempt %d), retrying in %.1fs: %s", alert_id, sink.name,
-                                attempts + 1, backoff, e)
-                continue
-            self.spool.delivered(alert_id, sink.name)
-            self.on_delivery(sink.name, True)
+                self._deliver_next(sink)
+            except Exception:
+                log.exception("sink %s: delivery failed unexpectedly; going on", sink.name)
+                self.stopping.wait(1.0)
+
+    def _deliver_next(self, sink: Sink) -> None:
+        item = self.spool.next_for(sink.name)
+        now = self.clock()
+        if item is None or item[3] > now:
+            wait = 1.0 if item is None else min(1.0, (item[3] - now) / 1e9)
+            with self.wake:
+                self.wake.wait(wait)
+            return
+        alert_id, alert, attempts, _ = item
+        try:
+            sink.deliver(alert)
+        except DeliveryError as e:
+            self.on_delivery(sink.name, False)
+            if e.permanent:  # tried again it would be refused again: the queue moves on
+                self.spool.refused(alert_id, sink.name, str(e))
+                log.error("alert %d refused by %s for good, not retried: %s", alert_id, sink.name, e)
+                return
+            backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** attempts) * random.uniform(0.5, 1.0)
+            self.spool.failed(alert_id, sink.name, str(e), now + int(backoff * 1e9))
+            if attempts in (0, 5, 10) or attempts % 50 == 0:
+                log.warning("alert %d to %s failed (attempt %d), retrying in %.1fs: %s", alert_id, sink.name,
+                            attempts + 1, backoff, e)
+            return
+        self.spool.delivered(alert_id, sink.name)
+        self.on_delivery(sink.name, True)

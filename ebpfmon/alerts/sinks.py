@@ -9,6 +9,7 @@ standard library's client.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import os
 import sys
@@ -70,9 +71,18 @@ class Sink:
                 if response.status >= 300:
                     raise DeliveryError(f"{self.name}: HTTP {response.status}")
         except urllib.error.HTTPError as e:
-            raise DeliveryError(f"{self.name}: HTTP {e.code} {e.read()[:200]!r}") from e
-        except (urllib.error.URLError, OSError) as e:
-            raise DeliveryError(f"{self.name}: {getattr(e, 'reason', e)}") from e
+            try:
+                text = e.read()[:200]
+            except (OSError, http.client.HTTPException):
+                text = b""
+            raise DeliveryError(f"{self.name}: HTTP {e.code} {text!r}",
+                                permanent=400 <= e.code < 500 and e.code not in RETRIED_4XX) from e
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+            # a reset, a malformed status line or header: the service, not the alert, is at fault
+            raise DeliveryError(f"{self.name}: {getattr(e, 'reason', None) or type(e).__name__}: {e}") from e
+
+
+RETRIED_4XX = (408, 429)  # request timeout, too many requests: the service asks to be tried again
 
 
 def summary(alert: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,10 @@ CREATE TABLE IF NOT EXISTS incidents (
     sinks TEXT NOT NULL            -- the remote sinks its alerts go to (JSON list), for the resolve
 );
 """
+# what the spool reads of each table: a file whose tables lack them is not ours
+SCHEMA_COLUMNS = {"alerts": "id, created_ns, payload",
+                  "deliveries": "alert_id, sink, state, attempts, next_try_ns, last_error",
+                  "incidents": "key, rule, priority, agent, opened_ns, last_sent_ns, count, sent_count, last_alert, sinks"}
 
 
 class Spool:
@@ -55,11 +60,32 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_alerts = max_alerts
         self.lock = threading.Lock()
-        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as e:  # not a database, or one of another schema
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for suffix in ("", "-wal", "-shm"):
+                part = self.path.with_name(self.path.name + suffix)
+                if part.exists():
+                    part.rename(part.with_name(f"{self.path.name}.broken-{stamp}{suffix}"))
+            log.error("alert spool %s unreadable (%s): set aside as %s.broken-%s; starting an empty one "
+                      "(the alerts it held were not delivered: read them there)", self.path, e, self.path.name,
+                      stamp)
+            self.db = self._open()
         self.dropped = 0
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            for table, columns in SCHEMA_COLUMNS.items():  # the tables are ours, and readable
+                db.execute(f"SELECT {columns} FROM {table} LIMIT 1").fetchall()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def put(self, payload: dict[str, Any], sinks: list[str], now_ns: int) -> int:
         """Stores an alert for the given sinks; its id. Committed before it returns."""
@@ -114,6 +140,12 @@ class Spool:
         with self.lock:
             self.db.execute("UPDATE deliveries SET attempts = attempts + 1, next_try_ns = ?, last_error = ? "
                             "WHERE alert_id = ? AND sink = ?", (next_try_ns, error[:500], alert_id, sink))
+
+    def refused(self, alert_id: int, sink: str, error: str) -> None:
+        """The sink refused this alert for good: no more tries there (kept as 'dropped', with why)."""
+        with self.lock:
+            self.db.execute("UPDATE deliveries SET state = 'dropped', attempts = attempts + 1, last_error = ? "
+                            "WHERE alert_id = ? AND sink = ?", (error[:500], alert_id, sink))
 
     def depth(self, sink: str | None = None) -> int:
         with self.lock:

@@ -9,12 +9,15 @@ on start, reconciled against the kernel (containment.Containment.reconcile).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MAX_CLOSED = 1000  # released and closed records kept; active ones always are
 MAX_TRIGGERS = 100  # later verdicts noted on an active record
@@ -81,17 +84,25 @@ class QuarantineStore:
         self.load()
 
     def load(self) -> None:
+        """The records in the file; an unreadable one (garbage, another schema) is set aside for a
+        human, loudly, and the store starts empty: reconciliation then records again what the
+        kernel still has cut."""
         with self.lock:
             try:
                 data = json.loads(self.path.read_text())
+                self.records = [Record.from_dict(r) for r in data["records"]]
             except FileNotFoundError:
-                data = {"records": []}
-            except (OSError, ValueError) as e:
-                # keep the unreadable file for a human; start with what we know
+                self.records = []
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 broken = self.path.with_suffix(f".broken-{uuid.uuid4().hex[:6]}")
-                self.path.rename(broken)
-                raise ValueError(f"{self.path} was unreadable ({e}); kept as {broken}") from e
-            self.records = [Record.from_dict(r) for r in data.get("records", [])]
+                try:
+                    self.path.rename(broken)
+                except OSError:
+                    pass
+                log.error("quarantine records in %s unreadable (%s: %s): set aside as %s; starting with none "
+                          "(agents the kernel still has cut are recorded again)", self.path, type(e).__name__, e,
+                          broken.name)
+                self.records = []
 
     def save(self) -> None:
         """Atomically: a temporary file, fsync, rename over, fsync the directory."""

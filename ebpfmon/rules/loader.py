@@ -105,12 +105,24 @@ RuleYamlLoader.yaml_implicit_resolvers = {
 }
 
 
+def _max_keys(spec: dict) -> int:
+    """How many keys a window or sequence keeps: a whole number from 1."""
+    value = spec.get("max_keys", DEFAULT_MAX_KEYS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_keys is a whole number from 1, got {value!r}")
+    return value
+
+
 def read_items(path: Path, problems: list[Problem]) -> list[Item]:
     name = str(path)
     try:
         text = path.read_text()
     except OSError as e:
         problems.append(Problem(name, 0, 0, f"cannot read: {e.strerror}"))
+        return []
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        problems.append(Problem(name, line, 0, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"))
         return []
     source = SourceFile(name, text)
     loader = RuleYamlLoader(text)
@@ -336,7 +348,12 @@ class Compiler:
         if not isinstance(actions, list) or any(a not in ACTIONS for a in actions):
             self.problems.append(item.fields["actions"].problem(
                 f"actions must be a list of {', '.join(ACTIONS)}; got {actions!r}"))
-        tags = [str(t) for t in item.get("tags", []) or []]
+        tags = item.get("tags", []) or []
+        if not isinstance(tags, list) or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
+            self.problems.append(item.fields["tags"].problem(
+                f"tags is a list of words, such as [T1572, tunnel]; got {tags!r}"))
+            tags = []
+        tags = [str(t) for t in tags]
         for key in ("enabled", "enforce", "never_suspend"):
             if key in item.fields and not isinstance(item.get(key), bool):
                 self.problems.append(item.fields[key].problem(f"{key} is true or false"))
@@ -406,7 +423,7 @@ class Compiler:
                               within=_duration(spec["within"]),
                               distinct=_field_list(spec["distinct"], "window.distinct") if "distinct" in spec
                               else None,
-                              max_keys=int(spec.get("max_keys", DEFAULT_MAX_KEYS)))
+                              max_keys=_max_keys(spec))
         except (ValueError, KeyError, TypeError) as e:
             self.problems.append(loc.problem(f"window of rule {item.name!r}: {e}"))
             return None
@@ -422,6 +439,7 @@ class Compiler:
                 raise ValueError(f"unknown sequence key(s) {sorted(unknown)}")
             by = _field_list(spec.get("by"), "sequence.by")
             within = _duration(spec["within"])
+            max_keys = _max_keys(spec)
         except (ValueError, KeyError, TypeError) as e:
             self.problems.append(loc.problem(f"sequence of rule {item.name!r}: {e}"))
             return None
@@ -432,7 +450,7 @@ class Compiler:
             if compiled is None:
                 return None
             steps.append(compiled)
-        return SequenceSpec(by=by, within=within, steps=steps, max_keys=int(spec.get("max_keys", DEFAULT_MAX_KEYS)))
+        return SequenceSpec(by=by, within=within, steps=steps, max_keys=max_keys)
 
     def macros_check(self) -> None:
         """Every macro parses and compiles, even one no rule uses yet."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable
 
+from ebpfmon.alerts.sinks import make_sink
 from ebpfmon.config import Config
 from ebpfmon.containment.actions import Containment
 from ebpfmon.containment.quarantine import QuarantineStore, Record
-from ebpfmon.errors import EbpfmonError
+from ebpfmon.errors import ConfigError, EbpfmonError
 from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.host.gpus import DeviceModel
 from ebpfmon.host.network import NetworkClassifier
@@ -48,6 +49,16 @@ def rule_context(config: Config, gpu_entitled: Callable[[str], bool] | None = No
     may use GPUs now (the grants), else the configuration's globs decide."""
     return Context(agents=config.agents, gpu_entitled=config.gpu_entitled, gpu_granted=gpu_entitled,
                    networks=NetworkClassifier(config.internal_networks, use_routes=config.internal_from_routes))
+
+
+def check_sinks(config: Config, source: str = "configuration") -> None:
+    """Each sink's secrets readable (what Alerting will read), or a ConfigError naming the sink's key."""
+    for i, settings in enumerate(config.alerts.sinks):
+        try:
+            make_sink(settings, "check")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: alerts.sinks[{i}] ({settings.name or settings.type}): {e.message}",
+                              e.fix) from None
 
 
 def deny_ports(config: Config, lists: dict[str, list[str]]) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ and benchmarks start it the same way.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -25,7 +26,7 @@ from ebpfmon.errors import EbpfmonError, RuleLoadError
 from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.policy.profiles import compiled
 from ebpfmon.rules.engine import Engine, Verdict
-from ebpfmon.service import assemble, sdnotify
+from ebpfmon.service import assemble, instance, sdnotify
 from ebpfmon.service.control import ControlServer
 from ebpfmon.service.metrics import Metrics, snapshot
 from ebpfmon.stream.existing import existing_connections
@@ -74,11 +75,13 @@ class Daemon:
         self.containment: Containment | None = None
         self.pending_alerts: list[Verdict] = []  # judged, for deliver_alerts after the batch
         self.control: ControlServer | None = None
-        self.reload_requested = threading.Event()
+        self.reload_requested = threading.Event()  # SIGHUP
+        self.reloads_asked: collections.deque[concurrent.futures.Future] = collections.deque()  # control socket
         self.judged = 0
         self.watchdog = sdnotify.watchdog_interval()
         self.started_ns = time.monotonic_ns()
         self.ready_ns = 0
+        self.locks: list = []  # held while running (service/instance.py)
 
     # ---- start and stop ----
 
@@ -94,6 +97,8 @@ class Daemon:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), own)
 
     def _start(self) -> "Daemon":
+        self.hierarchy.ensure(self.config.agent_root)
+        self.locks = instance.hold_instance(self.config.state_dir, self.hierarchy.cgroup_id(self.config.agent_root))
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.stream.start(self.judge)
         devices = assemble.device_model(self.config)
@@ -115,7 +120,7 @@ class Daemon:
                 self.metrics.serve(self.config.metrics.listen)
             except OSError as e:  # watching matters more than the exporter: go on, loudly
                 log.error("metrics not served: cannot listen on %s: %s", self.config.metrics.listen, e.strerror)
-        self.control = ControlServer(self.containment, self.config.state_dir, reload=self.reload).start()
+        self.control = ControlServer(self.containment, self.config.state_dir, reload=self.reload_between_batches).start()
         for event in existing_connections(self.containment.agent_paths(), self.hierarchy, self.stream.tree,
                                           self.config.ancestry_depth):
             self.judge(event)  # connections agents held before we started are judged like new ones
@@ -132,6 +137,9 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            while self.reloads_asked:
+                asked = self.reloads_asked.popleft()
+                asked.set_result(self.reload())
             self.alerting.tick()
             if self.enforcer:
                 self.enforcer.expire_grants()
@@ -161,7 +169,21 @@ class Daemon:
             self.containment.flush()
         self.deliver_alerts()
         if self.audit:
+            was = self.audit.failing
             self.audit.flush()
+            if self.audit.failing != was and (was is None or self.audit.failing is None):
+                self._audit_changed(was)
+
+    def _audit_changed(self, was: str | None) -> None:
+        """The audit log's disk refused writes, or takes them again: paged, not silent."""
+        if self.audit.failing:
+            message = (f"audit log not written ({self.audit.failing}): lines wait in memory and are written "
+                       "when the disk takes them again")
+            log.error("%s", message)
+            self.alerting.verdict(self._ebpfmon_verdict("ebpfmon audit log", "CRITICAL", message))
+        else:
+            log.warning("audit log written again (it had failed: %s); %d line(s) were dropped meanwhile",
+                        was, self.audit.lines_dropped)
 
     def raise_priority(self) -> None:
         """Nice applies per thread on Linux, and threads inherit it from the thread that makes
@@ -191,6 +213,9 @@ class Daemon:
         self.metrics.close()
         if self.audit:
             self.audit.close()
+        for lock in self.locks:
+            lock.close()
+        self.locks = []
 
     # ---- events ----
 
@@ -244,10 +269,14 @@ class Daemon:
         log.log(level, "containment: %s", notice.message)
         self.echo(f"{notice.priority} ebpfmon containment: {notice.message}")
         if notice.priority == "CRITICAL":
-            synthetic = Verdict("ebpfmon containment", "CRITICAL", notice.message, ["ebpfmon"], [], False, None,
-                                ev.ExitEvent(time_ns=time.time_ns(), cgroup_id=0, cgroup=None,
-                                             proc=ev.Process(0, 0, 0, 0, 0, "ebpfmon")))
-            self.alerting.verdict(synthetic)
+            self.alerting.verdict(self._ebpfmon_verdict("ebpfmon containment", "CRITICAL", notice.message))
+
+    @staticmethod
+    def _ebpfmon_verdict(rule: str, priority: str, message: str) -> Verdict:
+        """An alert about ebpfmon itself, for the sinks."""
+        return Verdict(rule, priority, message, ["ebpfmon"], [], False, None,
+                       ev.ExitEvent(time_ns=time.time_ns(), cgroup_id=0, cgroup=None,
+                                    proc=ev.Process(0, 0, 0, 0, 0, "ebpfmon")))
 
     def released(self, record) -> None:
         resolved = self.alerting.resolve_agent(record.agent, record.release_reason or "")
@@ -290,9 +319,19 @@ class Daemon:
 
     # ---- reload ----
 
+    def reload_between_batches(self, timeout: float = 60.0) -> tuple[bool, str]:
+        """A reload asked from another thread (the control socket): done by the reader's loop
+        between batches, as SIGHUP's is, so no event is judged half by the old set."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.reloads_asked.append(done)
+        try:
+            return done.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return False, f"the daemon's loop did not reload within {timeout:.0f}s: it is busy or stuck"
+
     def reload(self) -> tuple[bool, str]:
         """Configuration (when a file is in use) and rules, atomically: on any problem the running
-        set stays, and says why."""
+        set stays, and says why. Everything new is built before anything running is changed."""
         try:
             config = load_config(self.config_path) if self.config_path else self.config
             changed = [k for k in RESTART_KEYS if getattr(config, k) != getattr(self.config, k)]
@@ -300,16 +339,38 @@ class Daemon:
                 raise EbpfmonError(f"{', '.join(changed)} changed: that needs a restart", "")
             ruleset = assemble.load_ruleset(config)
             assemble.deny_networks(config, ruleset.lists)  # a bad network is refused here, not half applied
+            context = assemble.rule_context(config, self.containment.gpus.entitled if self.containment else None)
+            if config.alerts != self.config.alerts:  # secrets readable, before the running sinks close
+                assemble.check_sinks(config, str(self.config_path or "configuration"))
         except (RuleLoadError, EbpfmonError) as e:
-            self.metrics.reload_failures.inc()
-            message = f"not reloaded, the running set stays: {e.message.replace(chr(10), ' |')}"
-            log.error("%s", message)
-            return False, message
+            return self._not_reloaded(e.message)
+        except Exception as e:  # a problem no check names yet: still not worth the daemon's life
+            log.exception("reload failed while reading the new set")
+            return self._not_reloaded(f"{type(e).__name__}: {e}")
+        try:
+            self._apply(config, ruleset, context)
+        except Exception as e:  # the daemon must not die on a reload: say so loudly, keep watching
+            log.exception("reload failed while being applied")
+            return self._not_reloaded(f"failed while being applied ({type(e).__name__}: {e}); the rules and "
+                                      "policy may be partly new: fix the file and reload again")
+        self.metrics.reloads.inc()
+        self.metrics.rules_loaded.set(len(ruleset.rules))
+        message = f"reloaded: {len(ruleset.rules)} rules"
+        log.info("%s", message)
+        return True, message
+
+    def _not_reloaded(self, why: str) -> tuple[bool, str]:
+        self.metrics.reload_failures.inc()
+        message = f"not reloaded, the running set stays: {why.replace(chr(10), ' |')}"
+        log.error("%s", message)
+        return False, message
+
+    def _apply(self, config: Config, ruleset, context) -> None:
         if config.alerts != self.config.alerts:
             self.alerting.close()
             self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered).start()
         self.config = config
-        self.engine.context = assemble.rule_context(config, self.containment.gpus.entitled if self.containment else None)
+        self.engine.context = context
         self.engine.load(ruleset)
         self.stream.enricher.programs.look_for(assemble.identified_programs(ruleset.lists))
         if self.enforcer:
@@ -320,11 +381,6 @@ class Daemon:
             self.containment.configure(config, ruleset.lists)
             self.containment.grant_gpus(self.containment.agent_paths())  # changed globs reach running agents
             self.containment.gpus.beyond_grants(self.containment.agent_paths())
-        self.metrics.reloads.inc()
-        self.metrics.rules_loaded.set(len(ruleset.rules))
-        message = f"reloaded: {len(ruleset.rules)} rules"
-        log.info("%s", message)
-        return True, message
 
 
 def stdout_printer(line: str) -> None:

@@ -125,6 +125,12 @@ def snapshot(daemon: "Daemon") -> dict:
         "ebpfmon_alert_spool_depth": ("gauge", "Alerts waiting for a sink.", [], {(): daemon.alerting.spool.depth()}),
         "ebpfmon_alert_spool_dropped": ("counter", "Alerts dropped because the spool was full.", [],
                                         {(): daemon.alerting.spool.dropped}),
+        "ebpfmon_audit_write_failures": ("counter", "Writes of the audit log the disk refused (full, read-only); "
+                                         "the lines wait in memory.", [],
+                                         {(): daemon.audit.write_failures if daemon.audit else 0}),
+        "ebpfmon_audit_lines_dropped": ("counter", "Audit lines dropped because the disk refused them for longer "
+                                        "than memory could hold them.", [],
+                                        {(): daemon.audit.lines_dropped if daemon.audit else 0}),
         "ebpfmon_gpu_holders": ("gauge", "Processes in agents holding GPU device nodes open, by GPU index (control "
                                 "and administration nodes by their class).", ["gpu"], gpu_holders(daemon)),
         "ebpfmon_probes_attached": ("gauge", "Probes attached.", [], {(): len(daemon.stream.probes.probes)}),
