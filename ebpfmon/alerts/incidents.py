@@ -15,8 +15,10 @@ import hashlib
 import logging
 import random
 import socket
+import sqlite3
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from ebpfmon.errors import DeliveryError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+MAX_UNSPOOLED = 10_000
 
 
 def incident_key(node: str, rule: str, agent: str | None) -> str:
@@ -47,6 +50,8 @@ class Alerting:
         self.wake = threading.Condition()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
+        # alerts the spool could not take (a full disk), oldest first; beyond the bound the oldest go
+        self.unspooled: deque[tuple[dict[str, Any], list[str]]] = deque(maxlen=MAX_UNSPOOLED)
         self.workers = [threading.Thread(target=self._work, args=(s,), name=f"sink-{s.name}", daemon=True)
                         for s in self.sinks if s.remote]
         # open incidents; counts live here, the spool has them as of their last send
@@ -99,6 +104,7 @@ class Alerting:
 
     def tick(self) -> None:
         """Sends the counts that grew on open incidents once their window passed."""
+        self.respool()
         now = self.clock()
         due = []
         with self.lock:
@@ -139,13 +145,42 @@ class Alerting:
         return alerts
 
     def send(self, alert: dict[str, Any]) -> None:
-        """To the spool first (committed), then local sinks at once; remote workers are woken."""
+        """To the spool first (committed), then local sinks at once; remote workers are woken.
+        A spool that cannot be written (a full disk) keeps the alert in memory until it can."""
         remote = [s.name for s in self.sinks if s.remote and s.wants(alert)]
         if remote:
-            self.spool.put(alert, remote, self.clock())
+            self._spool(alert, remote)
             with self.wake:
                 self.wake.notify_all()
         self.deliver_local(alert)
+
+    def _spool(self, alert: dict[str, Any], remote: list[str]) -> None:
+        with self.lock:
+            if self.unspooled:  # keep the order: what waits goes first
+                self.unspooled.append((alert, remote))
+                return
+        try:
+            self.spool.put(alert, remote, self.clock())
+        except sqlite3.Error as e:
+            with self.lock:
+                self.unspooled.append((alert, remote))
+            log.error("alert spool not written (%s): %d alert(s) wait in memory", e, len(self.unspooled))
+
+    def respool(self) -> None:
+        """Alerts that waited in memory for the spool, into it (once a second, from tick)."""
+        while True:
+            with self.lock:
+                if not self.unspooled:
+                    return
+                alert, remote = self.unspooled[0]
+            try:
+                self.spool.put(alert, remote, self.clock())
+            except sqlite3.Error:
+                return
+            with self.lock:
+                self.unspooled.popleft()
+                if not self.unspooled:
+                    log.warning("alert spool written again: the alerts that waited are spooled")
 
     def deliver_local(self, alert: dict[str, Any]) -> None:
         for sink in self.sinks:

@@ -171,15 +171,23 @@ class Spool:
         return [_incident(r) for r in rows]
 
     def save_incident(self, inc: dict[str, Any]) -> None:
+        """The incident as of now, for a restart; one the disk refuses is saved with its next change
+        (the daemon has it in memory)."""
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (inc["key"], inc["rule"], inc["priority"], inc["agent"], inc["opened_ns"],
-                             inc["last_sent_ns"], inc["count"], inc["sent_count"], json.dumps(inc["last_alert"]),
-                             json.dumps(inc["sinks"])))
+            try:
+                self.db.execute("INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                (inc["key"], inc["rule"], inc["priority"], inc["agent"], inc["opened_ns"],
+                                 inc["last_sent_ns"], inc["count"], inc["sent_count"],
+                                 json.dumps(inc["last_alert"]), json.dumps(inc["sinks"])))
+            except sqlite3.Error as e:
+                log.error("incident %s not saved in the spool: %s", inc["key"], e)
 
     def close_incident(self, key: str) -> None:
         with self.lock:
-            self.db.execute("DELETE FROM incidents WHERE key = ?", (key,))
+            try:
+                self.db.execute("DELETE FROM incidents WHERE key = ?", (key,))
+            except sqlite3.Error as e:
+                log.error("incident %s not closed in the spool: %s", key, e)
 
     def close(self) -> None:
         with self.lock:

@@ -60,6 +60,7 @@ class Containment:
         self.on_action = on_action or (lambda action, result: None)  # e.g. count it
         self.breaker = Breaker(config.enforce, lambda: len(self.agent_paths()))
         self.dirty = False  # records changed since the quarantine file was written (flush)
+        self.save_failures = 0  # writes of the quarantine file the disk refused in a row
         self.lock = threading.RLock()
         self.address_groups: list[frozenset[str]] = []  # addresses of one service (configure)
         self.shared: list = []  # networks a lookup never puts on the shared deny list (configure)
@@ -162,7 +163,17 @@ class Containment:
         daemon calls it after each), not per verdict; the kernel state it records is pinned."""
         with self.lock:
             if self.dirty:
-                self.store.save()
+                try:
+                    self.store.save()
+                except OSError as e:  # the kernel has what the records say; written once the disk takes it
+                    self.save_failures += 1
+                    if self.save_failures == 1 or self.save_failures % 100 == 0:
+                        log.error("quarantine file not written (%s): the records wait in memory, %d failure(s)",
+                                  e.strerror or e, self.save_failures)
+                    return
+                if self.save_failures:
+                    log.warning("quarantine file written again after %d failure(s)", self.save_failures)
+                self.save_failures = 0
                 self.dirty = False
 
     def _suspended_notice(self, rule: str, agent: str, suspension, now: int) -> Notice:
@@ -296,7 +307,8 @@ class Containment:
             if not record.cut:
                 self.enforcer.cut(record.agent_id, now)
                 record.actions.append(ActionResult("cut_network", "applied", now, f"by {by}: {reason}"))
-            self.store.save()
+            self.dirty = True
+            self.flush()
             return record
 
     def release(self, agent: str, by: str, reason: str = "") -> Record:
@@ -319,7 +331,8 @@ class Containment:
             else:
                 self.enforcer.clear_gpu(record.agent_id)
             self._hold_denied_networks()  # its networks open unless configured or another holds them
-            self.store.save()
+            self.dirty = True
+            self.flush()
         self.on_release(record)
         return record
 
@@ -387,7 +400,8 @@ class Containment:
                                 actions=[ActionResult("cut_network", "applied", since, "found at start")])
                 self.store.add(record)
                 notices.append(Notice("WARNING", f"{agent} was cut in the kernel without a record: recorded now"))
-            self.store.save()
+            self.dirty = True
+            self.flush()
         return notices
 
     def agent_paths(self) -> list[str]:

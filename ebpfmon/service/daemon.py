@@ -78,6 +78,7 @@ class Daemon:
         self.reload_requested = threading.Event()  # SIGHUP
         self.reloads_asked: collections.deque[concurrent.futures.Future] = collections.deque()  # control socket
         self.judged = 0
+        self.loop_errors = 0  # exceptions the loop survived (_survive)
         self.watchdog = sdnotify.watchdog_interval()
         self.started_ns = time.monotonic_ns()
         self.ready_ns = 0
@@ -134,6 +135,9 @@ class Daemon:
 
     def run(self, stop: threading.Event, every: Callable[[], None] | None = None) -> None:
         def each_second() -> None:
+            self._survive("the once-a-second work", second)
+
+        def second() -> None:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -151,7 +155,19 @@ class Daemon:
         self.raise_priority()
         self.stream.run(stop, every=each_second, after_poll=self.after_poll)
 
+    def _survive(self, what: str, work: Callable[[], None]) -> None:
+        """The loop goes on whatever one turn of work raised: a daemon that stops is off."""
+        try:
+            work()
+        except Exception:
+            self.loop_errors += 1
+            if self.loop_errors <= 10 or self.loop_errors % 1000 == 0:
+                log.exception("%s failed (%d time(s)); watching goes on", what, self.loop_errors)
+
     def after_poll(self) -> None:
+        self._survive("the work after a batch", self._after_poll)
+
+    def _after_poll(self) -> None:
         """After each batch from the kernel: the DNS proxy's events, the quarantine file, the
         batch's alerts, then the audit log to disk."""
         while self.dns_events:

@@ -125,6 +125,13 @@ def snapshot(daemon: "Daemon") -> dict:
         "ebpfmon_alert_spool_depth": ("gauge", "Alerts waiting for a sink.", [], {(): daemon.alerting.spool.depth()}),
         "ebpfmon_alert_spool_dropped": ("counter", "Alerts dropped because the spool was full.", [],
                                         {(): daemon.alerting.spool.dropped}),
+        "ebpfmon_alerts_unspooled": ("gauge", "Alerts waiting in memory because the spool could not be written.",
+                                     [], {(): len(daemon.alerting.unspooled)}),
+        "ebpfmon_loop_errors": ("counter", "Errors the daemon's loop survived (logged with their traceback).", [],
+                                {(): daemon.loop_errors}),
+        "ebpfmon_quarantine_write_failures": ("gauge", "Writes of the quarantine file refused in a row (records "
+                                              "wait in memory).", [],
+                                              {(): daemon.containment.save_failures if daemon.containment else 0}),
         "ebpfmon_audit_write_failures": ("counter", "Writes of the audit log the disk refused (full, read-only); "
                                          "the lines wait in memory.", [],
                                          {(): daemon.audit.write_failures if daemon.audit else 0}),

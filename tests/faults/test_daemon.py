@@ -5,6 +5,7 @@ and its alerts still arrive."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EBPFMON, REPO, DaemonProcess, ebpfmon, make_agent_cgroup, remove_cgroup_tree
+from helpers import EBPFMON, REPO, DaemonProcess, connect_from, ebpfmon, make_agent_cgroup, remove_cgroup_tree
+from servers.pagerduty import FakePagerDuty
 
 CANARY_RULE = """
 - rule: Fault canary
@@ -32,15 +34,16 @@ class Watched:
     """A daemon from a configuration file in its state directory, with a canary rule, a jsonl
     sink and the console; an agent to run the canary in."""
 
-    def __init__(self, root: str, state: Path, hierarchy, **settings):
+    def __init__(self, root: str, state: Path, hierarchy, remote_sinks: tuple = (), **settings):
         self.state, self.root = state, root
         state.mkdir(parents=True, exist_ok=True)
         self.rules = state / "canary.yaml"
         self.rules.write_text(CANARY_RULE)
-        self.alerts = state / "alerts.jsonl"
+        self.alerts = state.parent / "alerts.jsonl"  # outside the state dir: a full one does not lose it
         self.settings = {"agent_root": root, "state_dir": str(state), "metrics": {"enabled": False},
                          "rules": {"files": [str(self.rules)]},
-                         "alerts": {"sinks": [{"type": "console"}, {"type": "jsonl", "path": str(self.alerts)}]},
+                         "alerts": {"sinks": [{"type": "console"}, {"type": "jsonl", "path": str(self.alerts)},
+                                              *remote_sinks]},
                          **settings}
         self.config = state / "config.yaml"
         self.write_config()
@@ -163,6 +166,73 @@ def test_corrupt_state_is_set_aside_and_the_daemon_starts(watched):
     ebpfmon("quarantine", "release", watched.agent.name, "--reason", "done", "--state-dir", str(watched.state))
 
 
+def fill(directory: Path) -> Path:
+    """Writes a file until the filesystem refuses: every write there fails from now on."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.fixture
+def small_state_disk(bpf, hierarchy, own_root, tmp_path):
+    """The whole state directory on a 4 MiB tmpfs, mounted by this test and unmounted after."""
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "ebpfmon-test-state", str(state)], check=True)
+    pagerduty = FakePagerDuty()
+    w = Watched(own_root, state, hierarchy, remote_sinks=(
+        {"type": "pagerduty", "url": pagerduty.url, "routing_key": "K", "min_priority": "WARNING"},))
+    w.pagerduty = pagerduty
+    yield w
+    if w.daemon:
+        w.daemon.stop()
+    pagerduty.close()
+    subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def paged_canaries(watched, count: int, timeout: float = 20.0) -> int:
+    """How many canary alerts the pager took, once count of them are there (or the time is up)."""
+    def canaries() -> int:
+        return sum("Fault canary" in b["payload"]["summary"] for b in list(watched.pagerduty.accepted))
+    deadline = time.monotonic() + timeout
+    while canaries() < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return canaries()
+
+
+def test_a_full_state_disk_keeps_judging_enforcing_and_every_alert(small_state_disk, stratum_pool):
+    watched = small_state_disk
+    daemon = watched.start()
+    watched.still_judging()
+    assert paged_canaries(watched, 1) == 1
+    filler = fill(watched.state)
+    for _ in range(3):
+        watched.still_judging()  # the spool cannot take them: the local sinks still get them
+    daemon.wait("alert spool not written")
+    # containment goes on: the kernel cuts, the record waits in memory
+    out = ebpfmon("quarantine", "cut", watched.agent.name, "--reason", "disk full", "--state-dir",
+                  str(watched.state))
+    assert out.returncode == 0, out.stderr
+    assert connect_from(watched.agent, stratum_pool.host, stratum_pool.port) == errno.EPERM
+    daemon.wait("quarantine file not written")
+    filler.unlink()  # space again: the record and the alerts that waited are written
+    daemon.wait("alert spool written again")
+    daemon.wait("quarantine file written again")
+    assert paged_canaries(watched, 4) == 4  # every alert of the full disk paged once space returned
+    records = json.loads((watched.state / "quarantine.json").read_text())["records"]
+    assert [r["agent"] for r in records if r["status"] == "active"] == [watched.agent.name]
+    watched.still_judging()
+    out = ebpfmon("quarantine", "release", watched.agent.name, "--reason", "done", "--state-dir", str(watched.state))
+    assert out.returncode == 0, out.stderr
+    assert daemon.stop(signal.SIGTERM) == 0
+
+
 @pytest.fixture
 def small_audit_disk(watched):
     """A 1 MiB tmpfs under the audit log, mounted by this test and unmounted after."""
@@ -175,14 +245,7 @@ def small_audit_disk(watched):
 
 def test_a_full_disk_under_the_audit_log_does_not_stop_judging(watched, small_audit_disk):
     daemon = watched.start()
-    filler = small_audit_disk / "filler"
-    with open(filler, "wb") as f:  # fill it: every write of the audit log now fails
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill(small_audit_disk)  # every write of the audit log fails from now on
     for _ in range(3):
         watched.still_judging()  # judged and alerted while nothing can be written
     daemon.wait("audit log not written", "No space left on device")
