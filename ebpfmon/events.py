@@ -184,6 +184,7 @@ class ExecEvent(Event):
     # (host/programs.py), whatever its own name
     exe_is: list[str] = field(default_factory=list)
     loader: str | None = None  # the dynamic loader the program was started through, if it was
+    found_at_start: bool = False  # not an exec seen: a process an agent ran when the daemon started
 
 
 @dataclass

@@ -56,6 +56,8 @@ def describe(event: ev.Event) -> str:
             what += " [argv truncated]"
         if event.argv_source != "kernel":
             what += " [argv from /proc]" if event.argv_source == "proc" else " [argv unreadable]"
+        if event.found_at_start:
+            return f"{what}  (running at start)"
         return f"{what}  = {result(event)}"
     if isinstance(event, ev.UdpSendEvent):
         what = f"send {transport(event)}{endpoint(event)} {event.length}B"

@@ -134,16 +134,21 @@ class Enforcer:
         self._config = abi.EnforceConfig(agent_level=self.agents.absolute_level, dry_run=int(dry_run),
                                          gpu_default_deny=int(gpu_default_deny))
         self.set_dns_proxy(self.dns_proxy_port)
-        for name in (b"cut_allow4", b"cut_allow6"):
-            self.bpf[name].clear()
-        for network in keep_open:
-            family = ipaddress.ip_network(network, strict=False).version
-            table = self.bpf[b"cut_allow4" if family == 4 else b"cut_allow6"]
-            table[_lpm_key(table, network)] = ctypes.c_uint8(1)
+        # what changes is added before what goes is removed, never cleared and refilled: an
+        # agent's connect meanwhile meets the old policy or the new one, not an empty one
+        for name, family in ((b"cut_allow4", 4), (b"cut_allow6", 6)):
+            table = self.bpf[name]
+            wanted = {bytes(key): key for key in (_lpm_key(table, n) for n in keep_open
+                                                   if ipaddress.ip_network(n, strict=False).version == family)}
+            for key in wanted.values():
+                table[key] = ctypes.c_uint8(1)
+            for key in [k for k in table.keys() if bytes(k) not in wanted]:
+                del table[key]
         ports = self.bpf[b"deny_ports"]
-        ports.clear()
         for port in deny_ports:
             ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+        for key in [k for k in ports.keys() if k.value not in set(deny_ports)]:
+            del ports[key]
         before = self.configured_networks | self.held_networks
         self.configured_networks = frozenset(_canonical(n) for n in deny_networks)
         self._apply_networks(before)

@@ -29,7 +29,7 @@ from ebpfmon.rules.engine import Engine, Verdict
 from ebpfmon.service import assemble, instance, sdnotify
 from ebpfmon.service.control import ControlServer
 from ebpfmon.service.metrics import Metrics, snapshot
-from ebpfmon.stream.existing import existing_connections
+from ebpfmon.stream.existing import existing_connections, existing_processes
 
 if TYPE_CHECKING:  # built by assemble
     from ebpfmon.containment.actions import Containment, Notice
@@ -72,6 +72,7 @@ class Daemon:
         self.dns_proxy: DnsProxy | None = None
         # the proxy's events, judged on the reader's thread (rules and enrichment are not shared)
         self.dns_events: collections.deque[ev.DnsEvent] = collections.deque(maxlen=65536)
+        self.found_at_start: collections.deque[ev.ExecEvent] = collections.deque()  # what agents ran before us
         self.containment: Containment | None = None
         self.pending_alerts: list[Verdict] = []  # judged, for deliver_alerts after the batch
         self.control: ControlServer | None = None
@@ -129,9 +130,17 @@ class Daemon:
         sdnotify.notify("READY=1")
         # GPU descriptors held beyond a grant (a restart after a revoke): a /proc scan of every
         # agent, off the start's critical path; what it finds is judged with the next batch
-        threading.Thread(target=self.containment.gpus.beyond_grants, args=(self.containment.agent_paths(),),
-                         name="gpu-holders", daemon=True).start()
+        threading.Thread(target=self._look_at_what_runs, args=(self.containment.agent_paths(),),
+                         name="at-start", daemon=True).start()
         return self
+
+    def _look_at_what_runs(self, agents: list[str]) -> None:
+        """After ready, off the start's critical path: the programs the agents run (a tunnel or a
+        miner started while the daemon was down) and GPU descriptors held beyond a grant (a
+        restart after a revoke), read from /proc; judged by the reader with its next batch."""
+        for event in existing_processes(agents, self.hierarchy):
+            self.found_at_start.append(event)
+        self.containment.gpus.beyond_grants(agents)
 
     def run(self, stop: threading.Event, every: Callable[[], None] | None = None) -> None:
         def each_second() -> None:
@@ -173,6 +182,10 @@ class Daemon:
         while self.dns_events:
             event = self.stream.enricher.apply(self.dns_events.popleft())
             self.stream.stats.events["dns"] += 1
+            self.judge(event)
+        while self.found_at_start:
+            event = self.stream.enricher.apply(self.found_at_start.popleft())
+            self.stream.stats.events["exec"] += 1
             self.judge(event)
         if self.containment:
             held = self.containment.gpus.held_events

@@ -1,5 +1,6 @@
-"""Connections the agents held before the daemon started, as connect events (source
-"existing"), so they are judged like new ones."""
+"""What the agents had going before the daemon started, as events judged like new ones: the
+connections they held (connect events, source "existing") and the programs they run (exec
+events, found_at_start), so a tunnel or a miner started while the daemon was down is found."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 from ebpfmon import events as ev
 from ebpfmon.host import sockets
 from ebpfmon.host.cgroups import Hierarchy
-from ebpfmon.stream.proctree import ProcessTree
+from ebpfmon.stream.proctree import ProcessTree, read_proc
 
 def existing_connections(agents: list[str], hierarchy: Hierarchy, tree: ProcessTree,
                          ancestry_depth: int) -> Iterator[ev.ConnectEvent]:
@@ -32,3 +33,38 @@ def connection_event(agent: str, agent_id: int, conn: dict, tree: ProcessTree,
                            ancestry=tree.ancestry(pid, ancestry_depth) if pid else [],
                            family="inet6" if ":" in host else "inet", address=host.strip("[]"),
                            port=int(port), sock_type="stream", protocol="tcp", retval=0, source="existing")
+
+
+def existing_processes(agents: list[str], hierarchy: Hierarchy, proc: str = "/proc") -> Iterator[ev.ExecEvent]:
+    """The programs the agents' processes run now, one exec event each (argv from /proc), for
+    the enricher and the rules like any exec."""
+    for agent in agents:
+        agent_id = hierarchy.cgroup_id_or_none(agent)
+        if agent_id is None:
+            continue
+        _, pids = sockets.subtree(hierarchy.path(agent))
+        for pid in sorted(pids):
+            node = read_proc(pid, proc)
+            if node is None or not node.argv:
+                continue  # gone, or a zombie
+            uid, gid = _ids(pid, proc)
+            yield ev.ExecEvent(time_ns=time.time_ns(), cgroup_id=agent_id, cgroup=None,
+                               proc=ev.Process(pid, pid, node.ppid, uid, gid, node.comm or "?"),
+                               filename=node.exe or node.argv[0], argv=node.argv, argv_source="proc",
+                               found_at_start=True)
+
+
+def _ids(pid: int, proc: str) -> tuple[int, int]:
+    """The real uid and gid of a process (0, 0 when it is gone)."""
+    uid = gid = 0
+    try:
+        with open(f"{proc}/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[1])
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return uid, gid

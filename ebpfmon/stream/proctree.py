@@ -32,6 +32,11 @@ class Node:
     argv: list[str] | None = None
 
 
+# a command line read from /proc is cut here (the kernel allows megabytes): one agent's huge
+# argv must not grow the daemon by as much for each of its processes
+PROC_CMDLINE_MAX = 128 << 10
+
+
 def read_proc(pid: int, proc: str = "/proc") -> Node | None:
     """A process as /proc shows it now, or None when it is gone."""
     base = f"{proc}/{pid}"
@@ -50,7 +55,7 @@ def read_proc(pid: int, proc: str = "/proc") -> Node | None:
         exe = None  # kernel thread, or no permission
     try:
         with open(f"{base}/cmdline", "rb") as f:
-            argv = [text(a) for a in f.read().split(b"\0")[:-1]]
+            argv = [text(a) for a in f.read(PROC_CMDLINE_MAX).split(b"\0")[:-1]]
     except OSError:
         argv = None
     return Node(pid=pid, ppid=ppid, comm=text(comm), exe=exe, argv=argv)

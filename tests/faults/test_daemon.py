@@ -260,3 +260,24 @@ def test_a_full_disk_under_the_audit_log_does_not_stop_judging(watched, small_au
     assert token in audit  # an exec judged while the disk was full is in the log now
     watched.still_judging()
     assert daemon.stop(signal.SIGTERM) == 0
+
+
+def test_what_agents_run_before_the_start_is_judged(watched):
+    # started while no daemon watched: no exec was seen, the process is there at the start
+    sleeper = watched.state / "canary-probe"
+    shutil.copy("/bin/sleep", sleeper)
+    token = f"{uuid.uuid4().int % 10**6 + 600}"  # a sleep that is also a token
+    running = watched.agent.popen([str(sleeper), token])
+    try:
+        daemon = watched.start()
+        line = daemon.wait("Fault canary", f"canary-probe {token}")
+        assert "WARNING" in line
+        audit = watched.state / "audit" / "events.jsonl"
+        deadline = time.monotonic() + 15
+        while token not in (audit.read_text() if audit.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [event] = [json.loads(l) for l in audit.read_text().splitlines() if token in l and '"exec"' in l]
+        assert event["found_at_start"] and event["proc"]["pid"] == running.pid and event["argv_source"] == "proc"
+    finally:
+        running.kill()
+        running.wait()
