@@ -15,8 +15,16 @@ COLUMNS = ("TIME", "CGROUP", "PID", "PPID", "COMM", "WHAT")
 WIDTHS = (12, 24, 7, 7, 16)
 
 
+# characters that change how the text around them reads without being seen: bidi overrides,
+# embeddings and isolates (a command line shown reversed), line and paragraph separators (a
+# fake new line in a log), zero-width marks
+INVISIBLE = frozenset([0x061C, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F, 0x2028, 0x2029, 0x202A, 0x202B, 0x202C,
+                       0x202D, 0x202E, 0x2060, 0x2066, 0x2067, 0x2068, 0x2069, 0xFEFF])
+
+
 def safe(value: str) -> str:
-    """Printable form of agent text: control characters and undecodable bytes as \\xNN."""
+    """Printable form of agent text: control characters and undecodable bytes as \\xNN,
+    invisible formatting characters as \\uNNNN."""
     out = []
     for ch in value:
         code = ord(ch)
@@ -24,6 +32,8 @@ def safe(value: str) -> str:
             out.append(f"\\x{code - 0xDC00:02x}")
         elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
             out.append(f"\\x{code:02x}")
+        elif code in INVISIBLE:
+            out.append(f"\\u{code:04x}")
         else:
             out.append(ch)
     return "".join(out)

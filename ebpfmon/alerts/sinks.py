@@ -124,7 +124,13 @@ class WebhookSink(Sink):
 
 class SlackSink(WebhookSink):
     def deliver(self, alert: dict[str, Any]) -> None:
-        self.post(self.url, {"text": f"ebpfmon on {self.node}: {summary(alert)}"})
+        self.post(self.url, {"text": slack_text(f"ebpfmon on {self.node}: {summary(alert)}")})
+
+
+def slack_text(text: str) -> str:
+    """Text Slack shows as written: its control sequences (<!channel>, <url|label>, &) escaped the
+    way Slack documents, so an agent's command line cannot ping a channel or hide a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 class PagerDutySink(Sink):

@@ -11,6 +11,7 @@ import typer
 from ebpfmon.cli.common import AgentRootOption, ConfigOption, StateDirOption, effective_config
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.host.users import user_name
+from ebpfmon.output import safe
 from ebpfmon.service import control
 from ebpfmon.service.assemble import offline_containment
 
@@ -62,7 +63,7 @@ def _show_held(holders: list[dict], heading: str) -> None:
     if holders:
         print(heading)
     for h in holders:
-        print(f"    {h['agent']}  pid {h['pid']} ({h['comm']})  fd {h['fd']}  {h['path']}  "
+        print(f"    {safe(h['agent'])}  pid {h['pid']} ({safe(h['comm'])})  fd {h['fd']}  {safe(h['path'])}  "
               f"{h['device']} {h['node']} {h['access']}")
 
 
@@ -87,7 +88,7 @@ def listing(
     print(f"{len(answer['grants'])} agent(s)")
     for grant in answer["grants"]:
         waiting = "" if grant["exists"] else "  (no cgroup yet)"
-        print(f"    {grant['agent']}  gpus: {grant['gpus']}  from {grant['from']}{waiting}")
+        print(f"    {safe(grant['agent'])}  gpus: {grant['gpus']}  from {safe(grant['from'])}{waiting}")
     print(f"{len(answer['holders'])} GPU descriptor(s) held by agents")
     _show_held(answer["holders"], "")
 

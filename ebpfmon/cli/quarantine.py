@@ -18,6 +18,7 @@ from ebpfmon.cli.common import AgentRootOption, ConfigOption, StateDirOption, ef
 from ebpfmon.containment.quarantine import QuarantineStore, Record
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.host.users import user_name
+from ebpfmon.output import safe
 from ebpfmon.service import control
 from ebpfmon.service.assemble import offline_containment
 
@@ -58,15 +59,18 @@ def _when(ns: int | None) -> str:
 
 
 def _show(record: dict) -> None:
+    """A record as a person reads it: every text an agent could have chosen (its cgroup name, a
+    process name, a reason quoted from a command line) escaped."""
     actions = ", ".join(f"{a['action']}:{a['result']}" for a in record["actions"])
-    print(f"{record['agent']}  {record['status']}  since {_when(record['opened_ns'])}  rule: {record['rule']}")
-    print(f"    actions: {actions or '-'}")
+    print(f"{safe(record['agent'])}  {record['status']}  since {_when(record['opened_ns'])}  "
+          f"rule: {safe(record['rule'])}")
+    print(f"    actions: {safe(actions) or '-'}")
     for conn in record["connections"][:10]:
         print(f"    held: {conn['protocol']} {conn['local']} -> {conn['remote']} {conn['state']} "
-              f"pid={conn['pid']} {conn['comm'] or ''}")
+              f"pid={conn['pid']} {safe(conn['comm'] or '')}")
     if record["status"] != "active":
-        print(f"    {record['status']} {_when(record['released_ns'])} by {record['released_by']}: "
-              f"{record['release_reason'] or ''}")
+        print(f"    {record['status']} {_when(record['released_ns'])} by {safe(record['released_by'] or '')}: "
+              f"{safe(record['release_reason'] or '')}")
 
 
 def _answer(answer: dict) -> dict:

@@ -41,3 +41,35 @@ def test_header_lines_up_with_rows():
     head = output.header()
     row = output.table_line(exec_event(["ssh"]))
     assert head.index("WHAT") == row.index("execve")
+
+
+def test_text_that_changes_how_a_line_reads_is_shown_escaped():
+    from ebpfmon.output import safe
+
+    # a bidi override shows "ssh -R" reversed; U+2028 starts a fake line in a log viewer
+    assert safe("curl x\u202egnp.exe") == "curl x\\u202egnp.exe"
+    assert safe("a\u2028FAKE LOG LINE") == "a\\u2028FAKE LOG LINE"
+    assert safe("\u2066\u2069\u200b\ufeff") == "\\u2066\\u2069\\u200b\\ufeff"
+    assert safe("\x1b[2Jcleared") == "\\x1b[2Jcleared"  # an ANSI sequence in a process name
+    assert safe("naïve façade 日本") == "naïve façade 日本"  # text in other scripts stays
+
+
+def test_slack_text_cannot_ping_a_channel_or_hide_a_link():
+    from ebpfmon.alerts.sinks import slack_text
+
+    assert slack_text("cmdline=echo <!channel> <https://evil.example|docs> a&b") == \
+        "cmdline=echo &lt;!channel&gt; &lt;https://evil.example|docs&gt; a&amp;b"
+
+
+def test_quarantine_list_escapes_what_an_agent_named(capsys):
+    from ebpfmon.cli.quarantine import _show
+
+    record = {"agent": "/ebpfmon-agents/a\x1b]0;pwned\x07", "status": "released", "opened_ns": 0,
+              "rule": "Reverse SSH tunnel", "actions": [{"action": "cut_network", "result": "applied"}],
+              "connections": [{"protocol": "tcp", "local": "10.0.0.2:5", "remote": "192.0.2.1:22",
+                               "state": "established", "pid": 7, "comm": "ssh\x1b[31m\u202e"}],
+              "released_ns": 0, "released_by": "root", "release_reason": "ok\u2028Released by admin"}
+    _show(record)
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\u202e" not in shown and "\u2028" not in shown
+    assert "a\\x1b]0;pwned\\x07" in shown and "ssh\\x1b[31m\\u202e" in shown and "ok\\u2028Released" in shown
