@@ -66,7 +66,7 @@ def run(
              (daemon.ready_ns - daemon.started_ns) / 1e9, config.agent_root,
              ", ".join(daemon.stream.probes.probes), len(daemon.engine.ruleset.rules),
              "in dry run" if config.enforce.dry_run else "armed",
-             config.metrics.listen if config.metrics.enabled else "off")
+             daemon.metrics_state())
     try:
         daemon.run(stop, every=sys.stdout.flush)
     finally:

@@ -84,6 +84,7 @@ class Daemon:
         self.started_ns = time.monotonic_ns()
         self.ready_ns = 0
         self.locks: list = []  # held while running (service/instance.py)
+        self.metrics_problem: str | None = None  # why the exporter is not serving, when it is not
 
     # ---- start and stop ----
 
@@ -121,7 +122,10 @@ class Daemon:
             try:
                 self.metrics.serve(self.config.metrics.listen)
             except OSError as e:  # watching matters more than the exporter: go on, loudly
-                log.error("metrics not served: cannot listen on %s: %s", self.config.metrics.listen, e.strerror)
+                self.metrics_problem = f"NOT SERVED: cannot listen on {self.config.metrics.listen}: {e.strerror}"
+                log.error("metrics %s", self.metrics_problem)
+                self.alerting.verdict(self._ebpfmon_verdict("ebpfmon metrics", "ERROR",
+                                                            f"metrics {self.metrics_problem}"))
         self.control = ControlServer(self.containment, self.config.state_dir, reload=self.reload_between_batches).start()
         for event in existing_connections(self.containment.agent_paths(), self.hierarchy, self.stream.tree,
                                           self.config.ancestry_depth):
@@ -141,6 +145,12 @@ class Daemon:
         for event in existing_processes(agents, self.hierarchy):
             self.found_at_start.append(event)
         self.containment.gpus.beyond_grants(agents)
+
+    def metrics_state(self) -> str:
+        """For the ready line: where metrics are, or why they are not."""
+        if not self.config.metrics.enabled:
+            return "off"
+        return self.metrics_problem or self.config.metrics.listen
 
     def run(self, stop: threading.Event, every: Callable[[], None] | None = None) -> None:
         def each_second() -> None:

@@ -115,8 +115,15 @@ def test_exec_runs_the_command_in_an_agent_cgroup(bpf, hierarchy, test_root):
     assert out.returncode == 0, out.stderr
     assert f"0::{test_root}/cli-a" in out.stdout.splitlines()
     assert f"running cat in cgroup {test_root}/cli-a" in out.stderr
+    assert "warning: the agent runs as root" in out.stderr
     # the agent's exit status is the command's
     assert ebpfmon("exec", "--agent-root", test_root, "--", "sh", "-c", "exit 7").returncode == 7
+    # as a user of its own, with its groups, still in the cgroup
+    out = ebpfmon("exec", "--agent-root", test_root, "--cgroup", "cli-a", "--user", "nobody", "--", "sh", "-c",
+                  "id -u; id -g; cat /proc/self/cgroup")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == ["65534", "65534"] and f"0::{test_root}/cli-a" in out.stdout
+    assert "as nobody" in out.stderr and "runs as root" not in out.stderr
 
 
 def test_exec_errors(bpf, test_root):
@@ -126,6 +133,8 @@ def test_exec_errors(bpf, test_root):
     out = ebpfmon("exec", "--agent-root", test_root, "--cgroup", "../escape", "--", "true")
     assert out.returncode == 2
     assert "must be a relative path below the agent root" in out.stderr
+    out = ebpfmon("exec", "--agent-root", test_root, "--user", "no-such-user-here", "--", "true")
+    assert out.returncode == 2 and "no user 'no-such-user-here'" in out.stderr
 
 
 def test_doctor_passes_here(bpf):

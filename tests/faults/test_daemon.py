@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -281,3 +282,22 @@ def test_what_agents_run_before_the_start_is_judged(watched):
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_taken_metrics_port_is_said_loudly(bpf, hierarchy, own_root, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    watched = Watched(own_root, tmp_path / "state", hierarchy, metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
+    try:
+        daemon = watched.start()
+        ready = daemon.wait("ready:")
+        assert f"metrics NOT SERVED: cannot listen on 127.0.0.1:{port}" in ready  # the ready line does not claim them
+        watched.still_judging()
+        alerts = [json.loads(line) for line in watched.alerts.read_text().splitlines()]
+        assert any(a["rule"] == "ebpfmon metrics" and str(port) in a["output"] for a in alerts)
+    finally:
+        if watched.daemon:
+            watched.daemon.stop()
+        taken.close()
