@@ -301,3 +301,24 @@ def test_a_taken_metrics_port_is_said_loudly(bpf, hierarchy, own_root, tmp_path)
         if watched.daemon:
             watched.daemon.stop()
         taken.close()
+
+
+def test_a_reload_that_changes_dry_run_changes_the_kernel_and_the_rules_together(watched, stratum_pool):
+    daemon = watched.start()
+    agent = watched.agent
+    assert connect_from(agent, stratum_pool.host, stratum_pool.port) == errno.EPERM  # the pool port: refused
+    watched.write_config(enforce={"dry_run": True})
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait("reloaded:")
+    assert connect_from(agent, stratum_pool.host, stratum_pool.port) == 0  # reported, let through
+    daemon.wait("deny_connect dry run on", agent.name)  # and user space acts in dry run too
+    listed = json.loads(ebpfmon("quarantine", "list", "--all", "--json", "--state-dir", str(watched.state)).stdout)
+    applied = [a for r in listed if r["agent"] == agent.name for a in r["actions"] if a["result"] == "applied"]
+    assert applied == []
+    watched.write_config()
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait("reloaded: ", timeout=20)
+    deadline = time.monotonic() + 10  # the second reload's line may be the first's: wait for the kernel
+    while connect_from(agent, stratum_pool.host, stratum_pool.port) != errno.EPERM:
+        assert time.monotonic() < deadline, "dry run still in force after the reload back"
+        time.sleep(0.2)
