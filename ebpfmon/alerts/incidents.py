@@ -40,10 +40,13 @@ def incident_key(node: str, rule: str, agent: str | None) -> str:
 
 class Alerting:
     def __init__(self, settings: AlertSettings, state_dir: str | Path, node: str | None = None,
-                 clock=time.time_ns, on_delivery=None):
+                 clock=time.time_ns, on_delivery=None, monotonic=time.monotonic_ns):
+        """clock: the wall clock alerts carry; monotonic: what dedup windows and retry backoff
+        are measured by, so a wall-clock jump neither stalls alerts nor sends them early."""
         self.settings = settings
         self.node = node or socket.gethostname()
         self.clock = clock
+        self.monotonic = monotonic
         self.sinks: list[Sink] = [make_sink(s, self.node) for s in settings.sinks]
         self.spool = Spool(Path(state_dir) / "alerts.db", settings.spool_max)
         self.on_delivery = on_delivery or (lambda sink, ok: None)
@@ -56,6 +59,13 @@ class Alerting:
                         for s in self.sinks if s.remote]
         # open incidents; counts live here, the spool has them as of their last send
         self.open: dict[str, dict[str, Any]] = {inc["key"]: inc for inc in self.spool.incidents()}
+        # when each was last sent, by the monotonic clock; for those of an earlier run, from the
+        # wall clock's age (a clock that went back since: due now)
+        wall, mono, window = self.clock(), self.monotonic(), int(settings.dedup_seconds * 1e9)
+        self.sent_mono: dict[str, int] = {
+            key: mono - (wall - inc["last_sent_ns"] if wall >= inc["last_sent_ns"] else window)
+            for key, inc in self.open.items()}
+        self.spool.retry_now()  # retry times of an earlier run are another boot's monotonic clock
 
     def start(self) -> "Alerting":
         for worker in self.workers:
@@ -71,7 +81,8 @@ class Alerting:
         with self.wake:
             self.wake.notify_all()
         for worker in self.workers:
-            worker.join(timeout=5)
+            if worker.ident is not None:  # started
+                worker.join(timeout=5)
         self.spool.close()
 
     # ---- from the daemon ----
@@ -95,9 +106,11 @@ class Alerting:
                     "sinks": [s.name for s in self.sinks if s.remote and s.wants(alert)]}
             inc["count"] += 1
             inc["last_alert"] = alert
-            due = now - inc["last_sent_ns"] >= self.settings.dedup_seconds * 1e9
+            mono = self.monotonic()
+            due = key not in self.sent_mono or mono - self.sent_mono[key] >= self.settings.dedup_seconds * 1e9
             if due:
                 inc["last_sent_ns"], inc["sent_count"] = now, inc["count"]
+                self.sent_mono[key] = mono
                 self.spool.save_incident(inc)
         if due:
             self.send(alert)
@@ -105,13 +118,14 @@ class Alerting:
     def tick(self) -> None:
         """Sends the counts that grew on open incidents once their window passed."""
         self.respool()
-        now = self.clock()
+        now, mono = self.clock(), self.monotonic()
         due = []
         with self.lock:
-            for inc in self.open.values():
+            for key, inc in self.open.items():
                 if inc["count"] > inc["sent_count"] and \
-                        now - inc["last_sent_ns"] >= self.settings.dedup_seconds * 1e9:
+                        mono - self.sent_mono.get(key, 0) >= self.settings.dedup_seconds * 1e9:
                     inc["last_sent_ns"], inc["sent_count"] = now, inc["count"]
+                    self.sent_mono[key] = mono
                     self.spool.save_incident(inc)
                     due.append({**inc["last_alert"], "count": inc["count"], "time_ns": now})
         for alert in due:
@@ -122,6 +136,7 @@ class Alerting:
         with self.lock:
             for key in [k for k, inc in self.open.items() if inc["agent"] == agent]:
                 self.spool.save_incident(self.open.pop(key))
+                self.sent_mono.pop(key, None)
         alerts = self.resolves_for(self.spool, agent, reason)
         for alert in alerts:
             self.deliver_local(alert)
@@ -206,7 +221,7 @@ class Alerting:
 
     def _deliver_next(self, sink: Sink) -> None:
         item = self.spool.next_for(sink.name)
-        now = self.clock()
+        now = self.monotonic()  # retry times are monotonic: a wall-clock jump neither stalls nor rushes them
         if item is None or item[3] > now:
             wait = 1.0 if item is None else min(1.0, (item[3] - now) / 1e9)
             with self.wake:

@@ -141,6 +141,14 @@ class Spool:
             self.db.execute("UPDATE deliveries SET attempts = attempts + 1, next_try_ns = ?, last_error = ? "
                             "WHERE alert_id = ? AND sink = ?", (next_try_ns, error[:500], alert_id, sink))
 
+    def retry_now(self) -> None:
+        """Every pending delivery due at once (retry times of an earlier run mean nothing now)."""
+        with self.lock:
+            try:
+                self.db.execute("UPDATE deliveries SET next_try_ns = 0 WHERE state = 'pending' AND next_try_ns != 0")
+            except sqlite3.Error as e:
+                log.error("alert spool: pending retries not reset: %s", e)
+
     def refused(self, alert_id: int, sink: str, error: str) -> None:
         """The sink refused this alert for good: no more tries there (kept as 'dropped', with why)."""
         with self.lock:

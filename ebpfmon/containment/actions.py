@@ -129,9 +129,10 @@ class Containment:
                     record.triggers.append({"rule": verdict.rule, "time_ns": now})
                     self.dirty = True
             elif not dry and not verdict.never_suspend and any(a in DISRUPTIVE_ACTIONS for a in verdict.actions):
-                suspension = self.breaker.admit(verdict.rule, agent, now)
+                mono = time.monotonic_ns()  # the breaker's windows: a wall-clock jump must not move them
+                suspension = self.breaker.admit(verdict.rule, agent, mono)
                 if suspension is not None:
-                    return [self._suspended_notice(verdict.rule, agent, suspension, now)]
+                    return [self._suspended_notice(verdict.rule, agent, suspension, mono)]
             new = record is None
             if new:
                 record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=verdict.rule,
@@ -180,7 +181,7 @@ class Containment:
         if suspension.since_ns != now:
             return Notice("NOTICE", f"not acting on {agent} for rule {rule!r}: the rule is suspended by the "
                                     f"containment breaker (alerts go on)")
-        until = time.strftime("%H:%M:%S", time.localtime(suspension.until_ns / 1e9))
+        until = time.strftime("%H:%M:%S", time.localtime(wall_of(suspension.until_ns) / 1e9))
         shown = ", ".join(suspension.agents[:10]) + (f" and {len(suspension.agents) - 10} more"
                                                      if len(suspension.agents) > 10 else "")
         return Notice("CRITICAL", f"containment breaker: rule {rule!r} contained {len(suspension.agents)} agents "
@@ -410,6 +411,11 @@ class Containment:
     def grant_gpus(self, paths: list[str]) -> None:
         """GPU entries for the agents among paths (new cgroups, or all at start and on reload)."""
         self.gpus.apply(paths)
+
+
+def wall_of(monotonic_ns: int) -> int:
+    """A monotonic time (the breaker's) as wall-clock ns, for people."""
+    return time.time_ns() - (time.monotonic_ns() - monotonic_ns)
 
 
 def _canonical(address: str | None) -> str | None:

@@ -24,6 +24,9 @@ AGENT_COUNT_TTL_NS = 5_000_000_000  # how long a count of the node's agents is r
 
 @dataclass
 class Suspension:
+    """Times are monotonic ns, like every time the breaker is given (containment.actions.wall_of
+    shows them to people)."""
+
     since_ns: int
     until_ns: int
     agents: list[str] = field(default_factory=list)  # those it contained in the window that tripped it
@@ -72,5 +75,5 @@ class Breaker:
 
     def active(self, now: int | None = None) -> dict[str, Suspension]:
         """The rules suspended now."""
-        now = now if now is not None else time.time_ns()
+        now = now if now is not None else time.monotonic_ns()
         return {rule: s for rule, s in self.suspended.items() if s.until_ns > now}

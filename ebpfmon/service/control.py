@@ -21,7 +21,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from ebpfmon.containment.actions import Containment
+from ebpfmon.containment.actions import Containment, wall_of
 from ebpfmon.errors import ContainmentRefused
 from ebpfmon.host.users import user_name
 
@@ -55,7 +55,8 @@ def handle(containment: Containment, request: dict, by: str, reload=None) -> dic
                 return {"ok": False, "error": f"rule {rule!r} is not suspended (suspended: {suspended})"}
             return {"ok": True, "message": f"rule {rule!r} contains again"}
         if cmd == "suspended":
-            return {"ok": True, "rules": {rule: {"since_ns": s.since_ns, "until_ns": s.until_ns, "agents": s.agents}
+            return {"ok": True, "rules": {rule: {"since_ns": wall_of(s.since_ns), "until_ns": wall_of(s.until_ns),
+                                                 "agents": s.agents}
                                           for rule, s in containment.breaker.active().items()}}
         if cmd == "names":
             return {"ok": True, "names": containment.enforcer.name_grant_list()}
