@@ -65,6 +65,7 @@ class Alerting:
         self.sent_mono: dict[str, int] = {
             key: mono - (wall - inc["last_sent_ns"] if wall >= inc["last_sent_ns"] else window)
             for key, inc in self.open.items()}
+        self.refreshed: dict[tuple[str, str], int] = {}  # (incident, sink) -> last re-sent, monotonic
         self.spool.retry_now()  # retry times of an earlier run are another boot's monotonic clock
 
     def start(self) -> "Alerting":
@@ -130,6 +131,26 @@ class Alerting:
                     due.append({**inc["last_alert"], "count": inc["count"], "time_ns": now})
         for alert in due:
             self.send(alert)
+        self._refresh(now, mono)
+
+    def _refresh(self, now: int, mono: int) -> None:
+        """Open incidents sent again to the sinks that forget what is not re-sent."""
+        refreshing = [s for s in self.sinks if s.remote and s.refresh_seconds]
+        if not refreshing:
+            return
+        again = []
+        with self.lock:
+            for key, inc in self.open.items():
+                for sink in refreshing:
+                    last = self.refreshed.get((key, sink.name), self.sent_mono.get(key, mono))
+                    if sink.name in inc["sinks"] and mono - last >= sink.refresh_seconds * 1e9:
+                        self.refreshed[(key, sink.name)] = mono
+                        again.append(({**inc["last_alert"], "count": inc["count"], "time_ns": now}, sink.name))
+        for alert, sink in again:
+            self._spool(alert, [sink])
+        if again:
+            with self.wake:
+                self.wake.notify_all()
 
     def resolve_agent(self, agent: str, reason: str = "") -> int:
         """Resolves every open incident of an agent (its quarantine was released); how many."""
@@ -137,6 +158,8 @@ class Alerting:
             for key in [k for k, inc in self.open.items() if inc["agent"] == agent]:
                 self.spool.save_incident(self.open.pop(key))
                 self.sent_mono.pop(key, None)
+                for refreshed in [k for k in self.refreshed if k[0] == key]:
+                    del self.refreshed[refreshed]
         alerts = self.resolves_for(self.spool, agent, reason)
         for alert in alerts:
             self.deliver_local(alert)

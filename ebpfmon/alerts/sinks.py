@@ -49,6 +49,9 @@ def secret(inline: str, file: str, env: str, what: str) -> str:
 
 class Sink:
     remote = True
+    # seconds after which an open incident is sent again (a service that forgets alerts not
+    # re-sent: Alertmanager); None: sent when new and when its count grows
+    refresh_seconds: float | None = None
 
     def __init__(self, settings: SinkSettings, node: str):
         self.settings = settings
@@ -82,7 +85,46 @@ class Sink:
             raise DeliveryError(f"{self.name}: {getattr(e, 'reason', None) or type(e).__name__}: {e}") from e
 
 
+# what each service takes: PagerDuty refuses events over 512 KB, Slack cuts long texts; what is
+# trimmed stays whole in the quarantine record and the audit log, which the alert points to
+PAGERDUTY_DETAILS_MAX = 256 << 10
+SLACK_TEXT_MAX = 3000
+TRIMMED_ARGS = 32  # arguments kept of a trimmed command line
+TRIMMED_CONNECTIONS = 20  # connections kept of a trimmed quarantine record
 RETRIED_4XX = (408, 429)  # request timeout, too many requests: the service asks to be tried again
+
+
+def record_pointer(alert: dict[str, Any], node: str) -> str:
+    return (f"whole in 'ebpfmon quarantine list' and the audit log on {node}, agent {alert.get('agent') or '-'}, "
+            f"incident {alert.get('incident')}")
+
+
+def within(limit: int, details: dict[str, Any], alert: dict[str, Any], node: str) -> dict[str, Any]:
+    """details, trimmed until their JSON is under limit bytes: ancestors' command lines first,
+    then the event's arguments, the record's connections, the output; with where the rest is."""
+    def size(d) -> int:
+        return len(json.dumps(d, default=str))
+    if size(details) <= limit:
+        return details
+    details = json.loads(json.dumps(details, default=str))  # a copy to cut
+    event = details.get("event") or {}
+    steps = [
+        lambda: [a.pop("argv", None) for a in event.get("ancestry") or [] if isinstance(a, dict)],
+        lambda: event.update(argv=(event.get("argv") or [])[:TRIMMED_ARGS]) if "argv" in event else None,
+        lambda: (details.get("quarantine") or {}).update(
+            connections=(details["quarantine"].get("connections") or [])[:TRIMMED_CONNECTIONS])
+        if isinstance(details.get("quarantine"), dict) else None,
+        lambda: details.update(output=str(details.get("output") or "")[:4096]),
+        lambda: event.update(argv=[str(a)[:256] for a in event.get("argv") or []]) if "argv" in event else None,
+        lambda: details.update(event={k: event.get(k) for k in ("kind", "time_ns", "cgroup", "filename")},
+                               quarantine=None),
+    ]
+    for step in steps:
+        step()
+        if size(details) <= limit:
+            break
+    details["trimmed"] = record_pointer(alert, node)
+    return details
 
 
 def summary(alert: dict[str, Any]) -> str:
@@ -124,7 +166,10 @@ class WebhookSink(Sink):
 
 class SlackSink(WebhookSink):
     def deliver(self, alert: dict[str, Any]) -> None:
-        self.post(self.url, {"text": slack_text(f"ebpfmon on {self.node}: {summary(alert)}")})
+        text = slack_text(f"ebpfmon on {self.node}: {summary(alert)}")
+        if len(text) > SLACK_TEXT_MAX:
+            text = text[:SLACK_TEXT_MAX] + f"... (trimmed: {record_pointer(alert, self.node)})"
+        self.post(self.url, {"text": text})
 
 
 def slack_text(text: str) -> str:
@@ -155,8 +200,9 @@ class PagerDutySink(Sink):
                 "component": alert.get("agent") or "ebpfmon",
                 "group": alert["rule"],
                 "class": "ebpfmon",
-                "custom_details": {k: alert.get(k) for k in ("rule", "priority", "output", "agent", "count",
-                                                             "actions", "event", "quarantine")},
+                "custom_details": within(PAGERDUTY_DETAILS_MAX, {
+                    k: alert.get(k) for k in ("rule", "priority", "output", "agent", "count", "actions", "event",
+                                              "quarantine")}, alert, self.node),
             }
         return body
 
@@ -165,7 +211,12 @@ class PagerDutySink(Sink):
 
 
 class AlertmanagerSink(Sink):
-    """Prometheus Alertmanager API v2; a resolve sets endsAt."""
+    """Prometheus Alertmanager API v2; a resolve sets endsAt. Alertmanager resolves an alert by
+    itself once its endsAt passes: a trigger's endsAt is HOLD_SECONDS after it is sent, and an
+    open incident is sent again every refresh_seconds, well before that."""
+
+    HOLD_SECONDS = 600
+    refresh_seconds = 120.0
 
     def __init__(self, settings: SinkSettings, node: str):
         super().__init__(settings, node)
@@ -183,6 +234,8 @@ class AlertmanagerSink(Sink):
         }
         if alert["action"] == "resolve":
             item["endsAt"] = dt.datetime.fromtimestamp(alert["time_ns"] / 1e9, dt.timezone.utc).isoformat()
+        else:
+            item["endsAt"] = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.HOLD_SECONDS)).isoformat()
         return [item]
 
     def deliver(self, alert: dict[str, Any]) -> None:

@@ -137,3 +137,59 @@ def test_a_malformed_answer_or_a_reset_does_not_end_the_worker(tmp_path, endpoin
         assert [json.loads(r)["agent"] for r in endpoint.requests].count("/ebpfmon-agents/second") == 1
     finally:
         a.close()
+
+
+def test_payloads_stay_under_each_services_limit(tmp_path):
+    from ebpfmon.alerts.sinks import PAGERDUTY_DETAILS_MAX, SLACK_TEXT_MAX, PagerDutySink, SlackSink
+
+    # an agent's exec with a huge command line and a record holding thousands of connections
+    argv = ["python3", "-c", "x" * 200_000, *[f"arg{i}" * 50 for i in range(2000)]]
+    event = make_event({"exec": {"argv": argv, "cgroup": "/ebpfmon-agents/a1"}}, 0)
+    alert = {"action": "trigger", "incident": "ebpfmon-k", "rule": "Reverse SSH tunnel", "priority": "CRITICAL",
+             "output": "tunnel " + "y" * 100_000, "agent": "/ebpfmon-agents/a1", "count": 1, "actions": [],
+             "time_ns": 1, "event": event.to_dict(),
+             "quarantine": {"agent": "/ebpfmon-agents/a1",
+                            "connections": [{"remote": f"192.0.2.{i % 250}:22", "comm": "ssh"} for i in range(5000)]}}
+    pd = PagerDutySink(SinkSettings(type="pagerduty", url="http://127.0.0.1:9/", routing_key="k"), "n1")
+    body = pd.body(alert)
+    assert len(json.dumps(body)) < 512 * 1024  # PagerDuty refuses events over 512 KB
+    details = body["payload"]["custom_details"]
+    assert len(json.dumps(details)) <= PAGERDUTY_DETAILS_MAX
+    assert "quarantine list" in details["trimmed"] and "ebpfmon-k" in details["trimmed"]  # where the rest is
+    assert details["rule"] == "Reverse SSH tunnel" and details["agent"] == "/ebpfmon-agents/a1"
+    small = {**alert, "output": "short", "event": make_event({"exec": {"argv": ["ssh"]}}, 0).to_dict(),
+             "quarantine": None}
+    assert "trimmed" not in pd.body(small)["payload"]["custom_details"]  # nothing cut that fits
+
+    sent = []
+    slack = SlackSink(SinkSettings(type="slack", url="http://127.0.0.1:9/"), "n1")
+    slack.post = lambda url, body, headers=None: sent.append(body)
+    slack.deliver(alert)
+    assert len(sent[0]["text"]) <= SLACK_TEXT_MAX + 200 and "trimmed" in sent[0]["text"]
+
+
+def test_alertmanager_hears_an_open_incident_again_before_it_would_resolve_it(tmp_path, endpoint):
+    from ebpfmon.alerts.sinks import AlertmanagerSink
+
+    mono = [1_000 * 10**9]
+    settings = AlertSettings(sinks=(SinkSettings(type="alertmanager", url=endpoint.url, timeout=5),))
+    a = Alerting(settings, tmp_path / "state", node="n1", monotonic=lambda: mono[0]).start()
+    try:
+        a.verdict(verdict("/ebpfmon-agents/a1"))
+        assert endpoint.wait_for(b"a1") == 1
+        [first] = json.loads(endpoint.requests[0])
+        assert first["endsAt"] > first["startsAt"]  # not open-ended: Alertmanager would end it at resolve_timeout
+        a.tick()
+        assert sum(b"a1" in r for r in endpoint.requests) == 1  # not yet
+        mono[0] += int(AlertmanagerSink.refresh_seconds * 1e9) + 1
+        a.tick()
+        assert endpoint.wait_for(b"a1", count=2) == 2  # sent again while open, well before its endsAt
+        [again] = json.loads(endpoint.requests[1])
+        assert again["labels"]["incident"] == first["labels"]["incident"] and again["endsAt"] >= first["endsAt"]
+        a.resolve_agent("/ebpfmon-agents/a1", "done")
+        assert endpoint.wait_for(b"a1", count=3) == 3
+        [resolve] = json.loads(endpoint.requests[2])
+        assert resolve["endsAt"] < first["endsAt"]  # ended now, not held
+        assert a.open == {} and a.refreshed == {}  # nothing left to send again
+    finally:
+        a.close()
