@@ -137,6 +137,20 @@ static __always_inline void fill_header(struct event_header *hdr, u16 kind, u32 
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
 }
 
+/* Events lost (ring buffer full), by the cgroup whose event it was: a flood names its makers. */
+BPF_TABLE("lru_percpu_hash", u64, u64, lost_by_cgroup, 4096);
+
+static __always_inline void count_lost_of(u64 cgroup_id)
+{
+	u64 *value = lost_by_cgroup.lookup(&cgroup_id);
+	if (value) {
+		(*value)++;
+	} else {
+		u64 one = 1;
+		lost_by_cgroup.update(&cgroup_id, &one);
+	}
+}
+
 #define TRUNCATION_FLAGS (EVENT_F_ARGV_TRUNCATED | EVENT_F_ARG_TRUNCATED | \
 			  EVENT_F_PATH_TRUNCATED | EVENT_F_PAYLOAD_TRUNCATED)
 
@@ -151,8 +165,10 @@ static __always_inline void submit(struct event_header *hdr, u64 size, u64 max_s
 		count(kind, COUNTER_TRUNCATED);
 	if (size > max_size)
 		size = max_size;
-	if (events.ringbuf_output(hdr, size, wake) < 0)
+	if (events.ringbuf_output(hdr, size, wake) < 0) {
 		count(kind, COUNTER_LOST);
+		count_lost_of(hdr->cgroup_id);
+	}
 }
 
 /* Refusals (and the failed syscalls behind them) reported per cgroup and window: an agent

@@ -285,6 +285,10 @@ class ProbeSet:
                 result[kind][counter] = sum(values)
         return result
 
+    def lost_by_cgroup(self) -> dict[int, int]:
+        """Events lost since the probes were loaded, by the cgroup id whose events they were."""
+        return {k.value: sum(v) for k, v in self.bpf[b"lost_by_cgroup"].items()}
+
     def close(self) -> None:
         """Detaches every probe and frees the maps."""
         if self._reader is not None:

@@ -45,6 +45,7 @@ EVALUATION_SAMPLE = 16  # events per timed rule evaluation (ebpfmon_rule_evaluat
 # the GIL while the reader waits with an exec that may need a cut: CPython's default, 5 ms,
 # is as long as a whole exec-to-cut.
 GIL_SWITCH_INTERVAL = 0.0005  # seconds
+FLOOD_PAGE_INTERVAL_NS = 60 * 10**9  # lost events are paged at most this often
 # what cannot change without a restart (probes and pins depend on them)
 RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics")
 
@@ -80,6 +81,9 @@ class Daemon:
         self.reloads_asked: collections.deque[concurrent.futures.Future] = collections.deque()  # control socket
         self.judged = 0
         self.loop_errors = 0  # exceptions the loop survived (_survive)
+        self.lost_paged = 0  # events lost as of the last page about them (_flood_check)
+        self.lost_by_cgroup_paged: dict[int, int] = {}
+        self.flood_paged_ns = -FLOOD_PAGE_INTERVAL_NS
         self.watchdog = sdnotify.watchdog_interval()
         self.started_ns = time.monotonic_ns()
         self.ready_ns = 0
@@ -146,6 +150,29 @@ class Daemon:
             self.found_at_start.append(event)
         self.containment.gpus.beyond_grants(agents)
 
+    def _flood_check(self) -> None:
+        """Events the kernel could not deliver (the ring buffer was full) are paged, at most once a
+        minute, with the agents whose events they were: a flood names its makers."""
+        lost = sum(self.stream.stats.lost.values())
+        if lost <= self.lost_paged:
+            return
+        now = time.monotonic_ns()
+        if now - self.flood_paged_ns < FLOOD_PAGE_INTERVAL_NS:
+            return
+        by_cgroup = self.stream.probes.lost_by_cgroup()
+        by_agent: collections.Counter[str] = collections.Counter()
+        for cgroup_id, count in by_cgroup.items():
+            path = self.stream.enricher.cgroups.path(cgroup_id)
+            agent = (self.config.agents.agent_of(path) if path else None) or f"cgroup {cgroup_id}"
+            by_agent[agent] += count - self.lost_by_cgroup_paged.get(cgroup_id, 0)
+        top = ", ".join(f"{agent} ({n})" for agent, n in by_agent.most_common(5) if n > 0)
+        message = (f"{lost - self.lost_paged} event(s) lost: the ring buffer was full; most from {top or 'unknown'}. "
+                   "Their exec, connect and GPU events were not judged (the kernel's policy still held)")
+        log.error("%s", message)
+        self.echo(f"CRITICAL ebpfmon: {message}")
+        self.alerting.verdict(self._ebpfmon_verdict("ebpfmon events lost", "CRITICAL", message))
+        self.lost_paged, self.lost_by_cgroup_paged, self.flood_paged_ns = lost, by_cgroup, now
+
     def metrics_state(self) -> str:
         """For the ready line: where metrics are, or why they are not."""
         if not self.config.metrics.enabled:
@@ -157,6 +184,7 @@ class Daemon:
             self._survive("the once-a-second work", second)
 
         def second() -> None:
+            self._flood_check()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()

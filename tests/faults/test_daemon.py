@@ -322,3 +322,25 @@ def test_a_reload_that_changes_dry_run_changes_the_kernel_and_the_rules_together
     while connect_from(agent, stratum_pool.host, stratum_pool.port) != errno.EPERM:
         assert time.monotonic() < deadline, "dry run still in force after the reload back"
         time.sleep(0.2)
+
+
+def test_a_flood_that_fills_the_ring_buffer_is_paged_with_its_maker(bpf, hierarchy, own_root, tmp_path):
+    # a one-page ring buffer: an agent's exec storm overflows it
+    watched = Watched(own_root, tmp_path / "state", hierarchy, ringbuf_pages=1)
+    try:
+        daemon = watched.start()
+        storm = make_agent_cgroup(hierarchy, own_root, prefix="storm")
+        try:
+            # long command lines: each exec's record is large, the ring holds few
+            long_args = " ".join(["x" * 200] * 30)
+            storm.run(["sh", "-c", f"for i in $(seq 400); do /bin/true {long_args}; done"], timeout=120)
+            line = daemon.wait("event(s) lost: the ring buffer was full", timeout=20)
+            assert storm.name in line  # named as the maker
+        finally:
+            remove_cgroup_tree(storm.path)
+        alerts = [json.loads(l) for l in watched.alerts.read_text().splitlines()]
+        assert any(a["rule"] == "ebpfmon events lost" and storm.name in a["output"] for a in alerts)
+        watched.still_judging()
+    finally:
+        if watched.daemon:
+            watched.daemon.stop()
