@@ -32,6 +32,7 @@ BENCHMARKS = {
     "egress": "RESULTS-egress.md",
     "dns_proxy": "RESULTS-dns-proxy.md",
     "redteam": "RESULTS-redteam.md",
+    "faults": "RESULTS-faults.md",
     "compare": "RESULTS-compare.md",
 }
 
