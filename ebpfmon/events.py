@@ -369,6 +369,7 @@ def read_jsonl(path) -> Iterator[tuple[int, "Event | Exception"]]:
                 continue
             try:
                 data = json.loads(line)
+                data.pop("prev", None)  # the audit log's hash chain: the log's, not the event's
                 if data.get("kind") == "ancestry":
                     ancestries[data["id"]] = data["ancestry"]
                     continue

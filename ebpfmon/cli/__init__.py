@@ -7,7 +7,7 @@ import sys
 import typer
 
 from ebpfmon import __version__
-from ebpfmon.cli import config, doctor, exec_cmd, gpu, policy, quarantine, reload, rules, run, trace
+from ebpfmon.cli import audit, config, doctor, exec_cmd, gpu, policy, quarantine, reload, rules, run, trace
 from ebpfmon.cli.common import report_error
 from ebpfmon.errors import EbpfmonError, RuleLoadError
 
@@ -34,6 +34,7 @@ app.add_typer(quarantine.app, name="quarantine")
 app.add_typer(policy.app, name="policy")
 app.add_typer(config.app, name="config")
 app.add_typer(gpu.app, name="gpu")
+app.add_typer(audit.app, name="audit")
 
 
 def _version(value: bool) -> None:

@@ -16,7 +16,8 @@ from ebpfmon.cli.common import ConfigOption, effective_config
 from ebpfmon import events as ev
 from ebpfmon.config import load_config
 from ebpfmon.errors import EbpfmonError
-from ebpfmon.policy.learn import audit_files, learn, profile_yaml
+from ebpfmon.alerts.audit import audit_files
+from ebpfmon.policy.learn import learn, profile_yaml
 from ebpfmon.policy.profiles import MODES, PROTOCOLS, Policy, Profile, compiled
 from ebpfmon.service import control
 

@@ -23,7 +23,6 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
@@ -55,14 +54,6 @@ class Learned:
     looked_up: set[str] = field(default_factory=set)  # names asked that no answer explains a destination of
     first_ns: int = 0
     last_ns: int = 0
-
-
-def audit_files(directory: Path) -> list[Path]:
-    """The audit log, oldest file first (events.jsonl.N ... events.jsonl.1, events.jsonl)."""
-    rotated = sorted((p for p in directory.glob("events.jsonl.*") if p.suffix[1:].isdigit()),
-                     key=lambda p: -int(p.suffix[1:]))
-    current = directory / "events.jsonl"
-    return rotated + ([current] if current.exists() else [])
 
 
 def destination(event: ev.Event) -> tuple[str, str, int] | None:

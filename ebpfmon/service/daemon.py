@@ -46,6 +46,7 @@ EVALUATION_SAMPLE = 16  # events per timed rule evaluation (ebpfmon_rule_evaluat
 # is as long as a whole exec-to-cut.
 GIL_SWITCH_INTERVAL = 0.0005  # seconds
 FLOOD_PAGE_INTERVAL_NS = 60 * 10**9  # lost events are paged at most this often
+CHAIN_HEAD_INTERVAL_NS = 60 * 10**9  # the audit chain's head goes to the journal this often
 # what cannot change without a restart (probes and pins depend on them)
 RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics")
 
@@ -84,6 +85,7 @@ class Daemon:
         self.lost_paged = 0  # events lost as of the last page about them (_flood_check)
         self.lost_by_cgroup_paged: dict[int, int] = {}
         self.flood_paged_ns = -FLOOD_PAGE_INTERVAL_NS
+        self.head_logged_ns = 0  # the first head a minute after the start
         self.watchdog = sdnotify.watchdog_interval()
         self.started_ns = time.monotonic_ns()
         self.ready_ns = 0
@@ -173,6 +175,16 @@ class Daemon:
         self.alerting.verdict(self._ebpfmon_verdict("ebpfmon events lost", "CRITICAL", message))
         self.lost_paged, self.lost_by_cgroup_paged, self.flood_paged_ns = lost, by_cgroup, now
 
+    def _log_chain_head(self) -> None:
+        """The audit log's chain head to the journal once a minute: a log rewritten whole, with
+        its chain-head file, still disagrees with what the journal has."""
+        now = time.monotonic_ns()
+        if not self.audit or now - self.head_logged_ns < CHAIN_HEAD_INTERVAL_NS:
+            return
+        self.head_logged_ns = now
+        log.info("audit chain head: %s after %d record(s), %s (ebpfmon audit verify)", self.audit.prev or "-",
+                 self.audit.lines_chained, self.audit.path)
+
     def metrics_state(self) -> str:
         """For the ready line: where metrics are, or why they are not."""
         if not self.config.metrics.enabled:
@@ -185,6 +197,7 @@ class Daemon:
 
         def second() -> None:
             self._flood_check()
+            self._log_chain_head()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()

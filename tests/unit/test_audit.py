@@ -2,6 +2,7 @@
 each rotated file readable alone."""
 
 import json
+import shutil
 
 from ebpfmon import events as ev
 from ebpfmon.alerts.audit import AuditLog
@@ -107,3 +108,124 @@ def test_a_connect_with_text_json_must_escape_is_written_right_each_time(tmp_pat
     assert [e.time_ns for e in read_back(log.path)] == [0, 1, 2]
     assert all(e.proc.comm == "caf\udce9\u202e" for e in read_back(log.path))
     assert log.path.read_text().isascii()
+
+
+# ---- the hash chain ----
+
+def chained_log(tmp_path, count: int, batches: int = 10, **settings) -> AuditLog:
+    log = AuditLog(AuditSettings(**settings), tmp_path)
+    events = agent_events(count) + agent_events(count // 10 or 1, shell_pid=200)
+    step = max(1, len(events) // batches)
+    for start in range(0, len(events), step):
+        for event in events[start:start + step]:
+            log.write(event)
+        log.flush()
+    log.close()
+    return log
+
+
+def lines_of(path):
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def test_an_untouched_log_of_100k_records_verifies(tmp_path):
+    from ebpfmon.alerts.audit import verify
+
+    line_size = len(agent_events(1)[0].to_json(ancestry_by_id=True)) + 50
+    log = chained_log(tmp_path, 100_000, batches=200, max_bytes=line_size * 30_000, backups=5)
+    assert len(list(log.directory.glob("events.jsonl*"))) == 4  # rotated: the chain runs across files
+    found = verify(log.directory)
+    assert found.problem is None and found.records == log.lines_chained and found.records > 100_000
+    # the events read back as before: the chain's field is the log's
+    assert len(read_back(log.path)) > 0
+
+
+def test_a_restarted_writer_goes_on_with_the_chain(tmp_path):
+    from ebpfmon.alerts.audit import verify
+
+    chained_log(tmp_path, 50)
+    chained_log(tmp_path, 50)  # a second daemon on the same log
+    assert verify(tmp_path / "audit").problem is None
+
+
+def test_verify_names_each_kind_of_tampering(tmp_path):
+    from ebpfmon.alerts.audit import verify
+
+    line_size = len(agent_events(1)[0].to_json(ancestry_by_id=True)) + 50
+    pristine = chained_log(tmp_path / "pristine", 300, max_bytes=line_size * 100, backups=3).directory
+
+    def tampered(name, change):
+        directory = tmp_path / name / "audit"
+        shutil.copytree(pristine, directory)
+        change(directory)
+        return verify(directory).problem
+
+    def edit(directory, number, how, file="events.jsonl.1"):
+        path = directory / file
+        lines = lines_of(path)
+        how(lines, number)
+        write_lines(path, lines)
+
+    def flip_byte(lines, n):
+        lines[n] = lines[n].replace(b'"port":3333', b'"port":3334')
+
+    problem = tampered("byte", lambda d: edit(d, 5, flip_byte))
+    assert problem and "events.jsonl.1:7: does not follow" in problem and "changed" in problem
+    problem = tampered("delete", lambda d: edit(d, 5, lambda lines, n: lines.pop(n)))
+    assert problem and "events.jsonl.1:6: does not follow" in problem
+    problem = tampered("insert", lambda d: edit(d, 5, lambda lines, n: lines.insert(n, lines[n])))
+    assert problem and "events.jsonl.1:7: does not follow" in problem
+    problem = tampered("insert-unchained", lambda d: edit(d, 5, lambda lines, n: lines.insert(n, b'{"kind":"exec"}')))
+    assert problem and "events.jsonl.1:6: a line without the chain's mark" in problem
+
+    def cut_at_line_end(directory):
+        path = directory / "events.jsonl"
+        write_lines(path, lines_of(path)[:-3])
+    problem = tampered("cut", cut_at_line_end)
+    assert problem and "records were cut off at the end" in problem
+
+    def cut_mid_line(directory):
+        path = directory / "events.jsonl"
+        path.write_bytes(path.read_bytes()[:-40])
+    problem = tampered("cut-mid", cut_mid_line)
+    assert problem and "the last line is cut off" in problem
+
+    def swap(directory):
+        one, two = directory / "events.jsonl.1", directory / "events.jsonl.2"
+        tmp = directory / "swap"
+        one.rename(tmp)
+        two.rename(one)
+        tmp.rename(two)
+    problem = tampered("swap", swap)
+    assert problem and ":1: does not follow" in problem and "swapped" in problem
+    assert verify(pristine).problem is None  # and the original is whole
+
+
+def test_audit_verify_command(tmp_path):
+    from helpers import ebpfmon
+
+    log = chained_log(tmp_path, 30)
+    out = ebpfmon("audit", "verify", str(log.directory))
+    assert out.returncode == 0 and "the chain is whole" in out.stdout, out.stdout + out.stderr
+    lines = lines_of(log.path)
+    lines[3] = lines[3].replace(b"192.0.2.1", b"192.0.2.9")
+    write_lines(log.path, lines)
+    out = ebpfmon("audit", "verify", str(log.directory))
+    assert out.returncode == 1 and "BROKEN" in out.stdout and "events.jsonl:5" in out.stdout
+
+
+def test_a_world_readable_audit_directory_is_refused(tmp_path):
+    import pytest
+
+    from ebpfmon.errors import ConfigError
+
+    (tmp_path / "audit").mkdir(mode=0o755)
+    (tmp_path / "audit").chmod(0o755)
+    with pytest.raises(ConfigError, match="can be read by anyone .mode 0755.*chmod 700"):
+        AuditLog(AuditSettings(), tmp_path)
+    (tmp_path / "audit").chmod(0o700)
+    AuditLog(AuditSettings(), tmp_path).close()

@@ -140,7 +140,8 @@ def test_learning_takes_what_was_reached_and_writes_a_profile_that_compiles(tmp_
     from ebpfmon import events as ev
     from ebpfmon.config import load_config
     from ebpfmon.host.cgroups import AgentLayout
-    from ebpfmon.policy.learn import audit_files, learn, profile_yaml
+    from ebpfmon.alerts.audit import audit_files
+    from ebpfmon.policy.learn import learn, profile_yaml
 
     def proc():
         return ev.Process(pid=7, tid=7, ppid=1, uid=0, gid=0, comm="curl")
