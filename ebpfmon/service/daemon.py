@@ -45,7 +45,8 @@ EVALUATION_SAMPLE = 16  # events per timed rule evaluation (ebpfmon_rule_evaluat
 # the GIL while the reader waits with an exec that may need a cut: CPython's default, 5 ms,
 # is as long as a whole exec-to-cut.
 GIL_SWITCH_INTERVAL = 0.0005  # seconds
-FLOOD_PAGE_INTERVAL_NS = 60 * 10**9  # lost events are paged at most this often
+FLOOD_PAGE_INTERVAL_NS = 60 * 10**9  # one flood's lost events are paged at most this often
+FLOOD_QUIET_NS = 10 * 10**9  # no event lost for this long: the next loss is another flood, paged at once
 CHAIN_HEAD_INTERVAL_NS = 60 * 10**9  # the audit chain's head goes to the journal this often
 # what cannot change without a restart (probes and pins depend on them)
 RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics")
@@ -83,6 +84,7 @@ class Daemon:
         self.judged = 0
         self.loop_errors = 0  # exceptions the loop survived (_survive)
         self.lost_paged = 0  # events lost as of the last page about them (_flood_check)
+        self.lost_seen, self.lost_seen_ns = 0, -FLOOD_QUIET_NS  # ... as of the last check that found more
         self.lost_by_cgroup_paged: dict[int, int] = {}
         self.flood_paged_ns = -FLOOD_PAGE_INTERVAL_NS
         self.head_logged_ns = 0  # the first head a minute after the start
@@ -153,13 +155,16 @@ class Daemon:
         self.containment.gpus.beyond_grants(agents)
 
     def _flood_check(self) -> None:
-        """Events the kernel could not deliver (the ring buffer was full) are paged, at most once a
-        minute, with the agents whose events they were: a flood names its makers."""
+        """Events the kernel could not deliver (the ring buffer was full) are paged with the agents
+        whose events they were (a flood names its makers): at once for a new flood, then at most
+        once a minute while it goes on."""
         lost = sum(self.stream.stats.lost.values())
-        if lost <= self.lost_paged:
+        if lost <= self.lost_seen:
             return
         now = time.monotonic_ns()
-        if now - self.flood_paged_ns < FLOOD_PAGE_INTERVAL_NS:
+        another = now - self.lost_seen_ns > FLOOD_QUIET_NS  # none lost for a while: another flood
+        self.lost_seen, self.lost_seen_ns = lost, now
+        if not another and now - self.flood_paged_ns < FLOOD_PAGE_INTERVAL_NS:
             return
         by_cgroup = self.stream.probes.lost_by_cgroup()
         by_agent: collections.Counter[str] = collections.Counter()
