@@ -29,6 +29,7 @@ from ebpfmon.rules.vocabulary import PRIORITIES
 # keys that were renamed: the old name is an error that names the new one
 RENAMED = {"gpu_minors": "gpu_devices"}
 GPU_HOLDER_ACTIONS = ("freeze", "kill", "keep")
+SINK_FORMATS = ("ebpfmon", "falco")
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
 # "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.
 DEFAULT_GPU_PREFIXES = (
@@ -85,6 +86,9 @@ class SinkSettings:
     type: str
     name: str = ""  # for metrics and logs; the type by default
     min_priority: str = "DEBUG"  # alerts less severe than this are not sent here
+    # webhook, jsonl: "ebpfmon" (the alert as ebpfmon has it) or "falco" (Falco's JSON output:
+    # falcosidekick and its outputs take it unchanged; resolves are not sent, Falco has none)
+    format: str = "ebpfmon"
     path: str = ""  # jsonl
     url: str = ""  # webhook, slack, alertmanager (base URL), pagerduty (events API)
     url_file: str = ""
@@ -334,6 +338,11 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
             raise loader.error(f"{where}.type", f"{sink.type!r} is not one of {', '.join(SINKS)}")
         if sink.min_priority.upper() not in PRIORITIES:
             raise loader.error(f"{where}.min_priority", f"{sink.min_priority!r} is not one of {', '.join(PRIORITIES)}")
+        if sink.format not in SINK_FORMATS:
+            raise loader.error(f"{where}.format", f"{sink.format!r} is not one of {', '.join(SINK_FORMATS)}")
+        if sink.format != "ebpfmon" and sink.type not in ("webhook", "jsonl"):
+            raise loader.error(f"{where}.format", f"a {sink.type} sink speaks its service's format; format is "
+                                                  "for webhook and jsonl sinks")
         if sink.type == "jsonl" and not sink.path:
             raise loader.error(f"{where}.path", "a jsonl sink needs a path")
         if sink.type in ("webhook", "slack", "alertmanager") and not (sink.url or sink.url_file or sink.url_env):

@@ -99,7 +99,8 @@ class Alerting:
                      "output": verdict.output, "tags": verdict.tags, "actions": verdict.actions,
                      "agent": verdict.agent, "node": self.node, "time_ns": now,
                      "opened_ns": inc["opened_ns"] if inc else now, "count": (inc["count"] if inc else 0) + 1,
-                     "event": verdict.event.to_dict(), "quarantine": quarantine}
+                     "event": verdict.event.to_dict(), "quarantine": quarantine,
+                     "output_fields": verdict.output_fields}
             if inc is None:
                 inc = self.open[key] = {
                     "key": key, "rule": verdict.rule, "priority": verdict.priority, "agent": verdict.agent,

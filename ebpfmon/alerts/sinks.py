@@ -127,6 +127,29 @@ def within(limit: int, details: dict[str, Any], alert: dict[str, Any], node: str
     return details
 
 
+def formatted(form: str, alert: dict[str, Any], node: str) -> dict[str, Any] | None:
+    """The alert in a sink's format; None when that format has no such message (Falco: resolves)."""
+    if form == "falco":
+        return falco(alert, node) if alert["action"] != "resolve" else None
+    return alert
+
+
+def falco(alert: dict[str, Any], node: str) -> dict[str, Any]:
+    """Falco's JSON output (json_output: true, json_include_output_property, tags), as
+    falcosidekick reads it: output is Falco's line (time, priority, the rule's output),
+    output_fields the fields the rule's output names, with evt.time; ebpfmon's own fields
+    ride along under output_fields too (agent, incident), where Falco puts extra fields."""
+    when = dt.datetime.fromtimestamp(alert["time_ns"] // 10**9, dt.timezone.utc)
+    nanos = alert["time_ns"] % 10**9
+    priority = alert["priority"].capitalize()
+    fields = {"evt.time": alert["time_ns"], **(alert.get("output_fields") or {}),
+              "ebpfmon.agent": alert.get("agent"), "ebpfmon.incident": alert.get("incident"),
+              "ebpfmon.count": alert.get("count", 1)}
+    return {"hostname": node, "output": f"{when:%H:%M:%S}.{nanos:09d}: {priority} {alert['output']}",
+            "priority": priority, "rule": alert["rule"], "source": "syscall", "tags": list(alert.get("tags") or []),
+            "time": f"{when:%Y-%m-%dT%H:%M:%S}.{nanos:09d}Z", "output_fields": fields}
+
+
 def summary(alert: dict[str, Any]) -> str:
     verb = "resolved" if alert["action"] == "resolve" else alert["priority"]
     count = f" (x{alert['count']})" if alert.get("count", 1) > 1 else ""
@@ -149,10 +172,13 @@ class JsonlSink(Sink):
     remote = False
 
     def deliver(self, alert: dict[str, Any]) -> None:
+        body = formatted(self.settings.format, alert, self.node)
+        if body is None:
+            return
         path = Path(self.settings.path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
-            f.write(json.dumps(alert, separators=(",", ":")) + "\n")
+            f.write(json.dumps(body, separators=(",", ":")) + "\n")
 
 
 class WebhookSink(Sink):
@@ -161,7 +187,9 @@ class WebhookSink(Sink):
         self.url = secret(settings.url, settings.url_file, settings.url_env, f"URL of sink {self.name}")
 
     def deliver(self, alert: dict[str, Any]) -> None:
-        self.post(self.url, alert)
+        body = formatted(self.settings.format, alert, self.node)
+        if body is not None:
+            self.post(self.url, body)
 
 
 class SlackSink(WebhookSink):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfmon import events as ev
@@ -36,6 +36,7 @@ class Verdict:
     event: ev.Event
     count: int = 1  # events (or distinct values) that made a window rule fire
     never_suspend: bool = False  # the containment breaker never suspends the rule
+    output_fields: dict[str, Any] = field(default_factory=dict)  # the fields the output names, by name
 
     @property
     def time_ns(self) -> int:
@@ -165,11 +166,11 @@ class Engine:
         return verdicts
 
     def _verdict(self, rule: CompiledRule, x: Evaluation, count: int) -> Verdict:
-        return Verdict(rule=rule.name, priority=rule.priority,
-                       output=rule.output.render(x, {"window.count": count}),
+        extra = {"window.count": count}
+        return Verdict(rule=rule.name, priority=rule.priority, output=rule.output.render(x, extra),
                        tags=rule.tags, actions=rule.actions, enforce=rule.enforce,
                        agent=self.context.agent_cgroup(x.event.cgroup), event=x.event, count=count,
-                       never_suspend=rule.never_suspend)
+                       never_suspend=rule.never_suspend, output_fields=rule.output.values(x, extra))
 
     def state_size(self) -> dict[str, int]:
         """Keys held per stateful rule (for metrics and tests)."""

@@ -60,6 +60,22 @@ class Output:
             pos = m.end()
         self.parts.append(template[pos:])
 
+    def values(self, x: Evaluation, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fields the output names, by name, as values (None where a field has none): Falco's
+        output_fields."""
+        out: dict[str, Any] = {}
+        for part in self.parts:
+            if isinstance(part, str):
+                continue
+            f, index, name = part
+            value = (extra or {}).get(name) if f is None else x.get(name, f, index)
+            if isinstance(value, (list, tuple)):
+                value = [v if isinstance(v, (int, float, bool)) else safe(str(v)) for v in value]
+            elif value is not None and not isinstance(value, (int, float, bool)):
+                value = safe(str(value))
+            out[name] = value
+        return out
+
     def render(self, x: Evaluation, extra: dict[str, Any] | None = None) -> str:
         out = []
         for part in self.parts:
