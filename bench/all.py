@@ -33,6 +33,7 @@ BENCHMARKS = {
     "dns_proxy": "RESULTS-dns-proxy.md",
     "redteam": "RESULTS-redteam.md",
     "faults": "RESULTS-faults.md",
+    "audit_chain": "RESULTS-audit-chain.md",
     "compare": "RESULTS-compare.md",
 }
 

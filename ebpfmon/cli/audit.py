@@ -10,7 +10,8 @@ import typer
 from ebpfmon.alerts.audit import verify
 from ebpfmon.cli.common import ConfigOption, StateDirOption, effective_config
 
-app = typer.Typer(help="The audit log: check that nobody rewrote it.", no_args_is_help=True)
+app = typer.Typer(help="The audit log: check that nobody rewrote it.", no_args_is_help=True,
+                  epilog="Examples:\n\n  sudo ebpfmon audit verify\n\n  ebpfmon audit verify /mnt/copy/audit")
 
 EPILOG = """\
 Examples:\n\n
