@@ -94,6 +94,16 @@ class ConnectLines:
         return line
 
 
+def read_events(files: list[Path], bad: list[str]):
+    """The events of audit files, in order; what does not read as an event goes to bad."""
+    for path in files:
+        for _, item in ev.read_jsonl(path):
+            if isinstance(item, Exception):
+                bad.append(str(item))
+            else:
+                yield item
+
+
 def last_line_hash(directory: Path) -> str:
     """The hash of the last line the log holds (where a restarted daemon's chain goes on), or
     the empty chain's start."""

@@ -4,13 +4,16 @@ logging, stop signals."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -114,3 +117,22 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def time_arg(text: str | None) -> int:
+    """'30m', '2h', '1d' back from now, or a time ('2026-12-02T10:00', local unless it says), as
+    wall-clock ns; 0 for none."""
+    if not text:
+        return 0
+    duration = DURATION.match(text.strip())
+    if duration:
+        return time.time_ns() - int(float(duration.group(1)) * SECONDS[duration.group(2)] * 1e9)
+    try:
+        return int(dt.datetime.fromisoformat(text.strip()).timestamp() * 1e9)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a duration back from now (90s, 30m, 2h, 1d) or a time "
+                                 "(2026-12-02T10:00)") from None

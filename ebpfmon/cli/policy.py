@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ebpfmon.cli.common import ConfigOption, effective_config
-from ebpfmon import events as ev
+from ebpfmon.cli.common import ConfigOption, effective_config, time_arg
 from ebpfmon.config import load_config
 from ebpfmon.errors import EbpfmonError
-from ebpfmon.alerts.audit import audit_files
+from ebpfmon.alerts.audit import audit_files, read_events
 from ebpfmon.policy.learn import learn, profile_yaml
 from ebpfmon.policy.profiles import MODES, PROTOCOLS, Policy, Profile, compiled
 from ebpfmon.service import control
@@ -167,33 +164,6 @@ def validate(file: Annotated[Path, typer.Argument(help="The configuration file h
           f"default profile: {default}")
 
 
-DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _since_ns(text: str | None) -> int:
-    """'30m', '2h', '1d' back from now, or a time ('2026-12-02T10:00', local unless it says)."""
-    if not text:
-        return 0
-    duration = DURATION.match(text.strip())
-    if duration:
-        return time.time_ns() - int(float(duration.group(1)) * SECONDS[duration.group(2)] * 1e9)
-    try:
-        return int(dt.datetime.fromisoformat(text.strip()).timestamp() * 1e9)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: give a duration back from now (90s, 30m, 2h, 1d) or a time "
-                                 "(2026-12-02T10:00)") from None
-
-
-def _events(files: list[Path], bad: list[str]):
-    for path in files:
-        for _, item in ev.read_jsonl(path):
-            if isinstance(item, Exception):
-                bad.append(str(item))
-            else:
-                yield item
-
-
 @app.command("learn", epilog="Examples:\n\n"
              "  ebpfmon policy learn --agent '/ebpfmon-agents/web-*' --since 1d > web.yaml\n\n"
              "  ebpfmon policy validate web.yaml; ebpfmon policy list --config web.yaml\n\n"
@@ -221,7 +191,7 @@ def learn_profile(
         raise EbpfmonError(f"no audit log in {directory}.", "Give --audit-dir, or run the daemon with the audit "
                                                              "log on (audit.enabled) first.")
     bad: list[str] = []
-    learned = learn(_events(files, bad), agent, config.agents, _since_ns(since))
+    learned = learn(read_events(files, bad), agent, config.agents, time_arg(since))
     for problem in bad[:5]:
         print(f"ebpfmon: {problem}", file=sys.stderr)
     if not learned.events:

@@ -229,3 +229,35 @@ def test_a_world_readable_audit_directory_is_refused(tmp_path):
         AuditLog(AuditSettings(), tmp_path)
     (tmp_path / "audit").chmod(0o700)
     AuditLog(AuditSettings(), tmp_path).close()
+
+
+def test_audit_search_by_agent_kind_time_and_rule(tmp_path):
+    from helpers import ebpfmon
+
+    log = AuditLog(AuditSettings(), tmp_path)
+    proc = ev.Process(pid=9, tid=9, ppid=1, uid=0, gid=0, comm="ssh")
+    tunnel = ev.ExecEvent(time_ns=2_000_000_000_000_000_000, cgroup_id=7, cgroup="/ebpfmon-agents/job-42/shell",
+                          proc=proc, filename="/usr/bin/ssh", argv=["ssh", "-N", "-R", "8022:localhost:22", "x@h"])
+    other = ev.ExecEvent(time_ns=1_000_000_000_000_000_000, cgroup_id=8, cgroup="/ebpfmon-agents/job-7", proc=proc,
+                         filename="/usr/bin/git", argv=["git", "status"])
+    for event in [other, *agent_events(5), tunnel]:
+        log.write(event)
+    log.close()
+    directory = str(log.directory)
+
+    def search(*args):
+        out = ebpfmon("audit", "search", directory, *args)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    assert [json.loads(l)["argv"] for l in search("--agent", "*/job-42", "--json").stdout.splitlines()] == [
+        tunnel.argv]
+    assert len(search("--kind", "connect", "--json").stdout.splitlines()) == 5
+    assert "git status" in search("--kind", "exec", "--until", "2002-01-01T00:00").stdout  # other: 2001, the tunnel: 2033
+    assert "job-42" not in search("--kind", "exec", "--until", "2002-01-01T00:00").stdout
+    found = search("--rule", "Reverse SSH tunnel")
+    assert "ssh -N -R 8022:localhost:22" in found.stdout and "git" not in found.stdout
+    assert "1 event(s) from 1 file(s)" in found.stderr
+    assert len(search("--limit", "2", "--json").stdout.splitlines()) == 2
+    out = ebpfmon("audit", "search", directory, "--rule", "No such rule")
+    assert out.returncode == 2 and "no rule 'No such rule' is loaded" in out.stderr
