@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ebpfmon.alerts.sinks import SINKS
+from ebpfmon.alerts.sinks import SINKS, SYSLOG_FACILITIES
 from ebpfmon.errors import ConfigError
 from ebpfmon.host.cgroups import AgentLayout
 from ebpfmon.host.gpus import GpuNameError, parse_gpu_name
@@ -30,6 +30,7 @@ from ebpfmon.rules.vocabulary import PRIORITIES
 RENAMED = {"gpu_minors": "gpu_devices"}
 GPU_HOLDER_ACTIONS = ("freeze", "kill", "keep")
 SINK_FORMATS = ("ebpfmon", "falco")
+
 # Device paths of GPUs and accelerators. Matched as prefixes in the kernel, so
 # "/dev/nvidia" covers /dev/nvidia0..N, /dev/nvidiactl and /dev/nvidia-uvm*.
 DEFAULT_GPU_PREFIXES = (
@@ -96,6 +97,12 @@ class SinkSettings:
     routing_key: str = ""  # pagerduty
     routing_key_file: str = ""
     routing_key_env: str = ""
+    # syslog: RFC 5424 over TCP (octet-counted frames) to HOST:PORT, TLS when tls is true
+    # (verified against tls_ca_file, else the system's CAs), with this facility
+    address: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    facility: str = "authpriv"
     timeout: float = 10.0
 
 
@@ -343,6 +350,13 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
         if sink.format != "ebpfmon" and sink.type not in ("webhook", "jsonl"):
             raise loader.error(f"{where}.format", f"a {sink.type} sink speaks its service's format; format is "
                                                   "for webhook and jsonl sinks")
+        if sink.type == "syslog":
+            host, _, port = sink.address.rpartition(":")
+            if not host or not port.isdigit():
+                raise loader.error(f"{where}.address", f"a syslog sink needs HOST:PORT, got {sink.address!r}")
+            if sink.facility not in SYSLOG_FACILITIES:
+                raise loader.error(f"{where}.facility", f"{sink.facility!r} is not one of "
+                                                        f"{', '.join(SYSLOG_FACILITIES)}")
         if sink.type == "jsonl" and not sink.path:
             raise loader.error(f"{where}.path", "a jsonl sink needs a path")
         if sink.type in ("webhook", "slack", "alertmanager") and not (sink.url or sink.url_file or sink.url_env):

@@ -90,3 +90,22 @@ def test_command_line_options_override_the_file_and_keep_the_rest(tmp_path):
     assert with_rules(config, [Path("/x.yaml")], no_defaults=True).rules.files == ("/etc/mine.yaml", "/x.yaml")
     with pytest.raises(ConfigError, match="agent_root: must be an absolute cgroup path"):
         effective_config(path, agent_root="/")
+
+
+def test_syslog_sink_settings_are_checked(tmp_path):
+    import pytest
+
+    from ebpfmon.config import load_config
+    from ebpfmon.errors import ConfigError
+
+    good = tmp_path / "good.yaml"
+    good.write_text("alerts: {sinks: [{type: syslog, address: '127.0.0.1:6514', tls: true, facility: local3}]}\n")
+    [sink] = load_config(good).alerts.sinks
+    assert (sink.address, sink.tls, sink.facility) == ("127.0.0.1:6514", True, "local3")
+    for text, says in [("{type: syslog}", "needs HOST:PORT"), ("{type: syslog, address: 'h:x'}", "needs HOST:PORT"),
+                       ("{type: syslog, address: 'h:514', facility: nope}", "'nope' is not one of kern"),
+                       ("{type: pagerduty, routing_key: k, format: falco}", "format is for webhook and jsonl")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"alerts: {{sinks: [{text}]}}\n")
+        with pytest.raises(ConfigError, match=says):
+            load_config(bad)
