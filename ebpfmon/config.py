@@ -103,6 +103,10 @@ class SinkSettings:
     tls: bool = False
     tls_ca_file: str = ""
     facility: str = "authpriv"
+    # nats (url: nats://HOST:4222): JetStream subjects SUBJECT.NODE.alert.PRIORITY, in the stream
+    # named here (made when missing, over SUBJECT.>); a publish counts when JetStream acknowledged it
+    subject: str = "ebpfmon"
+    stream: str = "EBPFMON"
     timeout: float = 10.0
 
 
@@ -359,7 +363,7 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
                                                         f"{', '.join(SYSLOG_FACILITIES)}")
         if sink.type == "jsonl" and not sink.path:
             raise loader.error(f"{where}.path", "a jsonl sink needs a path")
-        if sink.type in ("webhook", "slack", "alertmanager") and not (sink.url or sink.url_file or sink.url_env):
+        if sink.type in ("webhook", "slack", "alertmanager", "nats") and not (sink.url or sink.url_file or sink.url_env):
             raise loader.error(f"{where}.url", f"a {sink.type} sink needs url, url_file or url_env")
         if sink.type == "pagerduty" and not (sink.routing_key or sink.routing_key_file or sink.routing_key_env):
             raise loader.error(f"{where}.routing_key", "a pagerduty sink needs routing_key, routing_key_file or "

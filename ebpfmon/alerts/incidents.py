@@ -84,6 +84,8 @@ class Alerting:
         for worker in self.workers:
             if worker.ident is not None:  # started
                 worker.join(timeout=5)
+        for sink in self.sinks:
+            sink.close()
         self.spool.close()
 
     # ---- from the daemon ----

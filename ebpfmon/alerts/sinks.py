@@ -9,6 +9,7 @@ standard library's client.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import http.client
 import json
 import os
@@ -71,6 +72,9 @@ class Sink:
 
     def deliver(self, alert: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Lets go of connections (once no worker delivers any more)."""
 
     def post(self, url: str, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
@@ -327,6 +331,76 @@ class SyslogSink(Sink):
             self.sock = None
             raise DeliveryError(f"{self.name}: {self.host}:{self.port}: {e}") from e
 
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class NatsSink(Sink):
+    """NATS JetStream: each alert published to SUBJECT.NODE.alert.PRIORITY (node dots as
+    underscores, priority in lower case), delivered when JetStream acknowledged it, with a
+    Nats-Msg-Id made from the alert, so a retry after a lost acknowledgement is stored once
+    (within the stream's duplicate window). The stream is made when missing. nats-py is asyncio:
+    the sink's worker thread runs its own loop."""
+
+    def __init__(self, settings: SinkSettings, node: str):
+        super().__init__(settings, node)
+        self.url = secret(settings.url, settings.url_file, settings.url_env, f"URL of sink {self.name}")
+        self.prefix = settings.subject
+        self.node_token = node.replace(".", "_").replace(" ", "_") or "node"
+        self.loop = None
+        self.client = None
+        self.jetstream = None
+
+    def subject(self, alert: dict[str, Any]) -> str:
+        return f"{self.prefix}.{self.node_token}.alert.{alert['priority'].lower()}"
+
+    def deliver(self, alert: dict[str, Any]) -> None:
+        import asyncio
+
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(asyncio.wait_for(self._publish(alert), self.settings.timeout * 2))
+        except Exception as e:  # nats-py's errors have no common base besides Exception
+            self.loop.run_until_complete(self._drop())
+            raise DeliveryError(f"{self.name}: {type(e).__name__}: {e}") from e
+
+    async def _publish(self, alert: dict[str, Any]) -> None:
+        import nats
+
+        if self.client is None or self.client.is_closed:
+            self.client = await nats.connect(self.url, allow_reconnect=False, connect_timeout=self.settings.timeout,
+                                             max_reconnect_attempts=0)
+            self.jetstream = self.client.jetstream(timeout=self.settings.timeout)
+            try:
+                await self.jetstream.stream_info(self.settings.stream)
+            except nats.js.errors.NotFoundError:
+                await self.jetstream.add_stream(name=self.settings.stream, subjects=[f"{self.prefix}.>"])
+        await self.jetstream.publish(self.subject(alert), json.dumps(alert).encode(),
+                                     headers={"Nats-Msg-Id": message_id(alert)})
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.run_until_complete(self._drop())
+            self.loop.close()
+            self.loop = None
+
+    async def _drop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None and not client.is_closed:
+            try:
+                await client.close()
+            except Exception:  # already broken: nothing to close cleanly
+                pass
+
+
+def message_id(alert: dict[str, Any]) -> str:
+    """The same for the same alert however often it is sent (a retry), another for the next one."""
+    key = f"{alert.get('incident')}|{alert['action']}|{alert.get('count', 1)}|{alert['time_ns']}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
 
 def sd_escape(value: str) -> str:
     """An SD-PARAM value as RFC 5424 wants it: '"', '\\' and ']' escaped."""
@@ -334,7 +408,7 @@ def sd_escape(value: str) -> str:
 
 
 SINKS = {"console": ConsoleSink, "jsonl": JsonlSink, "webhook": WebhookSink, "slack": SlackSink,
-         "pagerduty": PagerDutySink, "alertmanager": AlertmanagerSink, "syslog": SyslogSink}
+         "pagerduty": PagerDutySink, "alertmanager": AlertmanagerSink, "syslog": SyslogSink, "nats": NatsSink}
 
 
 def make_sink(settings: SinkSettings, node: str) -> Sink:
