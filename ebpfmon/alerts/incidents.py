@@ -22,7 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ebpfmon.alerts.sinks import Sink, make_sink
+from ebpfmon.alerts.sinks import CHAIN_HEAD, Sink, make_sink
 from ebpfmon.alerts.spool import Spool
 from ebpfmon.config import AlertSettings
 from ebpfmon.errors import DeliveryError
@@ -152,6 +152,16 @@ class Alerting:
         for alert, sink in again:
             self._spool(alert, [sink])
         if again:
+            with self.wake:
+                self.wake.notify_all()
+
+    def chain_head(self, head: str, records: int, file: str) -> None:
+        """The audit log's chain head to the sinks that take it (syslog, NATS), through the spool."""
+        alert = {"action": CHAIN_HEAD, "priority": "INFORMATIONAL", "node": self.node, "time_ns": self.clock(),
+                 "hash": head, "records": records, "file": file, "incident": f"audit-head-{head}", "count": 1}
+        remote = [s.name for s in self.sinks if s.remote and s.wants(alert)]
+        if remote:
+            self._spool(alert, remote)
             with self.wake:
                 self.wake.notify_all()
 

@@ -67,7 +67,12 @@ class Sink:
         self.node = node
         self.min_rank = PRIORITY_RANK[settings.min_priority.upper()]
 
+    # whether the audit log's chain head goes here too (the fleet's copy to check a node's log against)
+    takes_chain_head = False
+
     def wants(self, alert: dict[str, Any]) -> bool:
+        if alert["action"] == CHAIN_HEAD:
+            return self.takes_chain_head
         return PRIORITY_RANK.get(alert["priority"], 0) <= self.min_rank
 
     def deliver(self, alert: dict[str, Any]) -> None:
@@ -102,7 +107,8 @@ PAGERDUTY_DETAILS_MAX = 256 << 10
 SLACK_TEXT_MAX = 3000
 TRIMMED_ARGS = 32  # arguments kept of a trimmed command line
 TRIMMED_CONNECTIONS = 20  # connections kept of a trimmed quarantine record
-RETRIED_4XX = (408, 429)  # request timeout, too many requests: the service asks to be tried again
+RETRIED_4XX = (408, 429)
+CHAIN_HEAD = "audit_head"  # the action of the audit log's chain head, sent to the sinks that take it  # request timeout, too many requests: the service asks to be tried again
 
 
 def record_pointer(alert: dict[str, Any], node: str) -> str:
@@ -162,6 +168,8 @@ def falco(alert: dict[str, Any], node: str) -> dict[str, Any]:
 
 
 def summary(alert: dict[str, Any]) -> str:
+    if alert["action"] == CHAIN_HEAD:
+        return f"audit chain head {alert['hash']} after {alert['records']} record(s) in {alert['file']}"
     verb = "resolved" if alert["action"] == "resolve" else alert["priority"]
     count = f" (x{alert['count']})" if alert.get("count", 1) > 1 else ""
     return f"[{verb}] {alert['rule']}{count}: {alert['output']}"
@@ -289,6 +297,7 @@ class SyslogSink(Sink):
     can be lost, which a server that closes its connections first does not cause."""
 
     SD_ID = "ebpfmon@32473"  # 32473: the enterprise number RFC 5612 sets aside for documentation
+    takes_chain_head = True
 
     def __init__(self, settings: SinkSettings, node: str):
         super().__init__(settings, node)
@@ -303,9 +312,12 @@ class SyslogSink(Sink):
     def message(self, alert: dict[str, Any]) -> bytes:
         severity = PRIORITY_RANK.get(alert["priority"], 6)  # the priorities are syslog's, in its order
         when = dt.datetime.fromtimestamp(alert["time_ns"] / 1e9, dt.timezone.utc)
-        params = {"rule": alert["rule"], "priority": alert["priority"], "agent": alert.get("agent") or "",
-                  "incident": alert.get("incident") or "", "count": str(alert.get("count", 1)),
-                  "actions": ",".join(alert.get("actions") or []), "action": alert["action"]}
+        if alert["action"] == CHAIN_HEAD:
+            params = {k: str(alert[k]) for k in ("hash", "records", "file")}
+        else:
+            params = {"rule": alert["rule"], "priority": alert["priority"], "agent": alert.get("agent") or "",
+                      "incident": alert.get("incident") or "", "count": str(alert.get("count", 1)),
+                      "actions": ",".join(alert.get("actions") or []), "action": alert["action"]}
         data = " ".join(f'{k}="{sd_escape(v)}"' for k, v in params.items())
         host = (self.node or "-")[:255].replace(" ", "_")
         header = (f"<{self.facility * 8 + severity}>1 {when:%Y-%m-%dT%H:%M:%S.%fZ} {host} ebpfmon {os.getpid()} "
@@ -353,7 +365,11 @@ class NatsSink(Sink):
         self.client = None
         self.jetstream = None
 
+    takes_chain_head = True
+
     def subject(self, alert: dict[str, Any]) -> str:
+        if alert["action"] == CHAIN_HEAD:
+            return f"{self.prefix}.{self.node_token}.audit.head"
         return f"{self.prefix}.{self.node_token}.alert.{alert['priority'].lower()}"
 
     def deliver(self, alert: dict[str, Any]) -> None:

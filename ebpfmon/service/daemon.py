@@ -181,14 +181,16 @@ class Daemon:
         self.lost_paged, self.lost_by_cgroup_paged, self.flood_paged_ns = lost, by_cgroup, now
 
     def _log_chain_head(self) -> None:
-        """The audit log's chain head to the journal once a minute: a log rewritten whole, with
-        its chain-head file, still disagrees with what the journal has."""
+        """The audit log's chain head to the journal, and to the syslog and NATS sinks, once a
+        minute: a log rewritten whole, with its chain-head file, still disagrees with the copies."""
         now = time.monotonic_ns()
         if not self.audit or now - self.head_logged_ns < CHAIN_HEAD_INTERVAL_NS:
             return
         self.head_logged_ns = now
         log.info("audit chain head: %s after %d record(s), %s (ebpfmon audit verify)", self.audit.prev or "-",
                  self.audit.lines_chained, self.audit.path)
+        if self.audit.prev:
+            self.alerting.chain_head(self.audit.prev, self.audit.lines_chained, str(self.audit.path))
 
     def metrics_state(self) -> str:
         """For the ready line: where metrics are, or why they are not."""

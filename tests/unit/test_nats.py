@@ -75,3 +75,14 @@ def test_a_retry_of_the_same_alert_is_stored_once(tmp_path, server):
     finally:
         sink.close()
     assert [p["count"] for _, _, p in server.stored(count=2)] == [1, 2]
+
+
+def test_the_audit_chain_head_is_published_for_the_fleet(tmp_path, server):
+    a = alerting(tmp_path, server.url)
+    try:
+        a.chain_head("0123456789abcdef0123456789abcdef", 1234, "/var/lib/ebpfmon/audit/events.jsonl")
+        [(subject, _, payload)] = server.stored(count=1)
+    finally:
+        a.close()
+    assert subject == "ebpfmon.gpu-node-7_example.audit.head"
+    assert payload["hash"] == "0123456789abcdef0123456789abcdef" and payload["records"] == 1234

@@ -16,7 +16,7 @@ from ebpfmon.config import AlertSettings, SinkSettings
 from ebpfmon.rules.cases import make_event
 from ebpfmon.rules.engine import Verdict
 
-RFC5424 = re.compile(r"^<(\d+)>1 (\S+) (\S+) ebpfmon (\d+) (trigger|resolve) \[ebpfmon@32473 (.*?)\] (.*)$")
+RFC5424 = re.compile(r"^<(\d+)>1 (\S+) (\S+) ebpfmon (\d+) (trigger|resolve|audit_head) \[ebpfmon@32473 (.*?)\] (.*)$")
 
 
 @pytest.fixture
@@ -126,3 +126,25 @@ def test_over_tls_verified_against_the_configured_ca(tmp_path):
         listener.close()
     assert len(received) == 1 and RFC5424.match(received[0])
     assert sd_params(RFC5424.match(received[0]).group(6))["agent"] == "/ebpfmon-agents/tls"
+
+
+def test_the_audit_chain_head_goes_to_syslog_and_not_to_the_pager(tmp_path, rsyslog):
+    from servers.pagerduty import FakePagerDuty
+
+    pagerduty = FakePagerDuty()
+    settings = AlertSettings(sinks=(SinkSettings(type="syslog", address=f"127.0.0.1:{rsyslog.port}", timeout=5),
+                                    SinkSettings(type="pagerduty", url=pagerduty.url, routing_key="k")))
+    a = Alerting(settings, tmp_path / "state", node="gpu-node-7").start()
+    try:
+        a.chain_head("0123456789abcdef0123456789abcdef", 77, "/var/lib/ebpfmon/audit/events.jsonl")
+        a.verdict(tunnel("/ebpfmon-agents/after-head"))  # behind it in the same queue
+        got = rsyslog.messages(2)
+        assert len(pagerduty.wait(1)) == 1  # the pager got the alert only
+    finally:
+        a.close()
+        pagerduty.close()
+    head = RFC5424.match(got[0])
+    assert head and head.group(5) == "audit_head"
+    assert sd_params(head.group(6)) == {"hash": "0123456789abcdef0123456789abcdef", "records": "77",
+                                        "file": "/var/lib/ebpfmon/audit/events.jsonl"}
+    assert "Reverse SSH tunnel" in pagerduty.accepted[0]["payload"]["summary"]
