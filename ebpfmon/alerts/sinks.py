@@ -387,8 +387,9 @@ class NatsSink(Sink):
         import nats
 
         if self.client is None or self.client.is_closed:
-            self.client = await nats.connect(self.url, allow_reconnect=False, connect_timeout=self.settings.timeout,
-                                             max_reconnect_attempts=0)
+            servers = [u.strip() for u in self.url.split(",") if u.strip()]  # a cluster's servers, comma-separated
+            self.client = await nats.connect(servers=servers, allow_reconnect=False,
+                                             connect_timeout=self.settings.timeout, max_reconnect_attempts=0)
             self.jetstream = self.client.jetstream(timeout=self.settings.timeout)
             try:
                 await self.jetstream.stream_info(self.settings.stream)
