@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from servers.listening import wait_listening
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -22,16 +23,8 @@ class NatsServer:
     def start(self) -> "NatsServer":
         self.proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port),
                                       "-sd", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("nats-server exited")
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not listen")
+        wait_listening(self.proc, self.port, "nats-server")
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -4,10 +4,11 @@ frames), every message written raw, one per line, to a file; no other input (not
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from servers.listening import wait_listening
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 
@@ -30,16 +31,8 @@ template(name="raw" type="string" string="%rawmsg%\\n")
     def start(self) -> "Rsyslog":
         self.proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.directory / "pid")],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"rsyslogd exited: {self.proc.stdout.read().decode(errors='replace')}")
-                time.sleep(0.05)
-        raise RuntimeError("rsyslogd did not listen")
+        wait_listening(self.proc, self.port, "rsyslogd")
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
