@@ -45,12 +45,16 @@ def hold(path: Path, what: str) -> IO[str]:
     return f
 
 
-def hold_instance(state_dir: str, agent_root_id: int) -> list[IO[str]]:
-    """The state directory's lock and the agent root's (its pinned maps and programs)."""
+def hold_instance(state_dir: str, agent_root_id: int, run_dir: Path = RUN_DIR) -> list[IO[str]]:
+    """The state directory's lock and the agent root's (its pinned maps and programs). Where
+    run_dir cannot be written (a sandbox without it), the state directory's lock alone."""
     locks = [hold(Path(state_dir) / LOCK_NAME, f"the state directory {state_dir}")]
     try:
-        locks.append(hold(RUN_DIR / f"agent-root-{agent_root_id}.lock", "the same agent root"))
+        locks.append(hold(run_dir / f"agent-root-{agent_root_id}.lock", "the same agent root"))
     except EbpfmonError:
         locks[0].close()
         raise
+    except OSError as e:
+        log.warning("no lock on the agent root (%s: %s): only this state directory is guarded against a second "
+                    "daemon", run_dir, e.strerror)
     return locks
