@@ -549,7 +549,7 @@ METADATA_LIST = """
 """
 
 
-def wait_for(predicate, what: str, seconds: float = 10):
+def wait_for(predicate, what: str, seconds: float = 30):  # a bound for a hang, not a speed check
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = predicate()
