@@ -20,6 +20,7 @@ import yaml
 
 from ebpfmon.alerts.sinks import SINKS, SYSLOG_FACILITIES
 from ebpfmon.errors import ConfigError
+from ebpfmon.events import EVENT_TYPES
 from ebpfmon.host.cgroups import AgentLayout
 from ebpfmon.host.gpus import GpuNameError, parse_gpu_name
 from ebpfmon.host.network import DEFAULT_INTERNAL_NETWORKS
@@ -107,6 +108,10 @@ class SinkSettings:
     # named here (made when missing, over SUBJECT.>); a publish counts when JetStream acknowledged it
     subject: str = "ebpfmon"
     stream: str = "EBPFMON"
+    # nats: events of these kinds (or "all") also go out, on SUBJECT.NODE.event.KIND, read
+    # from the audit log behind the daemon; of the agents these cgroup globs match (none: all)
+    events: tuple[str, ...] = ()
+    event_agents: tuple[str, ...] = ()
     timeout: float = 10.0
 
 
@@ -361,6 +366,17 @@ def validate(config: Config, loader: _Loader | None = None) -> None:
             if sink.facility not in SYSLOG_FACILITIES:
                 raise loader.error(f"{where}.facility", f"{sink.facility!r} is not one of "
                                                         f"{', '.join(SYSLOG_FACILITIES)}")
+        if sink.events and sink.type != "nats":
+            raise loader.error(f"{where}.events", f"a {sink.type} sink takes alerts only; events go to nats sinks")
+        for j, kind in enumerate(sink.events):
+            if kind != "all" and kind not in EVENT_TYPES:
+                raise loader.error(f"{where}.events[{j}]", f"{kind!r} is not one of all, {', '.join(EVENT_TYPES)}")
+        if sink.event_agents and not sink.events:
+            raise loader.error(f"{where}.event_agents", "chooses the agents whose events go out: name the kinds "
+                                                        "in events too")
+        if sink.events and not config.audit.enabled:
+            raise loader.error(f"{where}.events", "events are exported from the audit log: audit.enabled must "
+                                                  "be true")
         if sink.type == "jsonl" and not sink.path:
             raise loader.error(f"{where}.path", "a jsonl sink needs a path")
         if sink.type in ("webhook", "slack", "alertmanager", "nats") and not (sink.url or sink.url_file or sink.url_env):

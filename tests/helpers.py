@@ -409,3 +409,14 @@ def materialize_gpu_host(name: str, into: Path) -> tuple[Path, Path, Path]:
         (sys_ / "dev/char" / number).mkdir(parents=True)
         (sys_ / "dev/char" / number / "device").symlink_to(device)
     return proc, dev, sys_
+
+
+def wait_for(predicate, what: str, seconds: float = 30):
+    """predicate's first true value; polled, the bound is for a hang, not a speed check."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds}s: {what}")

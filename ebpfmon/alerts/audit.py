@@ -133,14 +133,11 @@ class AuditLog:
         self.max_bytes = settings.max_bytes
         self.backups = settings.backups
         self.buffer: list[tuple[str, object, bytes]] = []  # (ancestry id, its JSON, event line)
-        # unbuffered: after a failed write, what the disk did not take is known (pending)
-        self.file = open(self.path, "ab", buffering=0)
-        self.size = self.file.tell()
+        self._open()
         self.ancestries_written: set[str] = set()  # ids with a line in the current file
         self.connect_lines = ConnectLines()
         self.pending = bytearray()  # lines not on disk yet
         self.prev = last_line_hash(self.directory)  # the chain goes on from the last line written
-        self._rendered = (self.prev, 0)
         self.lines_chained = 0
         self.head_written = float("-inf")
         self.failing: str | None = None  # why the last write failed; None while writes succeed
@@ -161,17 +158,17 @@ class AuditLog:
         out with a later flush once it takes them again."""
         if self.buffer:
             try:
-                text = self._text()
+                text, prev, count = self._text()
                 if self.size and self.size + len(self.pending) + len(text) > self.max_bytes:
                     self._write_pending()  # what waits belongs to the file being closed
                     self.rotate()
-                    text = self._text()  # the new file gets its own ancestry lines
+                    text, prev, count = self._text()  # the new file gets its own ancestry lines
             except OSError as e:
                 self._failed(e)
             self.buffer.clear()
             self.pending += text
-            self.prev = self._rendered[0]
-            self.lines_chained += self._rendered[1]
+            self.prev = prev  # the chain moves on with the text that is kept
+            self.lines_chained += count
         try:
             self._write_pending()
         except OSError as e:
@@ -199,8 +196,7 @@ class AuditLog:
 
     def _write_pending(self) -> None:
         if self.file.closed:  # a rotation that failed half way
-            self.file = open(self.path, "ab", buffering=0)
-            self.size = self.file.tell()
+            self._open()
         while self.pending:
             written = self.file.write(self.pending)
             del self.pending[:written]
@@ -210,7 +206,13 @@ class AuditLog:
         self.write_failures += 1
         self.failing = f"{self.path}: {error.strerror or error}"
 
-    def _text(self) -> bytes:
+    def _open(self) -> None:
+        # unbuffered: after a failed write, what the disk did not take is known (pending)
+        self.file = open(self.path, "ab", buffering=0)
+        self.size = self.file.tell()
+
+    def _text(self) -> tuple[bytes, str, int]:
+        """The buffer's lines, chained on from self.prev: the text, the last line's hash, how many."""
         if len(self.ancestries_written) > MAX_ANCESTRIES_REMEMBERED:
             self.ancestries_written.clear()  # written again when named again: bounded memory
         lines = []
@@ -222,9 +224,9 @@ class AuditLog:
                 prev = line_hash(lines[-1])
             lines.append(chained(line, prev))
             prev = line_hash(lines[-1])
-        self._rendered = (prev, len(lines))  # the chain moves on only with the text that is kept
+        count = len(lines)
         lines.append(b"")
-        return b"\n".join(lines)
+        return b"\n".join(lines), prev, count
 
     def rotate(self) -> None:
         """events.jsonl -> .1 -> .2 ... up to backups; the oldest goes."""
@@ -237,8 +239,7 @@ class AuditLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
-        self.file = open(self.path, "ab", buffering=0)
-        self.size = 0
+        self._open()
         self.ancestries_written.clear()
 
     def close(self) -> None:

@@ -157,13 +157,8 @@ class Alerting:
 
     def chain_head(self, head: str, records: int, file: str) -> None:
         """The audit log's chain head to the sinks that take it (syslog, NATS), through the spool."""
-        alert = {"action": CHAIN_HEAD, "priority": "INFORMATIONAL", "node": self.node, "time_ns": self.clock(),
-                 "hash": head, "records": records, "file": file, "incident": f"audit-head-{head}", "count": 1}
-        remote = [s.name for s in self.sinks if s.remote and s.wants(alert)]
-        if remote:
-            self._spool(alert, remote)
-            with self.wake:
-                self.wake.notify_all()
+        self.send({"action": CHAIN_HEAD, "priority": "INFORMATIONAL", "node": self.node, "time_ns": self.clock(),
+                   "hash": head, "records": records, "file": file, "incident": f"audit-head-{head}", "count": 1})
 
     def resolve_agent(self, agent: str, reason: str = "") -> int:
         """Resolves every open incident of an agent (its quarantine was released); how many."""

@@ -107,8 +107,8 @@ PAGERDUTY_DETAILS_MAX = 256 << 10
 SLACK_TEXT_MAX = 3000
 TRIMMED_ARGS = 32  # arguments kept of a trimmed command line
 TRIMMED_CONNECTIONS = 20  # connections kept of a trimmed quarantine record
-RETRIED_4XX = (408, 429)
-CHAIN_HEAD = "audit_head"  # the action of the audit log's chain head, sent to the sinks that take it  # request timeout, too many requests: the service asks to be tried again
+RETRIED_4XX = (408, 429)  # request timeout, too many requests: the service asks to be tried again
+CHAIN_HEAD = "audit_head"  # the action of the audit log's chain head, sent to the sinks that take it
 
 
 def record_pointer(alert: dict[str, Any], node: str) -> str:
@@ -331,16 +331,13 @@ class SyslogSink(Sink):
             if self.sock is not None and select.select([self.sock], [], [], 0)[0]:
                 # a syslog server sends nothing: readable is its FIN (it went away). A write would
                 # still succeed once, into the void, before the error: make the connection again
-                self.sock.close()
-                self.sock = None
+                self.close()
             if self.sock is None:
                 sock = socket.create_connection((self.host, self.port), timeout=self.settings.timeout)
                 self.sock = self.context.wrap_socket(sock, server_hostname=self.host) if self.context else sock
             self.sock.sendall(frame)
         except (OSError, ssl.SSLError) as e:
-            if self.sock is not None:
-                self.sock.close()
-            self.sock = None
+            self.close()
             raise DeliveryError(f"{self.name}: {self.host}:{self.port}: {e}") from e
 
     def close(self) -> None:
@@ -373,17 +370,31 @@ class NatsSink(Sink):
         return f"{self.prefix}.{self.node_token}.alert.{alert['priority'].lower()}"
 
     def deliver(self, alert: dict[str, Any]) -> None:
+        [failure] = self.publish_all([(self.subject(alert), json.dumps(alert).encode(), message_id(alert))])
+        if failure is not None:
+            raise failure
+
+    def publish_all(self, messages: list[tuple[str, bytes, str]]) -> list[DeliveryError | None]:
+        """Publishes (subject, payload, message id) all at once, each acknowledged by JetStream;
+        for each, None or why it was not. One that failed drops the connection (made again
+        by the next call)."""
         import asyncio
 
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
         try:
-            self.loop.run_until_complete(asyncio.wait_for(self._publish(alert), self.settings.timeout * 2))
+            results = self.loop.run_until_complete(asyncio.wait_for(self._publish(messages),
+                                                                    self.settings.timeout * 2))
         except Exception as e:  # nats-py's errors have no common base besides Exception
+            results = [e] * len(messages)
+        failures = [None if r is None else DeliveryError(f"{self.name}: {type(r).__name__}: {r}") for r in results]
+        if any(failures):
             self.loop.run_until_complete(self._drop())
-            raise DeliveryError(f"{self.name}: {type(e).__name__}: {e}") from e
+        return failures
 
-    async def _publish(self, alert: dict[str, Any]) -> None:
+    async def _publish(self, messages: list[tuple[str, bytes, str]]) -> list[BaseException | None]:
+        import asyncio
+
         import nats
 
         if self.client is None or self.client.is_closed:
@@ -395,8 +406,12 @@ class NatsSink(Sink):
                 await self.jetstream.stream_info(self.settings.stream)
             except nats.js.errors.NotFoundError:
                 await self.jetstream.add_stream(name=self.settings.stream, subjects=[f"{self.prefix}.>"])
-        await self.jetstream.publish(self.subject(alert), json.dumps(alert).encode(),
-                                     headers={"Nats-Msg-Id": message_id(alert)})
+        # published at once, then the acknowledgements awaited (one reply subscription, no task per message)
+        acks = [await self.jetstream.publish_async(subject, payload, headers={"Nats-Msg-Id": mid})
+                for subject, payload, mid in messages]
+        await asyncio.wait(acks, timeout=self.settings.timeout)
+        return [ack.exception() if ack.done() and not ack.cancelled() else TimeoutError("no acknowledgement")
+                for ack in acks]
 
     def close(self) -> None:
         if self.loop is not None:

@@ -106,8 +106,10 @@ class GpuGrants:
 
     def apply(self, paths: list[str]) -> None:
         """Kernel entries for the agents among paths: new cgroups, all of them at start and on a
-        reload. An entry is written only where the agent differs from the default."""
-        default_deny = "*" not in self.config.gpu_entitled
+        reload. An entry is written only where the agent differs from the default; where every
+        agent may use every GPU and the kernel holds no entry, there is nothing to do per agent."""
+        if self._every_agent_every_gpu() and not self.enforcer.gpu_policies():
+            return
         with self.lock:
             for path in paths:
                 if not self.config.agents.is_agent(path):
@@ -117,17 +119,15 @@ class GpuGrants:
                     continue  # gone, or contained: a deny_gpu stays
                 grant = self.scheduled.get(path)
                 if grant is not None and grant.cgroup_id != agent_id:
-                    if grant.cgroup_id is not None:  # a grant for a cgroup of that name that is gone
-                        del self.scheduled[path]
-                        self._save()
-                    else:
+                    if grant.cgroup_id is None:  # a grant made before the cgroup: bound now
                         grant.cgroup_id = agent_id
-                        self._save()
-                self.write(path, agent_id, default_deny)
+                    else:  # a grant for a cgroup of that name that is gone
+                        del self.scheduled[path]
+                    self._save()
+                self.write(path, agent_id)
 
-    def write(self, path: str, agent_id: int, default_deny: bool | None = None) -> None:
-        if default_deny is None:
-            default_deny = "*" not in self.config.gpu_entitled
+    def write(self, path: str, agent_id: int) -> None:
+        default_deny = "*" not in self.config.gpu_entitled
         selection = self.selection(path)
         if selection.empty:
             if default_deny:
@@ -149,7 +149,7 @@ class GpuGrants:
     def beyond_grants(self, agents: list[str]) -> list[Holder]:
         """The descriptors the agents hold that their grants do not cover (a revoked grant, an
         inherited descriptor, a deny_gpu), each queued as an event for the rules."""
-        if self._nothing_beyond():
+        if self._every_agent_every_gpu():
             return []
         out = []
         for holder in self.holders.scan(agents):
@@ -160,17 +160,15 @@ class GpuGrants:
             self.held_events.append(ev.GpuHeldEvent(
                 time_ns=time.time_ns(), cgroup_id=self.hierarchy.cgroup_id_or_none(holder.agent) or 0, cgroup=None,
                 proc=ev.Process(holder.pid, holder.pid, 0, 0, 0, holder.comm), path=holder.path, fd=holder.fd,
-                device=holder.node.number, vendor=self.vendor_of(holder.node), node=holder.node.describe(),
+                device=holder.node.number, vendor=self.vendors.vendor_of(holder.node.number), node=holder.node.describe(),
                 access=holder.access, agent=holder.agent))
         return out
 
-    def _nothing_beyond(self) -> bool:
-        """Every agent may open every GPU node (the default): no scan can find anything."""
+    def _every_agent_every_gpu(self) -> bool:
+        """Every agent may open every GPU node (the default): no entry is needed, no descriptor
+        is held beyond a grant."""
         return ("*" in self.config.gpu_entitled and not self.config.gpu_devices and not self.scheduled
                 and not any(r.gpu_denied for r in self.store.active()))
-
-    def vendor_of(self, node: Node) -> str | None:
-        return self.vendors.vendor_of(node.number)
 
     # ---- grants from the scheduler ----
 
@@ -221,7 +219,7 @@ class GpuGrants:
         return agent
 
     def listing(self) -> list[dict]:
-        """Every agent with GPUs other than the default, and every scheduled grant."""
+        """Every agent there is, and every scheduled grant: the GPUs each may use, and from where."""
         out = []
         for agent in sorted(set(self.config.agents.agents(self.hierarchy)) | set(self.scheduled)):
             grant = self.scheduled.get(agent)

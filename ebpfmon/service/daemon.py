@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from ebpfmon import events as ev
 from ebpfmon import output
 from ebpfmon.alerts.audit import AuditLog
+from ebpfmon.alerts.export import EventExport
 from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.config import Config, load_config
 from ebpfmon.errors import EbpfmonError, RuleLoadError
@@ -71,6 +72,7 @@ class Daemon:
         self.metrics.rules_loaded.set(len(self.engine.ruleset.rules))
         self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered)
         self.audit = AuditLog(config.audit, config.state_dir) if config.audit.enabled else None
+        self.exports = self._exports(config)
         self.enforcer: Enforcer | None = None
         self.dns_proxy: DnsProxy | None = None
         # the proxy's events, judged on the reader's thread (rules and enrichment are not shared)
@@ -93,6 +95,11 @@ class Daemon:
         self.ready_ns = 0
         self.locks: list = []  # held while running (service/instance.py)
         self.metrics_problem: str | None = None  # why the exporter is not serving, when it is not
+
+    def _exports(self, config: Config) -> list[EventExport]:
+        """An exporter for each sink that takes events (config checks the audit log is on)."""
+        return [EventExport(sink, self.alerting.node, self.audit.directory, config.state_dir, config.agents)
+                for sink in config.alerts.sinks if sink.events and self.audit]
 
     # ---- start and stop ----
 
@@ -118,6 +125,8 @@ class Daemon:
         self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
         self._start_dns_proxy()
         self.alerting.start()
+        for export in self.exports:
+            export.start()
         self.containment = assemble.containment(self.enforcer, self.hierarchy, self.config, self.engine.ruleset.lists,
                                                 on_release=self.released,
                                                 on_action=lambda a, r: self.metrics.actions.labels(a, r).inc(),
@@ -140,8 +149,6 @@ class Daemon:
             self.judge(event)  # connections agents held before we started are judged like new ones
         self.ready_ns = time.monotonic_ns()
         sdnotify.notify("READY=1")
-        # GPU descriptors held beyond a grant (a restart after a revoke): a /proc scan of every
-        # agent, off the start's critical path; what it finds is judged with the next batch
         threading.Thread(target=self._look_at_what_runs, args=(self.containment.agent_paths(),),
                          name="at-start", daemon=True).start()
         return self
@@ -237,20 +244,10 @@ class Daemon:
     def _after_poll(self) -> None:
         """After each batch from the kernel: the DNS proxy's events, the quarantine file, the
         batch's alerts, then the audit log to disk."""
-        while self.dns_events:
-            event = self.stream.enricher.apply(self.dns_events.popleft())
-            self.stream.stats.events["dns"] += 1
-            self.judge(event)
-        while self.found_at_start:
-            event = self.stream.enricher.apply(self.found_at_start.popleft())
-            self.stream.stats.events["exec"] += 1
-            self.judge(event)
+        self._judge_queued(self.dns_events)
+        self._judge_queued(self.found_at_start)
         if self.containment:
-            held = self.containment.gpus.held_events
-            while held:
-                event = self.stream.enricher.apply(held.popleft())
-                self.stream.stats.events["gpu_held"] += 1
-                self.judge(event)
+            self._judge_queued(self.containment.gpus.held_events)
             for notice in self.containment.take_notices():
                 self.notify(notice)
             self.containment.flush()
@@ -260,6 +257,14 @@ class Daemon:
             self.audit.flush()
             if self.audit.failing != was and (was is None or self.audit.failing is None):
                 self._audit_changed(was)
+
+    def _judge_queued(self, queue: collections.deque) -> None:
+        """Events made off the reader's thread (the DNS proxy, the start's /proc reading, GPU
+        scans), enriched and judged here: rules and enrichment are the reader's alone."""
+        while queue:
+            event = self.stream.enricher.apply(queue.popleft())
+            self.stream.stats.events[event.kind] += 1
+            self.judge(event)
 
     def _audit_changed(self, was: str | None) -> None:
         """The audit log's disk refused writes, or takes them again: paged, not silent."""
@@ -300,6 +305,8 @@ class Daemon:
         self.metrics.close()
         if self.audit:
             self.audit.close()
+        for export in self.exports:
+            export.close()
         for lock in self.locks:
             lock.close()
         self.locks = []
@@ -456,18 +463,25 @@ class Daemon:
         if config.alerts != self.config.alerts:
             self.alerting.close()
             self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered).start()
+            for export in self.exports:
+                export.close()  # its cursor saved: the next one goes on from it
+            self.exports = [export.start() for export in self._exports(config)]
         self.config = config
         self.engine.context = context
         self.engine.load(ruleset)
         self.stream.enricher.programs.look_for(assemble.identified_programs(ruleset.lists))
+        # the device model read at start, for the kernel and the grants alike (a node made since
+        # is judged by its major's rule)
+        devices = self.containment.gpus.devices if self.containment else None
         if self.enforcer:
-            assemble.configure_enforcer(self.enforcer, config, ruleset.lists)
+            assemble.configure_enforcer(self.enforcer, config, ruleset.lists, devices)
             self.stream.enricher.egress_profiles = self.enforcer.egress_policy.names
             self._reconfigure_dns_proxy()
         if self.containment:
             self.containment.configure(config, ruleset.lists)
-            self.containment.grant_gpus(self.containment.agent_paths())  # changed globs reach running agents
-            self.containment.gpus.beyond_grants(self.containment.agent_paths())
+            agents = self.containment.agent_paths()
+            self.containment.grant_gpus(agents)  # changed globs reach running agents
+            self.containment.gpus.beyond_grants(agents)
 
 
 def stdout_printer(line: str) -> None:

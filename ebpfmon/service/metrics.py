@@ -138,6 +138,16 @@ def snapshot(daemon: "Daemon") -> dict:
         "ebpfmon_audit_lines_dropped": ("counter", "Audit lines dropped because the disk refused them for longer "
                                         "than memory could hold them.", [],
                                         {(): daemon.audit.lines_dropped if daemon.audit else 0}),
+        "ebpfmon_events_exported": ("counter", "Events a sink's exporter published and JetStream acknowledged, by "
+                                    "sink.", ["sink"], {(e.name,): e.exported for e in daemon.exports}),
+        "ebpfmon_event_export_failures": ("counter", "Export rounds that failed (the server down, the log "
+                                          "unreadable); the cursor waits, by sink.", ["sink"],
+                                          {(e.name,): e.failures for e in daemon.exports}),
+        "ebpfmon_event_export_gaps": ("counter", "Places where events were not exported: the log rotated past the "
+                                      "cursor, or its chain broken there, by sink.", ["sink"],
+                                      {(e.name,): e.gaps for e in daemon.exports}),
+        "ebpfmon_event_export_behind_bytes": ("gauge", "Audit log bytes not yet read by a sink's exporter.", ["sink"],
+                                              {(e.name,): e.behind_bytes for e in daemon.exports}),
         "ebpfmon_gpu_holders": ("gauge", "Processes in agents holding GPU device nodes open, by GPU index (control "
                                 "and administration nodes by their class).", ["gpu"], gpu_holders(daemon)),
         "ebpfmon_probes_attached": ("gauge", "Probes attached.", [], {(): len(daemon.stream.probes.probes)}),

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from helpers import (CONNECT, OPEN_PORTS, REPO, SSH_OPTS, AgentCgroup, connect_from, ebpfmon, free_port,
-                     gpu_policy_of, make_agent_cgroup, remove_cgroup_tree)
+                     gpu_policy_of, make_agent_cgroup, remove_cgroup_tree, wait_for)
 
 
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"
@@ -547,16 +547,6 @@ METADATA_LIST = """
   override:
     items: replace
 """
-
-
-def wait_for(predicate, what: str, seconds: float = 30):  # a bound for a hang, not a speed check
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {seconds}s: {what}")
 
 
 def test_deny_connect_on_one_address_of_the_metadata_service_denies_all_of_them(own_daemon, hierarchy,

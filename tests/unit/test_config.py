@@ -109,3 +109,27 @@ def test_syslog_sink_settings_are_checked(tmp_path):
         bad.write_text(f"alerts: {{sinks: [{text}]}}\n")
         with pytest.raises(ConfigError, match=says):
             load_config(bad)
+
+
+def test_event_export_settings_are_checked(tmp_path):
+    import pytest
+
+    from ebpfmon.config import load_config
+    from ebpfmon.errors import ConfigError
+
+    good = tmp_path / "good.yaml"
+    good.write_text("alerts: {sinks: [{type: nats, url: 'nats://127.0.0.1:4222', events: [exec, connect], "
+                    "event_agents: ['/ebpfmon-agents/rl-*']}]}\n")
+    [sink] = load_config(good).alerts.sinks
+    assert (sink.events, sink.event_agents) == (("exec", "connect"), ("/ebpfmon-agents/rl-*",))
+    nats = "type: nats, url: 'nats://h:4222'"
+    for text, says in [(f"{{{nats}, events: [exec, execs]}}", r"alerts.sinks\[0\].events\[1\].*'execs' is not one of"),
+                       ("{type: syslog, address: 'h:514', events: [exec]}", "events go to nats sinks"),
+                       (f"{{{nats}, event_agents: ['/a/*']}}", "name the kinds in events too")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"alerts: {{sinks: [{text}]}}\n")
+        with pytest.raises(ConfigError, match=says):
+            load_config(bad)
+    bad.write_text(f"audit: {{enabled: false}}\nalerts: {{sinks: [{{{nats}, events: [all]}}]}}\n")
+    with pytest.raises(ConfigError, match="audit.enabled must be true"):
+        load_config(bad)
