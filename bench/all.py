@@ -34,6 +34,7 @@ BENCHMARKS = {
     "redteam": "RESULTS-redteam.md",
     "faults": "RESULTS-faults.md",
     "audit_chain": "RESULTS-audit-chain.md",
+    "nats_export": "RESULTS-nats-export.md",
     "compare": "RESULTS-compare.md",
 }
 

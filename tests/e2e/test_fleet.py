@@ -49,5 +49,5 @@ alerts:
         daemon.stop()
         server.stop()
     assert marks(stored) == {f"{name}-{i}": 1 for name in ("up", "down", "restarted") for i in (1, 2, 3)}
-    sh = [p for s, _, p in stored if p["argv"][:1] == ["/bin/sh"]]
+    sh = [p for s, _, p in stored if s.endswith(".event.exec") and p["argv"][:1] == ["/bin/sh"]]
     assert {p["cgroup"] for p in sh} == {chosen.name} and all(p["node"] for p in sh)

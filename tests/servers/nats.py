@@ -32,7 +32,8 @@ class NatsServer:
             self.proc.wait(timeout=10)
 
     def stored(self, stream: str = "EBPFMON", count: int = 0, timeout: float = 20.0) -> list[tuple[str, dict, dict]]:
-        """(subject, headers, payload) of every message in the stream, once count are there."""
+        """(subject, headers, payload) of every message in the stream (one for each JSON line of a
+        message: an event export's message holds several), once count are there."""
         import json
 
         import nats
@@ -45,7 +46,8 @@ class NatsServer:
                 out = []
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
                     msg = await js.get_msg(stream, seq)
-                    out.append((msg.subject, dict(msg.headers or {}), json.loads(msg.data)))
+                    out.extend((msg.subject, dict(msg.headers or {}), json.loads(line))
+                               for line in msg.data.splitlines())
                 return out
             finally:
                 await client.close()
