@@ -13,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ebpfmon.errors import EbpfmonError
 from ebpfmon.host.cgroups import Hierarchy, cgroup2_mount
@@ -420,3 +422,13 @@ def wait_for(predicate, what: str, seconds: float = 30):
             return value
         time.sleep(0.05)
     raise AssertionError(f"not within {seconds}s: {what}")
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(metrics, name, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)

@@ -146,6 +146,9 @@ def snapshot(daemon: "Daemon") -> dict:
         "ebpfmon_event_export_gaps": ("counter", "Places where events were not exported: the log rotated past the "
                                       "cursor, or its chain broken there, by sink.", ["sink"],
                                       {(e.name,): e.gaps for e in daemon.exports}),
+        "ebpfmon_event_export_too_large": ("counter", "Events larger than a message may be, not exported (whole in "
+                                           "the audit log), by sink.", ["sink"],
+                                           {(e.name,): e.too_large for e in daemon.exports}),
         "ebpfmon_event_export_behind_bytes": ("gauge", "Audit log bytes not yet read by a sink's exporter.", ["sink"],
                                               {(e.name,): e.behind_bytes for e in daemon.exports}),
         "ebpfmon_gpu_holders": ("gauge", "Processes in agents holding GPU device nodes open, by GPU index (control "

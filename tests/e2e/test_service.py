@@ -9,26 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import EBPFMON, REPO, DaemonProcess, ebpfmon, free_port, make_agent_cgroup
+from helpers import EBPFMON, REPO, DaemonProcess, ebpfmon, free_port, make_agent_cgroup, scrape, value
 from servers.pagerduty import FakePagerDuty
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
             "-o", "ConnectTimeout=3"]
-
-
-def scrape(port: int) -> dict[tuple, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(metrics, name, **labels) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_rogue_agent_end_to_end(bpf, hierarchy, own_root, tmp_path, sshd, netns_host, stratum_pool):
