@@ -266,13 +266,15 @@ class ProbeSet:
         self._callback = on_record  # bcc keeps no reference of its own
         self.bpf[b"events"].open_ring_buffer(on_record)
 
-    def poll(self, timeout_ms: int) -> None:
-        """Waits up to timeout_ms for a wakeup, then drains everything, woken or not."""
+    def poll(self, timeout_ms: int) -> bool:
+        """Waits up to timeout_ms for a wakeup, then drains everything, woken or not; whether
+        records were left behind one being written (see RingBufferReader.behind)."""
         if self._reader is not None:
             self._reader.poll(timeout_ms)
-            return
+            return self._reader.behind()
         self.bpf.ring_buffer_poll(timeout_ms)
         self.bpf.ring_buffer_consume()
+        return False  # bcc's reader does not say
 
     def counters(self) -> dict[abi.EventKind, dict[abi.Counter, int]]:
         """Per-kind kernel counters (lost, truncated, throttled), summed over CPUs."""

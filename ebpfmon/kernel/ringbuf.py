@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import mmap
 import select
+import struct
 from collections.abc import Callable
 
 from ebpfmon.kernel._ringbuf import Consumer
 
 HEADER_SIZE = 8  # a record's length and flags, before its bytes
+POSITION = struct.Struct("=Q")  # the consumer's and the producer's positions, at the start of their pages
 
 
 class RingBufferReader:
@@ -44,6 +46,12 @@ class RingBufferReader:
         callback (woken or not: records submitted without a wakeup are taken too)."""
         self.epoll.poll(timeout_ms / 1000)
         return self.records.consume()
+
+    def behind(self) -> bool:
+        """Whether records are there that the last consume did not take: a record reserved and
+        not yet submitted stops it (on another CPU, mid-write), and the rest wait behind it.
+        Submitted within the wakeup window, such a record wakes no one."""
+        return POSITION.unpack_from(self.producer)[0] != POSITION.unpack_from(self.consumer)[0]
 
     def consume(self) -> int:
         """Every record there is now, in order; returns how many. Each record's space is

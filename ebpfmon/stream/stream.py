@@ -75,6 +75,7 @@ class EventStream:
         self.probes = ProbeSet(probes, config.ringbuf_pages, pin_dir=enforce_pins)
         self.on_cgroup = on_cgroup
         self.windowed = False  # the last batch had a record of WINDOWED_KINDS
+        self.left_behind = False  # ... or stopped at a record being written, which may not wake us
         self.decoder = Decoder()
         self.tree = ProcessTree()
         self.enricher = Enricher(CgroupNames(self.hierarchy), self.tree, DeviceResolver(),
@@ -139,11 +140,12 @@ class EventStream:
     def poll(self) -> None:
         """From one thread at a time (the reader's: the daemon's loop, or a test's).
         Delivers what is in the ring buffer, waiting at most one drain interval, or, right
-        after a batch with an exec or another event that can lead to containment, at most the
-        kernel's wakeup window (plus a millisecond of margin): such events that came within
-        the window did not wake us."""
-        windowed_before, self.windowed = self.windowed, False
-        self.probes.poll(WAKE_WINDOW_MS + 1 if windowed_before else self.config.drain_interval_ms)
+        after a batch with an exec or another event that can lead to containment, or one that
+        stopped at a record still being written, at most the kernel's wakeup window (plus a
+        millisecond of margin): such events that came within the window did not wake us."""
+        short = self.windowed or self.left_behind
+        self.windowed = False
+        self.left_behind = self.probes.poll(WAKE_WINDOW_MS + 1 if short else self.config.drain_interval_ms)
 
     def refresh_counters(self) -> None:
         """Copies the kernel's lost/truncated/throttled counters into stats."""

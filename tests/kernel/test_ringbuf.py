@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import make_agent_cgroup
+from helpers import line_of, make_agent_cgroup
 from ebpfmon.stream.decode import Decoder
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import ProbeSet
@@ -53,7 +53,7 @@ def test_records_arrive_whole_and_in_order_across_wraps(reader, agent_cgroup):
             for batch in range(1, BATCHES + 1):
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
-                assert proc.stdout.readline() == "done\n"
+                assert line_of(proc.stdout) == "done\n"
                 for _ in range(100):
                     if len(ports) >= batch * BATCH:
                         break
@@ -110,3 +110,19 @@ def test_a_reader_that_keeps_up_loses_nothing(reader, hierarchy, own_root):
     finally:
         probes.close()
     assert (seen[0], lost) == (FLOOD, 0)
+
+
+def test_the_reader_knows_when_records_wait_behind_it(agent_cgroup):
+    """The positions behind() compares: records written and not taken are behind the reader;
+    once taken, none (a record still being written, which stops a consume, is the case this is
+    for: it may be submitted without a wakeup)."""
+    probes = ProbeSet({"connect"}, ringbuf_pages=4, ring_reader="mmap").load()
+    try:
+        probes.add_scope(agent_cgroup.id)
+        probes.open_ring_buffer(lambda record: None)
+        connect = "import socket; socket.socket().connect_ex(('127.0.0.1', 9))"
+        assert agent_cgroup.run([sys.executable, "-c", connect]).returncode == 0
+        assert probes._reader.behind()  # written, not yet taken
+        assert probes.poll(0) is False  # all taken: none left behind
+    finally:
+        probes.close()
