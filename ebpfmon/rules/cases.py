@@ -5,8 +5,13 @@ A case file is a YAML list:
     - case: ssh -R joined to its value
       events:
         - exec: {argv: [ssh, -R8080:localhost:80, host]}
-      fires: [Reverse SSH tunnel]          # each must fire on these events
-      silent: [SSH tun device tunnel]      # none of these may fire
+      fires: [Reverse SSH tunnel]          # these fire on these events, and no other rule
+      silent: [SSH tun device tunnel]      # none of these may fire (say what a case is about)
+    - case: a pool port outside is refused
+      events:
+        - connect: {address: 203.0.113.9, port: 3333}
+      fires:                               # an entry may also say what the verdict carries
+        - {rule: Connection to a mining pool port, priority: WARNING, actions: [deny_connect]}
     - case: git over ssh
       events:
         - exec: {argv: [ssh, git@github.com, "git-upload-pack 'org/repo.git'"]}
@@ -48,6 +53,8 @@ class Case:
     silent: list[str] = field(default_factory=list)
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # gpu_entitled, internal_networks
+    # rule -> what its verdict must carry ("priority", "actions"), for the fires entries that say
+    expected: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def context(self) -> Context:
         # routes of the machine running the tests must not change the verdicts
@@ -68,8 +75,18 @@ class Case:
             missing = [r for r in self.fires if r not in fired]
             if missing:
                 failures.append(f"expected to fire {missing}, fired {sorted(fired)}")
-            if not self.fires and fired:
-                failures.append(f"expected no rule to fire, fired {sorted(fired)}")
+            others = sorted(fired - set(self.fires))
+            if others:
+                failures.append(f"expected no rule to fire, fired {others}" if not self.fires else
+                                f"fired {others} too (fires lists every rule that fires)")
+        for name, want in self.expected.items():
+            verdict = next((v for v in verdicts if v.rule == name), None)
+            if verdict is None:
+                continue  # missing: said above
+            if "priority" in want and verdict.priority != str(want["priority"]).upper():
+                failures.append(f"{name!r} fired at {verdict.priority}, expected {want['priority']}")
+            if "actions" in want and list(verdict.actions) != list(want["actions"]):
+                failures.append(f"{name!r} asked for {verdict.actions}, expected {want['actions']}")
         loud = [r for r in self.silent if r in fired]
         if loud:
             failures.append(f"expected silence from {loud}")
@@ -134,7 +151,25 @@ def load_cases(path: Path) -> list[Case]:
             raise ValueError(f"{where}: {e}") from None
         if not events:
             raise ValueError(f"{where}: no events")
-        fires = raw.get("fires")
-        cases.append(Case(name, events, list(fires) if fires is not None else None, list(raw.get("silent", [])),
-                          where, dict(raw.get("config", {}))))
+        fires, expected = expectations(raw.get("fires"), where)
+        cases.append(Case(name, events, fires, list(raw.get("silent", [])), where, dict(raw.get("config", {})),
+                          expected))
     return cases
+
+
+def expectations(fires: Any, where: str) -> tuple[list[str] | None, dict[str, dict[str, Any]]]:
+    """A case's fires list: its rule names, and what the entries that are mappings expect."""
+    if fires is None:
+        return None, {}
+    names, expected = [], {}
+    for entry in fires:
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"rule", "priority", "actions"}
+            if unknown or "rule" not in entry:
+                raise ValueError(f"{where}: a fires entry is a rule's name or {{rule: NAME, priority: P, actions: "
+                                 f"[...]}}; got {entry!r}")
+            names.append(entry["rule"])
+            expected[entry["rule"]] = {k: entry[k] for k in ("priority", "actions") if k in entry}
+        else:
+            names.append(entry)
+    return names, expected

@@ -7,10 +7,10 @@
     check  := FIELD OP VALUE | FIELD ('in'|'intersects'|'pmatch') LIST | FIELD 'exists'
     LIST   := '(' item (',' item)* ')'   items: quoted strings, bare words, or list names
 
-Bare words in a list are literal values, as in Falco, except words made of
-lower-case letters, digits and underscores with at least one underscore
-(ssh_binaries): those name lists and must be defined. Quote such a word to
-mean the literal string.
+Bare words in a list are literal values, as in Falco, except the name of a
+defined list, and words made of lower-case letters, digits and underscores with
+at least one underscore (ssh_binaries): those name lists and must be defined.
+Quote such a word to mean the literal string.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class Parser:
                 raise ConditionError(f"expected ',' or ')' in a list, found {sep.text!r}", sep.pos, sep.text)
 
     def expand(self, tok: Token) -> list[Token]:
-        if tok.kind == "word" and LIST_NAME.match(tok.text):
+        if tok.kind == "word" and (tok.text in self.lists or LIST_NAME.match(tok.text)):
             if tok.text not in self.lists:
                 raise ConditionError(f"undefined list {tok.text!r} (quote it to mean the literal string)",
                                      tok.pos, tok.text)

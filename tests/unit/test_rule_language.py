@@ -57,6 +57,8 @@ CONNECT = {"connect": {"address": "10.1.2.3", "port": 3333}}
     ("exec.argv[1] = -R", SSH, True),
     ("exec.argv[9] exists", SSH, False),
     ("exec.argv = host", SSH, True),  # any argument
+    ("exec.argv intersects (-L, -R)", SSH, True),  # some argument is one of them
+    ("exec.argv intersects (-L, -D)", SSH, False),
     ("exec.argc > 3", SSH, True),
     ("exec.argc < 3", SSH, False),
     ("proc.pname = python3", SSH, True),
@@ -290,3 +292,124 @@ def test_fields_compiled_in_place_read_what_their_extractor_reads(tmp_path, kind
         assert fires(tmp_path, f"{field.name} = {text}", {kind: values}), field.name
         other = str(not value).lower() if isinstance(value, bool) else '"no-such-value"'
         assert not fires(tmp_path, f"{field.name} = {other}", {kind: values}), field.name
+
+
+def test_append_adds_to_a_list_and_a_rules_condition(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(textwrap.dedent("""
+        - list: tools
+          items: [nc]
+        - rule: r
+          desc: d
+          condition: evt.type = execve and (proc.name in (tools))
+          output: "fired %proc.name"
+          priority: WARNING
+    """))
+    ruleset = load_rules([base, local_file(tmp_path, """
+        - list: tools
+          items: [socat]
+          append: true
+        - rule: r
+          condition: or proc.name = chisel
+          append: true
+    """)])
+    engine = Engine(ruleset)
+    named = {name: bool(engine.evaluate(make_event({"exec": {"argv": [name]}}, 0))) for name in
+             ("nc", "socat", "chisel", "ssh")}
+    assert named == {"nc": True, "socat": True, "chisel": True, "ssh": False}
+
+
+def local_file(tmp_path, text: str):
+    path = tmp_path / "local.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_rule_that_says_enforce_false_alerts_without_asking_for_its_actions_to_run(tmp_path):
+    ruleset = ruleset_from(tmp_path, RULE.format(condition="proc.name = ssh") + "  actions: [cut_network]\n"
+                           "  enforce: false\n")
+    [verdict] = Engine(ruleset).evaluate(make_event(SSH, 0))
+    assert verdict.actions == ["cut_network"] and verdict.enforce is False
+    [verdict] = Engine(ruleset_from(tmp_path, RULE.format(condition="proc.name = ssh") + "  actions: [cut_network]\n")
+                       ).evaluate(make_event(SSH, 0))
+    assert verdict.enforce is True  # the default
+
+
+def test_a_sequence_keeps_at_most_max_keys_and_forgets_the_oldest(tmp_path):
+    ruleset = ruleset_from(tmp_path, """
+        - rule: s
+          desc: a GPU open, then a connect, by one process
+          output: "fired %proc.pid"
+          priority: WARNING
+          sequence:
+            by: proc.pid
+            within: 1h
+            max_keys: 2
+            steps: [evt.kind = gpu_open, evt.type = connect]
+    """)
+    engine = Engine(ruleset)
+    gpu = {"path": "/dev/nvidia0", "device": "195:0", "vendor": "nvidia"}
+    for n, pid in enumerate((1, 2, 3)):  # three processes start the sequence: the first is forgotten
+        assert engine.evaluate(make_event({"gpu_open": {**gpu, "pid": pid}}, n)) == []
+    fired = {pid: bool(engine.evaluate(make_event({"connect": {"address": "192.0.2.1", "port": 443, "pid": pid}},
+                                                  10 + pid)))
+             for pid in (1, 2, 3)}
+    assert fired == {1: False, 2: True, 3: True}
+
+
+DNS_ANSWER = {"dns": {"dns_query": "pool.example.org", "qtype": "A", "answers": ["192.0.2.8"], "verdict": "answered"}}
+UDP = {"udp_send": {"address": "10.1.2.3", "port": 53, "length": 40, "fd": 7}}
+UNIX = {"unix_connect": {"path": "@/tmp/.X11-unix/X0", "resolved": "/tmp/.X11-unix/X0"}}
+GPU = {"gpu_open": {"path": "/dev/nvidia0", "device": "195:0", "vendor": "nvidia", "access": "r"}}
+HOOKED = {"connect": {"address": "2001:db8::7", "port": 443, "source": "cgroup_hook", "retval": -1, "fd": 9}}
+
+
+# the fields no shipped rule reads: each read once as true and once as false
+@pytest.mark.parametrize("condition,event,expected", [
+    ("dns.answers = 192.0.2.8", DNS_ANSWER, True),
+    ("dns.answers = 192.0.2.9", DNS_ANSWER, False),
+    ("evt.rawres = -1", HOOKED, True),
+    ("evt.rawres = 0", HOOKED, False),
+    ("evt.source = cgroup_hook", HOOKED, True),
+    ("evt.source = syscall", HOOKED, False),
+    ("exec.argv_source = kernel", SSH, True),
+    ("exec.argv_source = proc", SSH, False),
+    ("exec.filename = /usr/bin/ssh", SSH, True),
+    ("exec.filename = /bin/ssh", SSH, False),
+    ("fd.l4proto = udp", UDP, True),
+    ("fd.l4proto = tcp", UDP, False),
+    ("fd.num = 7", UDP, True),
+    ("fd.num = 8", UDP, False),
+    ("fd.rip = 10.1.2.3", UDP, True),
+    ("fd.rip = 10.1.2.4", UDP, False),
+    ("fd.rport = 53", UDP, True),
+    ("fd.rport = 54", UDP, False),
+    ("fd.type = ipv6", HOOKED, True),
+    ("fd.type = ipv4", HOOKED, False),
+    ("fd.typechar = 6", HOOKED, True),
+    ("fd.typechar = 4", UDP, True),
+    ("gpu.access = r", GPU, True),
+    ("gpu.access = rw", GPU, False),
+    ("group.gid = 1000", SSH, True),
+    ("group.gid = 0", SSH, False),
+    ("proc.aexepath[2] = /usr/bin/bash", SSH, True),
+    ("proc.aexepath = /usr/bin/zsh", SSH, False),
+    ("proc.apid[1] = 999", SSH, True),
+    ("proc.apid = 1", SSH, False),
+    ("proc.loader exists", SSH, False),
+    ("not proc.loader exists", SSH, True),
+    ("proc.pcmdline = 'python3 agent.py'", SSH, True),
+    ("proc.pcmdline = bash", SSH, False),
+    ("proc.pexepath = /usr/bin/python3", SSH, True),
+    ("proc.pexepath = /usr/bin/bash", SSH, False),
+    ("ssh.local_forward = true", {"exec": {"argv": ["ssh", "-L", "8080:db:5432", "host"]}}, True),
+    ("ssh.local_forward = true", SSH, False),
+    ("thread.tid = 1000", SSH, True),
+    ("thread.tid = 1001", SSH, False),
+    ("udp.length = 40", UDP, True),
+    ("udp.length > 40", UDP, False),
+    ("unix.path_given = '@/tmp/.X11-unix/X0'", UNIX, True),
+    ("unix.path_given = /tmp/.X11-unix/X0", UNIX, False),
+])
+def test_fields_no_pack_reads(tmp_path, condition, event, expected):
+    assert fires(tmp_path, condition, event) is expected

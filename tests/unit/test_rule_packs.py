@@ -1,5 +1,6 @@
 """The shipped rule packs against their cases (tests/rules/*.yaml), with a local override file."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,21 @@ def test_every_rule_has_a_positive_and_a_negative_case(ruleset):
     for rule in ruleset.rules:
         assert rule.name in positive, f"no case makes {rule.name!r} fire"
         assert rule.name in negative, f"no case keeps {rule.name!r} silent"
+
+
+def test_every_shipped_rule_has_its_priority_and_actions_checked():
+    shipped = {r.name for r in load_rules([RULES_DIR]).rules}
+    checked = {name for c in ALL_CASES for name, want in c.expected.items() if {"priority", "actions"} <= set(want)}
+    assert shipped - checked == set()
+
+
+def test_a_case_that_expects_other_actions_or_priority_fails(ruleset):
+    [case] = [c for c in ALL_CASES if c.name == "connect to a pool port outside"]
+    wrong = dataclasses.replace(case, expected={"Connection to a mining pool port": {"priority": "CRITICAL",
+                                                                                     "actions": ["kill"]}})
+    _, failures = wrong.check(ruleset)
+    assert failures == ["'Connection to a mining pool port' fired at WARNING, expected CRITICAL",
+                        "'Connection to a mining pool port' asked for ['deny_connect'], expected ['kill']"]
 
 
 def test_every_pack_has_its_case_file():
