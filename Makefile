@@ -42,6 +42,7 @@ clean:
 
 # ---- on a host: the service (see README, "Running it as a service") ----
 PREFIX ?= /opt/ebpfmon
+# systemd's unit directory: only a unit there is enabled and started (elsewhere: a staged install)
 UNIT_DIR ?= /etc/systemd/system
 CONFIG_DIR ?= /etc/ebpfmon
 
@@ -57,11 +58,12 @@ install:
 	install -d -m 0755 $(CONFIG_DIR)/slurm
 	for f in prolog.sh epilog.sh; do sed -e 's#/opt/ebpfmon/venv#$(PREFIX)/venv#' deploy/slurm/$$f > $(CONFIG_DIR)/slurm/$$f; \
 		chmod 0755 $(CONFIG_DIR)/slurm/$$f; done
-	if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now ebpfmon; \
+	if [ "$(UNIT_DIR)" != /etc/systemd/system ]; then echo "install: unit written to $(UNIT_DIR), not systemd's: not enabled"; \
+	elif [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now ebpfmon; \
 	else echo "install: systemd is not running here: unit installed, not started"; fi
 
 uninstall:
-	if [ -d /run/systemd/system ]; then systemctl disable --now ebpfmon || true; fi
+	if [ "$(UNIT_DIR)" = /etc/systemd/system ] && [ -d /run/systemd/system ]; then systemctl disable --now ebpfmon || true; fi
 	rm -f $(UNIT_DIR)/ebpfmon.service
 	rm -rf $(UNIT_DIR)/ebpfmon.service.d $(PREFIX)/venv
 	@echo "uninstall: $(CONFIG_DIR) and /var/lib/ebpfmon (quarantine records, spool, audit) are kept"

@@ -21,7 +21,7 @@ from ebpfmon.config import DEFAULT_GPU_PREFIXES, Config
 from ebpfmon.host.cgroups import Hierarchy
 from helpers import (DNS_SERVER, MIRROR6, MIRROR_PORT, MIRRORS, REPO, REQUIRE_BPF, UNLISTED, Collector, Pool,
                      RunningDaemon, Served, bpf_unavailable_reason, make_agent_cgroup, remove_cgroup_tree,
-                     stopped_after)
+                     line_of, stopped_after)
 
 TIERS = ("unit", "kernel", "e2e", "redteam", "faults")
 
@@ -160,7 +160,7 @@ def stratum_pool(netns_host):
     server = netns_host.popen([sys.executable, str(REPO / "tests/servers/stratum_pool.py"), netns_host.address,
                                "3333"], stdout=subprocess.PIPE, text=True)
     pool = Pool(netns_host.address, 3333, [])
-    assert server.stdout.readline().strip() == "listening"
+    assert line_of(server.stdout).strip() == "listening"
 
     def read() -> None:
         for line in server.stdout:

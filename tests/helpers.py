@@ -169,6 +169,14 @@ class Pool:
     port: int
     accepted: list  # "accepted ip:port" lines, as the pool prints them
 
+    def accepted_since(self, before: int) -> list[str]:
+        """What the pool accepted after its first `before` connections, up to a connection made
+        now from here: the pool accepts in order, so what reached it earlier is in by then."""
+        with socket.create_connection((self.host, self.port), timeout=10) as marker:
+            line = "accepted %s:%d" % marker.getsockname()[:2]
+            wait_for(lambda: line in self.accepted, f"the pool's {line}")
+        return self.accepted[before:self.accepted.index(line)]
+
 
 class Lines:
     """Lines something prints, gathered from another thread, waited for by content."""
@@ -311,7 +319,7 @@ class Served:
 
     def __init__(self, proc: subprocess.Popen):
         self.proc, self.lines = proc, []
-        assert proc.stdout.readline().strip() == "listening"
+        assert line_of(proc.stdout).strip() == "listening"
         threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True).start()
 
 
@@ -432,3 +440,16 @@ def scrape(port: int) -> dict[tuple, float]:
 
 def value(metrics, name, **labels) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def line_of(stream, what: str = "a line", seconds: float = 60) -> str:
+    """The next line of a child's pipe, or a failure naming what was awaited once seconds
+    pass (a child that hangs, or never says it, must not hang the suite). What the line
+    had so far is in the failure."""
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    if not got:
+        raise AssertionError(f"not within {seconds}s: {what} (a line on {stream.name!r}; none came)")
+    return got[0]

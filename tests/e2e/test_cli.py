@@ -7,11 +7,13 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import pytest
+import yaml
 
 from helpers import EBPFMON, REPO, ebpfmon
 
@@ -85,6 +87,18 @@ def test_trace_table_shows_connects(bpf, agent_cgroup):
     assert line.rstrip().endswith("= ECONNREFUSED")
     assert agent_cgroup.name.split("/")[-1] in line
     tracer.interrupt()
+
+
+def test_trace_gpu_shows_a_device_open(bpf, agent_cgroup, fake_gpu_dir):
+    tracer = Tracer("gpu", "--json", "--cgroup", agent_cgroup.name, "--gpu-prefix", f"{fake_gpu_dir}/nvidia")
+    node = fake_gpu_dir / "nvidia0"
+    opener = f"import os\ntry:\n    os.close(os.open({str(node)!r}, os.O_RDWR))\nexcept OSError:\n    pass"
+    agent_cgroup.run([sys.executable, "-c", opener])
+    event = json.loads(tracer.wait_stdout(str(node)))
+    assert event["kind"] == "gpu_open" and event["path"] == str(node) and event["device"] == "195:0"
+    assert event["access"] == "rw" and event["cgroup"] == agent_cgroup.name
+    code, err = tracer.interrupt()
+    assert code == 0 and "gpu_open=1" in err, err
 
 
 def test_trace_ends_after_duration(bpf, agent_cgroup):
@@ -239,3 +253,49 @@ def test_a_second_signal_inside_the_first_ones_handler_does_not_hang():
     out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", SIGNAL_INSIDE_THE_HANDLER], capture_output=True,
                          text=True, timeout=20)
     assert out.stdout.strip() == "stopped", out.stderr
+
+
+def test_the_environment_names_the_config_and_config_show_masks_inline_secrets(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("agent_root: /from-the-file\nalerts:\n  sinks:\n"
+                      "    - {type: slack, url: 'https://hooks.slack.example/services/T/B/SECRET1'}\n"
+                      "    - {type: pagerduty, routing_key: SECRET2, url_env: PD_URL}\n"
+                      "    - {type: webhook, url_file: /etc/ebpfmon/hook.url}\n")
+    out = ebpfmon("config", "show", env={**os.environ, "EBPFMON_CONFIG": str(config)})
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["agent_root"] == "/from-the-file"
+    slack, pagerduty, webhook = shown["alerts"]["sinks"]
+    assert slack["url"] == "***" and pagerduty["routing_key"] == "***" and "SECRET" not in out.stdout
+    assert pagerduty["url_env"] == "PD_URL" and webhook["url_file"] == "/etc/ebpfmon/hook.url"  # where, not what
+
+
+def test_the_environment_names_the_agent_root_and_state_directory(tmp_path):
+    env = {**os.environ, "EBPFMON_AGENT_ROOT": "/env-agents", "EBPFMON_STATE_DIR": str(tmp_path / "state")}
+    out = ebpfmon("quarantine", "list", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []  # the empty state directory's records, as JSON
+    out = ebpfmon("run", "--help", env=env)
+    assert "[env var: EBPFMON_AGENT_ROOT]" in out.stdout and "[env var: EBPFMON_STATE_DIR]" in out.stdout
+
+
+@pytest.mark.parametrize("text, says", [
+    ("agent_root: relative", "agent_root: must be an absolute cgroup path"),
+    ("agent_root: /", "agent_root: must be an absolute cgroup path"),
+    ("agent_level: 0", "agent_level: must be 1 or more"),
+    ("ringbuf_pages: 100", "ringbuf_pages: must be a power of two"),
+    ("reader_nice: 25", "reader_nice: must be a nice value from -20 to 19"),
+    ("alerts: {sinks: [{type: carrier-pigeon}]}", "alerts.sinks[0].type: 'carrier-pigeon' is not one of"),
+    ("alerts: {sinks: [{type: console, min_priority: LOUD}]}", "alerts.sinks[0].min_priority: 'LOUD' is not one of"),
+    ("alerts: {sinks: [{type: jsonl}]}", "alerts.sinks[0].path: a jsonl sink needs a path"),
+    ("alerts: {sinks: [{type: webhook}]}", "alerts.sinks[0].url: a webhook sink needs url"),
+    ("alerts: {sinks: [{type: pagerduty}]}", "alerts.sinks[0].routing_key: a pagerduty sink needs routing_key"),
+    ("agent_level: many", "agent_level"),
+    ("no_such_key: 1", "no_such_key"),
+])
+def test_config_check_names_the_key_and_what_is_wrong(tmp_path, text, says):
+    config = tmp_path / "config.yaml"
+    config.write_text(text + "\n")
+    out = ebpfmon("config", "check", str(config))
+    assert out.returncode != 0 and says in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from helpers import DaemonProcess, attached_maps, connect_from, ebpfmon, make_agent_cgroup
+from helpers import DaemonProcess, attached_maps, connect_from, ebpfmon, line_of, make_agent_cgroup
 
 from ebpfmon.host.users import user_name
 
@@ -24,7 +24,7 @@ def test_cut_survives_kill_9_and_restart_reconciles(bpf, hierarchy, own_root, tm
     held = holder.popen([sys.executable, "-c", (
         f"import socket, time\nc = socket.create_connection(('{stratum_pool.host}', {stratum_pool.port}))\n"
         "print('connected', flush=True)\ntime.sleep(120)")], stdout=subprocess.PIPE, text=True)
-    assert held.stdout.readline().strip() == "connected"
+    assert line_of(held.stdout).strip() == "connected"
     daemon = DaemonProcess(own_root, state)
     try:
         # judged at start like a new connection: the alert, and its deny_connect applied

@@ -8,7 +8,7 @@ import subprocess
 import time
 import uuid
 
-from helpers import EBPFMON, REPO, ebpfmon
+from helpers import EBPFMON, REPO, ebpfmon, line_of
 
 from ebpfmon.rules.cases import make_event
 
@@ -80,7 +80,7 @@ def test_run_reloads_rules_on_sighup_and_keeps_the_last_good_set(bpf, own_root, 
     def wait_line(stream, text, timeout=60):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            line = stream.readline()
+            line = line_of(stream, repr(text), max(0.1, deadline - time.monotonic()))
             lines.append(line)
             if text in line:
                 return line
@@ -113,3 +113,28 @@ def test_run_reloads_rules_on_sighup_and_keeps_the_last_good_set(bpf, own_root, 
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_run_with_only_my_rules_printing_events_and_logging_json(bpf, hierarchy, own_root, tmp_path):
+    from helpers import DaemonProcess, make_agent_cgroup
+
+    rules = tmp_path / "mine.yaml"
+    rules.write_text("- rule: Marker ran\n  desc: the test's own\n  condition: evt.type = execve and "
+                     "proc.cmdline contains run-marker\n  output: marker by %proc.name\n  priority: NOTICE\n")
+    daemon = DaemonProcess(own_root, str(tmp_path / "state"), "--no-defaults", "--rules", str(rules),
+                           "--show-events", "--log-json")
+    agent = make_agent_cgroup(hierarchy, own_root)
+    try:
+        ready = json.loads(next(line for line in daemon.lines if "ready:" in line))
+        assert "; 1 rules;" in ready["message"] and ready["level"] == "info"  # the shipped packs left out
+        # ssh -V prints its version and exits: with the packs, its -R would be a reverse tunnel
+        agent.run(["/bin/sh", "-c", "ssh -V -R 2222:localhost:22 nowhere; /bin/true run-marker"])
+        event = daemon.wait('"kind":"exec"', "run-marker")  # --show-events: each event as its JSON line
+        assert json.loads(event[event.index("{"):])["argv"] == ["/bin/true", "run-marker"]
+        daemon.wait("Marker ran", "marker by true")
+        assert daemon.stop() == 0
+        logged = [json.loads(line) for line in daemon.lines if line.startswith('{"') and '"level"' in line]
+        assert logged and all({"level", "message"} <= set(record) for record in logged)
+        assert not any("Reverse SSH tunnel" in line for line in daemon.lines)
+    finally:
+        daemon.stop()

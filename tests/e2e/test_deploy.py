@@ -28,6 +28,8 @@ def test_make_install_and_uninstall(tmp_path):
     args = [f"{k}={v}" for k, v in dirs.items()]
     out = subprocess.run(["make", "-s", "install", *args], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+    # the host's own service is not touched: a unit outside systemd's directory is not enabled
+    assert f"unit written to {dirs['UNIT_DIR']}, not systemd's: not enabled" in out.stdout
     ebpfmon = dirs["PREFIX"] / "venv/bin/ebpfmon"
     listed = subprocess.run([str(ebpfmon), "rules", "list"], cwd="/", capture_output=True, text=True)
     assert listed.returncode == 0 and "Reverse SSH tunnel" in listed.stdout  # a copy, not the checkout

@@ -46,8 +46,9 @@ def test_layout_matches_the_c_header(bpf):
     b.cleanup()
 
 
-def test_a_wrong_mirror_fails_to_compile(bpf, monkeypatch):
-    # the check can fail: shift one field and it must not compile
+def test_a_wrong_mirror_fails_to_compile(bpf, monkeypatch, capfd):
+    # the check can fail: give a struct the wrong size and it must not compile, and for that
+    # reason (clang writes its errors to the process's stderr: captured at the descriptor)
     class Broken(ctypes.Structure):
         _fields_ = [("child_pid", ctypes.c_uint32)]
 
@@ -60,3 +61,6 @@ def test_a_wrong_mirror_fails_to_compile(bpf, monkeypatch):
         assert "compile" in str(e).lower()
     else:
         raise AssertionError("a wrong layout compiled")
+    errors = capfd.readouterr().err
+    assert "sizeof(struct fork_event) != 4 in abi.py" in errors, errors
+    assert "offset of fork_event.child_pid != 0 in abi.py" in errors, errors  # after the header, not first

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from helpers import (CONNECT, OPEN_PORTS, REPO, SSH_OPTS, AgentCgroup, connect_from, ebpfmon, free_port,
-                     gpu_policy_of, make_agent_cgroup, remove_cgroup_tree, wait_for)
+                     gpu_policy_of, line_of, make_agent_cgroup, remove_cgroup_tree, wait_for)
 
 
 SEND = "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hi', ('127.0.0.1', int(sys.argv[1])))"
@@ -55,8 +55,7 @@ def test_io_uring_connects_are_seen_and_refused_by_the_hooks(containment_daemon,
                               check=True)
     assert int(out.stdout) == -errno.EPERM
     containment_daemon.wait_line(agent, "REFUSED connect", f"{stratum_pool.host}:{stratum_pool.port}")
-    time.sleep(0.5)
-    assert len(stratum_pool.accepted) == before
+    assert stratum_pool.accepted_since(before) == []
     # a refused connect is not also a connection made (rules would act on one)
     made = f"connect tcp {stratum_pool.host}:{stratum_pool.port} "
     assert not [line for line in containment_daemon.lines if agent in line and made in line]
@@ -74,7 +73,7 @@ socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(query, (sys.argv[2], 53)
 def dns_server(netns_host):
     server = netns_host.popen([sys.executable, str(REPO / "tests/servers/dns_server.py"), netns_host.address, "53",
                                POOL_ADDRESS], stdout=subprocess.PIPE, text=True)
-    assert server.stdout.readline().strip() == "listening"
+    assert line_of(server.stdout).strip() == "listening"
     yield netns_host.address
     server.kill()
     server.wait()
@@ -117,12 +116,12 @@ def test_pool_connect_refused_for_agents_only(containment_daemon, contained_agen
     assert out.returncode != 0 and "PermissionError" in out.stderr  # EPERM, before any packet
     line = containment_daemon.wait_line("Connection refused by policy", contained_agent.name.split("/")[-1])
     assert "reason=port" in line and f"to={stratum_pool.host}:{stratum_pool.port}" in line
-    time.sleep(0.5)
-    assert len(stratum_pool.accepted) == before  # the pool saw nothing
+    assert stratum_pool.accepted_since(before) == []  # the pool saw nothing
+    before = len(stratum_pool.accepted)
     # the same client from a cgroup outside the contained agent root connects
     out = agent_cgroup.run([sys.executable, client, stratum_pool.host, str(stratum_pool.port)], text=True)
     assert out.stdout.strip() == "00000000", out.stderr
-    assert len(stratum_pool.accepted) == before + 1
+    wait_for(lambda: len(stratum_pool.accepted) == before + 1, "the pool's accept of the outside client")
 
 
 def test_loopback_pool_port_stays_open(containment_daemon, contained_agent):
@@ -223,7 +222,7 @@ def test_a_cut_stops_an_established_connection(containment_daemon, contained_age
     echo = netns_host.popen([sys.executable, "-c", (
         "import socket\ns=socket.create_server(('198.51.100.2', 7000))\nprint('up', flush=True)\n"
         "c,_=s.accept()\nwhile (d := c.recv(100)): c.sendall(d)")], stdout=subprocess.PIPE, text=True)
-    assert echo.stdout.readline().strip() == "up"
+    assert line_of(echo.stdout).strip() == "up"
     client = contained_agent.popen([sys.executable, "-u", "-c", (
         "import socket, sys\nc=socket.create_connection(('198.51.100.2', 7000))\nc.settimeout(2)\n"
         "for line in sys.stdin:\n"
@@ -233,11 +232,11 @@ def test_a_cut_stops_an_established_connection(containment_daemon, contained_age
     try:
         client.stdin.write("one\n")
         client.stdin.flush()
-        assert client.stdout.readline().strip() == "one"
+        assert line_of(client.stdout).strip() == "one"
         containment_daemon.containment.cut(contained_agent.name, "test", "established connection")
         client.stdin.write("two\n")
         client.stdin.flush()
-        assert client.stdout.readline().strip().startswith("error")  # dropped: no echo comes back
+        assert line_of(client.stdout).strip().startswith("error")  # dropped: no echo comes back
         record = containment_daemon.containment.store.active_for(contained_agent.name)
         assert any(c["remote"] == "198.51.100.2:7000" and c["state"] == "established" for c in record.connections)
     finally:
@@ -583,7 +582,7 @@ def test_a_lookup_never_puts_an_internal_address_on_the_shared_deny_list(own_dae
                                "10.0.0.7", "--aaaa", "2001:db8:100::77"], stdout=subprocess.PIPE, text=True)
     said = []
     try:
-        assert server.stdout.readline().strip() == "listening"
+        assert line_of(server.stdout).strip() == "listening"
         own_daemon.rules.write_text("")
         daemon = own_daemon.start(deny_networks=(), notify=said.append, run=True)
         looker = make_agent_cgroup(hierarchy, own_daemon.root)
@@ -684,7 +683,7 @@ def test_a_session_on_the_nodes_sshd_leaves_the_agent_and_a_cut_agent_cannot_ope
                           and "EPERM" in l], "the alert of the refused attempt")
         # nor can another agent reach what the cut agent listens on, on loopback
         listener = agent.popen([sys.executable, "-c", LISTEN], stdout=subprocess.PIPE, text=True)
-        agent_port = int(listener.stdout.readline())
+        agent_port = int(line_of(listener.stdout))
         assert connect_from(neighbour, "127.0.0.1", agent_port) != 0
         daemon.containment.release(agent.name, "test", "done")
         assert connect_from(neighbour, "127.0.0.1", agent_port) == 0  # released: it is reachable again
@@ -859,3 +858,73 @@ def test_a_reverse_forward_written_in_an_ssh_configuration_file_is_cut(containme
             containment_daemon.containment.release(agent.name, "test", "done")
         remove_cgroup_tree(agent.path)
         remove_cgroup_tree(twin.path)
+
+
+def edge_verdict(agent, actions: list[str], event: dict):
+    from ebpfmon.rules.cases import make_event
+    from ebpfmon.rules.engine import Verdict
+
+    kind, fields = next(iter(event.items()))
+    return Verdict("Edge case", "ERROR", "edge", [], actions, True, agent.name,
+                   make_event({kind: {**fields, "cgroup": agent.name}}, 0))
+
+
+def results_of(containment_daemon, agent) -> list[tuple[str, str, str]]:
+    record = containment_daemon.containment.store.active_for(agent.name)
+    return [(a.action, a.result, a.detail) for a in record.actions]
+
+
+def test_kill_with_no_process_left_is_a_failure_that_says_so(containment_daemon, contained_agent):
+    gone = subprocess.Popen(["/bin/true"])
+    gone.wait()  # a pid nobody has any more
+    try:
+        notices = containment_daemon.containment.apply(
+            edge_verdict(contained_agent, ["kill"], {"exec": {"argv": ["/bin/true"], "pid": gone.pid}}))
+        assert results_of(containment_daemon, contained_agent) == [("kill", "failed", "no process left")]
+        assert any(n.priority == "CRITICAL" and "kill failed" in n.message for n in notices)
+    finally:
+        containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_deny_connect_with_nothing_to_deny_fails_and_denies_nothing(containment_daemon, contained_agent):
+    try:
+        containment_daemon.containment.apply(
+            edge_verdict(contained_agent, ["deny_connect"], {"exec": {"argv": ["curl", "http://x"]}}))
+        assert results_of(containment_daemon, contained_agent) == [
+            ("deny_connect", "failed", "the event has no destination address")]
+        assert containment_daemon.containment.store.active_for(contained_agent.name).denied_networks == []
+    finally:
+        containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_deny_connect_on_a_pool_name_that_does_not_resolve_says_so(containment_daemon, contained_agent):
+    # a name of the .invalid top level domain (RFC 6761), asked of a loopback port where no
+    # server listens: no answer, nothing to deny
+    lookup = {"udp_send": {"address": "127.0.0.1", "port": 9, "dns_query": "pool.nowhere.invalid", "length": 40}}
+    try:
+        containment_daemon.containment.apply(edge_verdict(contained_agent, ["deny_connect"], lookup))
+        found = wait_for(lambda: [r for r in results_of(containment_daemon, contained_agent) if r[1] == "failed"],
+                         "the lookup's outcome")
+        assert found == [("deny_connect", "failed", "pool.nowhere.invalid did not resolve at 127.0.0.1:9")]
+        assert containment_daemon.containment.store.active_for(contained_agent.name).denied_networks == []
+    finally:
+        containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_deny_gpu_refuses_the_agents_next_open_in_the_kernel(containment_daemon, hierarchy, fake_gpu_dir):
+    # an agent entitled to GPUs (gpu-*) opens the node; deny_gpu takes that away at once
+    agent = make_agent_cgroup(hierarchy, containment_daemon.root, prefix="gpu")
+    node = fake_gpu_dir / "nvidia0"
+    opener = (f"import errno, os\ntry:\n    os.close(os.open({str(node)!r}, os.O_RDWR))\n    print(0)\n"
+              "except OSError as e:\n    print(e.errno)")
+    try:
+        assert gpu_policy_of(containment_daemon, agent) is not None
+        before = int(agent.run([sys.executable, "-c", opener], text=True).stdout)
+        assert before != errno.EPERM  # ENXIO: no driver behind the fake node, but the open was let through
+        containment_daemon.containment.apply(edge_verdict(agent, ["deny_gpu"], {"exec": {"argv": ["xmrig"]}}))
+        assert [r[:2] for r in results_of(containment_daemon, agent)] == [("deny_gpu", "applied")]
+        assert int(agent.run([sys.executable, "-c", opener], text=True).stdout) == errno.EPERM
+        assert containment_daemon.daemon.enforcer.gpu_policies()[agent.id][0] is False
+    finally:
+        containment_daemon.containment.release(agent.name, "test", "done")
+        remove_cgroup_tree(agent.path)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import REPO, RunningDaemon, connect_from, free_port, make_agent_cgroup, sent_from
+from helpers import REPO, RunningDaemon, connect_from, free_port, line_of, make_agent_cgroup, sent_from
 
 NOWHERE = "198.51.100.3"  # no host there: a connect let through would time out, a refused one fails at once
 
@@ -61,7 +61,7 @@ class Listener:
         self.host, self.ports = host, ports
         self.proc = popen([sys.executable, str(REPO / "tests/servers/listener.py"), host, *map(str, ports)],
                           stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "listening"
+        assert line_of(self.proc.stdout).strip() == "listening"
         self.accepted: list[int] = []
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, AgentCgroup, ebpfmon, gpu_policy_of, materialize_gpu_host, remove_cgroup_tree
+from helpers import REPO, AgentCgroup, ebpfmon, gpu_policy_of, line_of, materialize_gpu_host, remove_cgroup_tree
 
 from ebpfmon.host.gpus import DeviceModel, Node
 from ebpfmon.kernel.abi import GpuMajor, GpuNodeClass
@@ -178,7 +178,7 @@ def holder_in(containment_daemon, openable_gpu):
         started.append(holder)
         ready, _, _ = select.select([holder.stdout], [], [], 20)
         assert ready, "the holder printed nothing"
-        return holder, int(holder.stdout.readline())  # opened: the grant took effect for the running agent
+        return holder, int(line_of(holder.stdout))  # opened: the grant took effect for the running agent
 
     yield start
     for holder in started:
@@ -308,7 +308,7 @@ def test_a_descriptor_brought_into_an_agent_is_found_on_reload(containment_daemo
     try:
         ready, _, _ = select.select([holder.stdout], [], [], 20)
         assert ready, "the holder printed nothing"
-        fd = int(holder.stdout.readline())
+        fd = int(line_of(holder.stdout))
         (agent.path / "cgroup.procs").write_text(str(holder.pid))
         assert (openable_gpu.parent / f"/proc/{holder.pid}/fd/{fd}").resolve() == openable_gpu
         out = ebpfmon("reload", "--state-dir", containment_daemon.daemon.config.state_dir)

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from helpers import REPO, make_agent_cgroup, remove_cgroup_tree
+from helpers import REPO, line_of, make_agent_cgroup, remove_cgroup_tree, wait_for
 from ebpfmon.config import Config
 from ebpfmon.events import ExecEvent, raw_bytes, text
 
@@ -77,7 +77,7 @@ def test_argv_the_probe_cannot_read_comes_from_proc_and_the_rules_see_it(monitor
     subprocess.run(["gcc", "-O2", "-o", str(launcher), str(REPO / "tests/servers/literal_exec.c")], check=True)
     proc = agent_cgroup.popen([str(launcher)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        child = int(proc.stdout.readline())
+        child = int(line_of(proc.stdout))
         e = exec_of(monitor, agent_cgroup, lambda e: e.proc.pid == child)
         assert e.filename == ""  # what the probe could read: nothing
         assert e.argv_source == "proc" and e.argv_truncated is False
@@ -348,60 +348,80 @@ THREE_CONNECTS = [sys.executable, "-c", "import socket\nfor _ in range(3):\n    
 ], ids=["exec", "connect"])
 def test_events_that_do_not_wake_the_reader_still_arrive_within_the_window(agent_cgroup, kinds, command, key):
     # Events of one class less than WAKE_WINDOW_MS apart wake the reader once; the others must
-    # not wait for the drain timer (5 s here): containment would be late by that much.
+    # not wait for the drain timer (60 s here): containment would be late by that much.
     from ebpfmon.kernel.probeset import WAKE_WINDOW_MS
     from ebpfmon.stream.stream import EventStream
 
-    stream = EventStream(Config(drain_interval_ms=5000), kinds=kinds, cgroups=[agent_cgroup.name])
+    stream = EventStream(Config(drain_interval_ms=60_000), kinds=kinds, cgroups=[agent_cgroup.name])
     delays_ms = []  # ms from the kernel's timestamp to the handler, per matching event
-    stream.start(lambda e: key(e) and delays_ms.append((time.time_ns() - e.time_ns) / 1e6))
     stop = threading.Event()
+    stream.start(lambda e: not stop.is_set() and key(e) and delays_ms.append((time.time_ns() - e.time_ns) / 1e6))
     reader = threading.Thread(target=stream.run, args=(stop,))
     reader.start()
     try:
         time.sleep(0.5)  # past the window of any event before
         agent_cgroup.run(command, check=True)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while len(delays_ms) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         stop.set()
-        reader.join()
+        time.sleep(WAKE_WINDOW_MS / 1000)
+        agent_cgroup.run(command)  # their first wakes the reader to see stop (the drain timer is long)
+        reader.join(timeout=90)
         stream.close()
     assert len(delays_ms) == 3, delays_ms
-    # the window plus scheduling on a busy 2-core VM (the rest of the suite runs servers);
-    # a drain-timer wait would be up to 5000 ms
-    assert max(delays_ms) < WAKE_WINDOW_MS + 1000, delays_ms
+    # a wait for the drain timer would be up to 60 s; what is left is scheduling on a loaded
+    # machine (how fast they arrive is bench/rules.py's latency figure)
+    assert max(delays_ms) < 20_000, delays_ms
 
 
-def test_nothing_was_lost(monitor):
-    # at the rates of these tests the kernel must not have dropped anything
+def test_nothing_was_lost(monitor, agent_cgroup):
+    # a burst of its own (500 execs, 2,000 connects), whatever ran before: each one arrives,
+    # and the kernel dropped nothing, of this burst or of any test before it
+    burst = ("import os, socket\nfor _ in range(2000):\n    s = socket.socket()\n"
+             "    s.connect_ex(('127.0.0.1', 9))\n    s.close()\n"
+             "for _ in range(500):\n    os.waitpid(os.spawnv(os.P_NOWAIT, '/bin/true', ['/bin/true', 'burst']), 0)")
+    assert agent_cgroup.run([sys.executable, "-c", burst], timeout=120).returncode == 0
+
+    def counted() -> tuple[int, int]:
+        mine = monitor.in_cgroup(agent_cgroup.id)
+        return (sum(e.kind == "exec" and e.argv == ["/bin/true", "burst"] for e in mine),
+                sum(e.kind == "connect" and e.port == 9 for e in mine))
+    wait_for(lambda: counted() == (500, 2000), "every event of the burst", 60)
     monitor.stream.refresh_counters()
     assert sum(monitor.stream.stats.lost.values()) == 0
     assert monitor.stream.stats.malformed == 0
 
 
-def resident_kib(library_names) -> int:
+def private_clean_kib(library_names) -> int:
+    """Clean pages of these libraries resident and mapped by this process alone (those a
+    page-out can give back; pages other processes map too stay, and are not ours)."""
     total, counting = 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             if "-" in line.split(" ", 1)[0]:
                 counting = any(name in line for name in library_names)
-            elif counting and line.startswith("Rss:"):
+            elif counting and line.startswith("Private_Clean:"):
                 total += int(line.split()[1])
     return total
 
 
 def test_compiling_the_probes_leaves_the_compiler_paged_out(bpf):
-    # LLVM and clang are needed for the 2 s of compiling, then never again: a daemon that
-    # runs for months must not keep ~80 MiB of their pages resident
-    from ebpfmon.kernel.probeset import COMPILER_LIBRARIES, ProbeSet
+    # LLVM and clang are needed for the seconds of compiling, then never again: a daemon that
+    # runs for months must not keep their pages resident. Against a compile of our own, which
+    # leaves them in: the probes' load gives back most of what it paged in (the figure, the
+    # daemon's RSS, is bench/service.py's)
+    from ebpfmon.kernel.probeset import COMPILER_LIBRARIES, ProbeSet, import_bcc
 
+    import_bcc().BPF(text="int nothing(void *ctx) { return 0; }").cleanup()
+    paged_in = private_clean_kib(COMPILER_LIBRARIES)
     probes = ProbeSet({"exec"}).load()
     try:
-        assert resident_kib(COMPILER_LIBRARIES) < 24 * 1024
+        left = private_clean_kib(COMPILER_LIBRARIES)
     finally:
         probes.close()
+    assert left <= paged_in // 4 + 1024, (paged_in, left)
 
 
 def test_a_new_scope_takes_effect_at_once_despite_cached_verdicts(agent_cgroup, hierarchy, test_root):

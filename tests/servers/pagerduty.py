@@ -42,6 +42,7 @@ class FakePagerDuty:
         self.accepted: list[dict] = []
         self.rejected: list[tuple[dict, list[str]]] = []
         self.failing = False
+        self.refused = 0  # requests answered 500 while failing
         self.cond = threading.Condition()
         owner = self
 
@@ -52,6 +53,9 @@ class FakePagerDuty:
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if owner.failing:
+                    with owner.cond:
+                        owner.refused += 1
+                        owner.cond.notify_all()
                     self.send_response(500)
                     self.end_headers()
                     return
@@ -82,6 +86,11 @@ class FakePagerDuty:
         with self.cond:
             self.cond.wait_for(lambda: len(self.accepted) >= count, timeout)
             return list(self.accepted)
+
+    def wait_refused(self, count: int, timeout: float = 15.0) -> int:
+        with self.cond:
+            self.cond.wait_for(lambda: self.refused >= count, timeout)
+            return self.refused
 
     def close(self) -> None:
         self.server.shutdown()

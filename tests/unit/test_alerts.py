@@ -15,7 +15,7 @@ from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.config import AlertSettings, SinkSettings
 from ebpfmon.rules.cases import make_event
 from ebpfmon.rules.engine import Verdict
-from helpers import free_port
+from helpers import free_port, wait_for
 from servers.pagerduty import FakePagerDuty
 
 
@@ -31,11 +31,11 @@ def verdict(agent="/ebpfmon-agents/a1", rule="Reverse SSH tunnel", argv=("ssh", 
     return Verdict(rule, "CRITICAL", f"tunnel by {agent}", ["T1572"], ["cut_network"], True, agent, event)
 
 
-def alerting(tmp_path, pagerduty, dedup=60.0, spool_max=1000, extra=()) -> Alerting:
+def alerting(tmp_path, pagerduty, dedup=60.0, spool_max=1000, extra=(), **clocks) -> Alerting:
     settings = AlertSettings(dedup_seconds=dedup, spool_max=spool_max, sinks=(
         SinkSettings(type="pagerduty", url=pagerduty.url, routing_key="R0UTINGKEY"),
         SinkSettings(type="jsonl", path=str(tmp_path / "alerts.jsonl")), *extra))
-    return Alerting(settings, tmp_path / "state", node="gpu-node-7").start()
+    return Alerting(settings, tmp_path / "state", node="gpu-node-7", **clocks).start()
 
 
 def test_trigger_then_resolve_with_one_dedup_key(tmp_path, pagerduty):
@@ -59,22 +59,24 @@ def test_trigger_then_resolve_with_one_dedup_key(tmp_path, pagerduty):
 
 
 def test_a_thousand_identical_verdicts_page_once_with_a_count(tmp_path, pagerduty):
-    a = alerting(tmp_path, pagerduty, dedup=0.5)
+    now = [0]  # the monotonic clock dedup windows are measured by, moved by the test
+    a = alerting(tmp_path, pagerduty, monotonic=lambda: now[0])
     try:
         for _ in range(1000):
             a.verdict(verdict())
         assert len(pagerduty.wait(1)) == 1
-        time.sleep(0.6)
+        a.tick()  # within the window: the count waits
+        now[0] += 61 * 10**9
         a.tick()  # the window passed: one update carries the count
         update = pagerduty.wait(2)[1]
         assert update["dedup_key"] == pagerduty.accepted[0]["dedup_key"]
         assert update["payload"]["custom_details"]["count"] == 1000
-        a.tick()
-        time.sleep(0.3)
-        assert len(pagerduty.accepted) == 2  # nothing new, nothing sent
-        # another agent is another incident
+        a.tick()  # nothing new: nothing to send
+        # another agent is another incident; delivered in order, it comes right after the update
         a.verdict(verdict(agent="/ebpfmon-agents/a2"))
-        assert pagerduty.wait(3)[2]["dedup_key"] != update["dedup_key"]
+        got = pagerduty.wait(3)
+        assert got[2]["payload"]["component"] == "/ebpfmon-agents/a2" and got[2]["dedup_key"] != update["dedup_key"]
+        assert len(got) == 3
     finally:
         a.close()
 
@@ -85,7 +87,7 @@ def test_outage_spools_then_delivers_everything_once_in_order_across_restart(tmp
     agents = [f"/ebpfmon-agents/a{i}" for i in range(5)]
     for agent in agents[:3]:
         a.verdict(verdict(agent=agent))
-    time.sleep(1)
+    assert pagerduty.wait_refused(1) >= 1  # tried, refused
     assert a.spool.depth() == 3  # on disk, waiting
     a.close()  # the daemon stops while the pager is down
     a = alerting(tmp_path, pagerduty, dedup=0)
@@ -93,11 +95,11 @@ def test_outage_spools_then_delivers_everything_once_in_order_across_restart(tmp
         for agent in agents[3:]:
             a.verdict(verdict(agent=agent))
         pagerduty.failing = False
-        got = pagerduty.wait(5, timeout=30)
-        time.sleep(1)
-        assert len(pagerduty.accepted) == 5  # once each
-        assert [b["payload"]["component"] for b in got] == agents  # in order
-        assert a.spool.depth() == 0
+        pagerduty.wait(5, timeout=30)
+        a.verdict(verdict(agent="/ebpfmon-agents/last"))  # delivered in order: after anything sent twice
+        got = pagerduty.wait(6, timeout=30)
+        assert [b["payload"]["component"] for b in got] == [*agents, "/ebpfmon-agents/last"]  # once each, in order
+        wait_for(lambda: a.spool.depth() == 0, "the spool marked delivered")
     finally:
         a.close()
 
@@ -122,9 +124,8 @@ def test_sinks_skip_alerts_below_their_priority(tmp_path, pagerduty):
         low.priority = "WARNING"
         a.verdict(low)
         a.verdict(verdict(agent="/ebpfmon-agents/loud"))
+        # delivered in order: the low one, were it sent, would be first
         assert [b["payload"]["component"] for b in pagerduty.wait(1)] == ["/ebpfmon-agents/loud"]
-        time.sleep(0.5)
-        assert len(pagerduty.accepted) == 1
     finally:
         a.close()
 
