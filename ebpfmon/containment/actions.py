@@ -200,8 +200,8 @@ class Containment:
     def _act(self, record: Record, action: str, event, dry: bool, now: int) -> Notice | None:
         done = {a.action for a in record.actions if a.result in ("applied", "dry run")}
         if action == "deny_connect":  # once per destination: the next one may be another address
-            address = getattr(event, "address", None)
-            if getattr(event, "dns_query", None) is None and set(self._networks_of(address)) <= set(
+            networks = self._networks_of(getattr(event, "address", None))
+            if getattr(event, "dns_query", None) is None and networks and set(networks) <= set(
                     record.denied_networks):
                 return None
         elif action in done and (action != "kill" or not _alive(getattr(event.proc, "pid", 0))):
@@ -229,7 +229,6 @@ class Containment:
                                  args=(record.agent, event.dns_query, event.address, event.port)).start()
                 result, detail = "applied", f"the addresses of {event.dns_query}, being asked of {event.address}"
             elif action == "deny_connect":
-                networks = self._networks_of(getattr(event, "address", None))
                 if not networks:
                     result, detail = "failed", "the event has no destination address"
                 else:
