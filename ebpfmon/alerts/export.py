@@ -81,6 +81,8 @@ class _Filling:
 
 
 class EventExport:
+    """One NATS sink's exporter: a thread that reads the audit log from the cursor and publishes."""
+
     def __init__(self, settings: SinkSettings, node: str, audit_dir: Path, state_dir: str | Path,
                  agents: AgentLayout):
         self.sink = NatsSink(settings, node)

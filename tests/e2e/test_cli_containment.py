@@ -65,6 +65,9 @@ def test_quarantine_without_a_daemon(bpf, hierarchy, own_root, tmp_path, sshd, n
     assert connect_from(agent, netns_host.address, 22) == errno.EPERM
     out = ebpfmon("quarantine", "list", "--state-dir", state)
     assert "no daemon running" in out.stdout and agent.name in out.stdout and "by hand" in out.stdout
+    [record] = json.loads(ebpfmon("quarantine", "list", "--json", "--state-dir", state).stdout)
+    assert record["agent"] == agent.name and record["status"] == "active" and "by hand" in json.dumps(record)
+    assert [(a["action"], a["result"]) for a in record["actions"]] == [("cut_network", "applied")]
     out = ebpfmon("quarantine", "release", agent.name, "--reason", "ok", *args)
     assert out.returncode == 0, out.stderr
     assert connect_from(agent, netns_host.address, 22) == 0

@@ -170,7 +170,12 @@ def test_corrupt_state_is_set_aside_and_the_daemon_starts(watched):
 def fill(directory: Path) -> Path:
     """Writes a file until the filesystem refuses: every write there fails from now on."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    try:
+        f = open(filler, "wb")
+    except OSError as e:  # full before the test filled it: say with what
+        taken = {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+        raise AssertionError(f"{directory} was full before the test filled it ({e}): {taken}") from e
+    with f:
         try:
             while True:
                 f.write(b"\0" * 65536)
@@ -182,10 +187,11 @@ def fill(directory: Path) -> Path:
 
 @pytest.fixture
 def small_state_disk(bpf, hierarchy, own_root, tmp_path):
-    """The whole state directory on a 4 MiB tmpfs, mounted by this test and unmounted after."""
+    """The whole state directory on a 16 MiB tmpfs (room for what the daemon writes before the test
+    fills it), mounted by this test and unmounted after."""
     state = tmp_path / "state"
     state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "ebpfmon-test-state", str(state)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "ebpfmon-test-state", str(state)], check=True)
     pagerduty = FakePagerDuty()
     w = Watched(own_root, state, hierarchy, remote_sinks=(
         {"type": "pagerduty", "url": pagerduty.url, "routing_key": "K", "min_priority": "WARNING"},))

@@ -6,11 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from helpers import line_of, make_agent_cgroup
+from helpers import line_of, make_agent_cgroup, wait_for
 from ebpfmon.stream.decode import Decoder
 from ebpfmon.kernel import abi
 from ebpfmon.kernel.probeset import ProbeSet
@@ -68,22 +67,26 @@ def test_records_arrive_whole_and_in_order_across_wraps(reader, agent_cgroup):
     assert ports == list(range(FIRST_PORT, FIRST_PORT + BATCH * BATCHES))
 
 
-FLOOD = 100_000
+FLOOD_BATCH = 5_000  # records of 96 bytes: 480 KB, under half the 1 MiB ring
+FLOOD_BATCHES = 20  # 100k records: the ring wraps about ten times
 FLOODER = f"""
-import socket
-for _ in range({FLOOD}):
-    s = socket.socket()
-    s.connect_ex(("127.0.0.1", 9))
-    s.close()
+import socket, sys
+for line in sys.stdin:
+    for _ in range({FLOOD_BATCH}):
+        s = socket.socket()
+        s.connect_ex(("127.0.0.1", 9))
+        s.close()
+    print("done", flush=True)
 """
 
 
 @pytest.mark.parametrize("reader", ["mmap", "bcc"])
 def test_a_reader_that_keeps_up_loses_nothing(reader, hierarchy, own_root):
-    # 100k records through a 1 MiB ring that is never near full: the kernel must never see a
-    # wrong consumer position (struct.pack_into zeroing it before the store lost ~1 record in
-    # 2,500 once the ring had wrapped). A root of its own: the session's monitor, which judges
-    # everything under the test root, would compete with this reader for the GIL.
+    # 100k records through a 1 MiB ring, a batch at a time, each one taken before the next is
+    # written (so however slow the reader, the ring is never near full): the kernel must never
+    # see a wrong consumer position (struct.pack_into zeroing it before the store lost ~1
+    # record in 2,500 once the ring had wrapped). A root of its own: the session's monitor,
+    # which judges everything under the test root, would compete with this reader for the GIL.
     agent_cgroup = make_agent_cgroup(hierarchy, own_root)
     seen = [0]
     probes = ProbeSet({"connect"}, ringbuf_pages=256, ring_reader=reader).load()
@@ -98,18 +101,23 @@ def test_a_reader_that_keeps_up_loses_nothing(reader, hierarchy, own_root):
         probes.open_ring_buffer(lambda record: seen.__setitem__(0, seen[0] + (record[0] == abi.EventKind.CONNECT)))
         thread = threading.Thread(target=read)
         thread.start()
+        flooder = agent_cgroup.popen([sys.executable, "-c", FLOODER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
         try:
-            assert agent_cgroup.run([sys.executable, "-c", FLOODER], timeout=120).returncode == 0
-            deadline = time.monotonic() + 10
-            while seen[0] < FLOOD and time.monotonic() < deadline:
-                time.sleep(0.05)
+            for batch in range(1, FLOOD_BATCHES + 1):
+                flooder.stdin.write("go\n")
+                flooder.stdin.flush()
+                assert line_of(flooder.stdout, f"batch {batch} written") == "done\n"
+                wait_for(lambda: seen[0] >= batch * FLOOD_BATCH, f"batch {batch} taken", 60)
         finally:
+            flooder.stdin.close()
+            flooder.wait(timeout=30)
             stop.set()
             thread.join(timeout=10)
         lost = probes.counters()[abi.EventKind.CONNECT][abi.Counter.LOST]
     finally:
         probes.close()
-    assert (seen[0], lost) == (FLOOD, 0)
+    assert (seen[0], lost) == (FLOOD_BATCH * FLOOD_BATCHES, 0)
 
 
 def test_the_reader_knows_when_records_wait_behind_it(agent_cgroup):
