@@ -35,6 +35,7 @@ BENCHMARKS = {
     "faults": "RESULTS-faults.md",
     "audit_chain": "RESULTS-audit-chain.md",
     "nats_export": "RESULTS-nats-export.md",
+    "agents": "RESULTS-agents.md",
     "compare": "RESULTS-compare.md",
 }
 

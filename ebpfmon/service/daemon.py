@@ -144,13 +144,12 @@ class Daemon:
                 self.alerting.verdict(self._ebpfmon_verdict("ebpfmon metrics", "ERROR",
                                                             f"metrics {self.metrics_problem}"))
         self.control = ControlServer(self.containment, self.config.state_dir, reload=self.reload_between_batches).start()
-        for event in existing_connections(self.containment.agent_paths(), self.hierarchy, self.stream.tree,
-                                          self.config.ancestry_depth):
+        agents = self.containment.agent_paths()  # a walk of the agent root: once
+        for event in existing_connections(agents, self.hierarchy, self.stream.tree, self.config.ancestry_depth):
             self.judge(event)  # connections agents held before we started are judged like new ones
         self.ready_ns = time.monotonic_ns()
         sdnotify.notify("READY=1")
-        threading.Thread(target=self._look_at_what_runs, args=(self.containment.agent_paths(),),
-                         name="at-start", daemon=True).start()
+        threading.Thread(target=self._look_at_what_runs, args=(agents,), name="at-start", daemon=True).start()
         return self
 
     def _look_at_what_runs(self, agents: list[str]) -> None:

@@ -15,8 +15,8 @@ from ebpfmon.stream.proctree import ProcessTree, read_proc
 def existing_connections(agents: list[str], hierarchy: Hierarchy, tree: ProcessTree,
                          ancestry_depth: int) -> Iterator[ev.ConnectEvent]:
     """TCP connections established or being set up by the agents' processes, from sock_diag."""
-    for agent in agents:
-        for conn in sockets.connections(hierarchy.path(agent)):
+    for agent, held in sockets.connections_of({agent: hierarchy.path(agent) for agent in agents}).items():
+        for conn in held:
             if conn["protocol"] == "tcp" and conn["state"] in ("established", "syn-sent"):
                 yield connection_event(agent, hierarchy.cgroup_id(agent), conn, tree, ancestry_depth)
 
