@@ -386,10 +386,10 @@ class Containment:
                 notices.append(Notice("NOTICE", f"opened {network}: denied in the kernel, but neither configured "
                                                 "nor held by a quarantine"))
             recorded = {r.agent_id for r in self.store.active() if r.cut}
-            names = {self.hierarchy.cgroup_id_or_none(p): p for p in self.agent_paths()}
-            for agent_id, since in kernel_cut.items():
-                if agent_id in recorded:
-                    continue
+            unrecorded = {agent_id: since for agent_id, since in kernel_cut.items() if agent_id not in recorded}
+            # the agents by cgroup id: a walk and a stat per agent, only when a cut lacks its record
+            names = {self.hierarchy.cgroup_id_or_none(p): p for p in self.agent_paths()} if unrecorded else {}
+            for agent_id, since in unrecorded.items():
                 agent = names.get(agent_id)
                 if agent is None:
                     self.enforcer.uncut(agent_id)
