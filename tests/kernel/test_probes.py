@@ -414,7 +414,7 @@ def test_compiling_the_probes_leaves_the_compiler_paged_out(bpf):
     # daemon's RSS, is bench/service.py's)
     from ebpfmon.kernel.probeset import COMPILER_LIBRARIES, ProbeSet, import_bcc
 
-    import_bcc().BPF(text="int nothing(void *ctx) { return 0; }").cleanup()
+    import_bcc().BPF(text=b"int nothing(void *ctx) { return 0; }").cleanup()
     paged_in = private_clean_kib(COMPILER_LIBRARIES)
     probes = ProbeSet({"exec"}).load()
     try:
