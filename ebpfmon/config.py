@@ -141,6 +141,24 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class ContainerSettings:
+    """Agents that are containers (their cgroup is the one a runtime made, under the agent root):
+    name, image and labels asked of the runtime by the command that inspects one container
+    (its id appended; JSON as `podman inspect` writes it)."""
+
+    enabled: bool = True
+    podman: tuple[str, ...] = ("podman", "inspect", "--type", "container")
+    docker: tuple[str, ...] = ("docker", "inspect", "--type", "container")
+    # agent.name from this label, where a container has it (else the container's name)
+    name_label: str = "ebpfmon.agent"
+    # labels that choose a container's egress profile (by name) and GPUs ("0,1", "all", "none"):
+    # empty, labels choose nothing. Set them only where the launcher alone sets labels (an agent
+    # that can start containers could label its own).
+    profile_label: str = ""
+    gpus_label: str = ""
+
+
+@dataclass(frozen=True)
 class EgressAllow:
     """One destination an egress profile allows: a network (cidr), with ports and a protocol."""
 
@@ -214,6 +232,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     egress: EgressSettings = field(default_factory=EgressSettings)
+    containers: ContainerSettings = field(default_factory=ContainerSettings)
 
     @property
     def agents(self) -> AgentLayout:

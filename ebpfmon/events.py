@@ -65,6 +65,46 @@ class Ancestor:
     argv: list[str] | None = None
 
 
+@dataclass(frozen=True)
+class Container:
+    """Field names as Falco's container.* fields. Only id and runtime until the runtime answered
+    (known is then True)."""
+
+    id: str
+    runtime: str
+    name: str | None = None
+    image: str | None = None  # as given to the runtime: registry/repository:tag, or None (a rootfs)
+    labels: dict[str, str] = field(default_factory=dict)
+    known: bool = False
+
+    def __hash__(self) -> int:  # labels are a dict; a container's are fixed for its id
+        return hash((self.id, self.known))
+
+    @property
+    def image_repository(self) -> str | None:
+        return image_parts(self.image)[0]
+
+    @property
+    def image_tag(self) -> str | None:
+        return image_parts(self.image)[1]
+
+    def describe(self) -> str:
+        """For people: the name, image and id in short."""
+        image = f" ({self.image})" if self.image else ""
+        return f"{self.runtime} container {self.name or '?'}{image} {self.id[:12]}"
+
+
+def image_parts(image: str | None) -> tuple[str | None, str | None]:
+    """registry/repo:tag@digest -> (registry/repo, tag); a port in the registry is not a tag."""
+    if not image:
+        return None, None
+    name = image.split("@", 1)[0]
+    repository, colon, tag = name.rpartition(":")
+    if not colon or "/" in tag:
+        return name, None
+    return repository, tag
+
+
 class Ancestry(list):
     """Ancestors, parent first. The process tree shares one between the events of a process
     while the tree does not change, so its JSON is made once, with it: long ancestor command
@@ -113,12 +153,17 @@ class Event:
     cgroup: str | None  # path relative to the cgroup2 mount; None if unknown
     proc: Process
     ancestry: list[Ancestor] = field(default_factory=list)
+    # the container the agent is, when it is one (host/containers.py); keyword-only, so the
+    # kinds' own fields keep their positions
+    container: Container | None = field(default=None, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies and is the slowest part of JSON output
         data = {name: getattr(self, name) for name in self._field_names()}
         data["proc"] = vars_of(self.proc)
         data["ancestry"] = [vars_of(a) for a in self.ancestry]
+        if self.container is not None:
+            data["container"] = {**vars_of(self.container), "labels": dict(self.container.labels)}
         return data
 
     @classmethod
@@ -348,6 +393,8 @@ def from_dict(data: dict[str, Any]) -> Event:
         raise ValueError(f"unknown field(s) {sorted(extra)} for a {kind} event")
     data["proc"] = Process(**data["proc"])
     data["ancestry"] = [Ancestor(**a) for a in data.get("ancestry", [])]
+    if data.get("container") is not None:
+        data["container"] = Container(**data["container"])
     return cls(**data)
 
 

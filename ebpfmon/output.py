@@ -137,4 +137,6 @@ def json_line(event: ev.Event) -> str:
 def alert_line(verdict) -> str:
     """A verdict for the console: when, how bad, which rule, what happened, what it asks for."""
     actions = f"  [actions: {', '.join(verdict.actions)}]" if verdict.actions else ""
-    return f"{clock(verdict.time_ns)} {verdict.priority:<8} {verdict.rule}: {verdict.output}{actions}"
+    container = verdict.event.container
+    where = f"  [{safe(container.describe())}]" if container else ""
+    return f"{clock(verdict.time_ns)} {verdict.priority:<8} {verdict.rule}: {verdict.output}{where}{actions}"

@@ -79,7 +79,7 @@ class ConnectLines:
 
     def line(self, e: ev.ConnectEvent) -> bytes:
         p = e.proc
-        key = (e.cgroup_id, e.cgroup, e.ancestry.id, e.family, e.address, e.port, e.sock_type, e.protocol,
+        key = (e.cgroup_id, e.cgroup, e.ancestry.id, e.container, e.family, e.address, e.port, e.sock_type, e.protocol,
                e.retval, e.fd, e.source, p.pid, p.tid, p.ppid, p.uid, p.gid, p.comm, p.exe,
                None if p.argv is None else tuple(p.argv))
         after = self.lines.get(key)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ebpfmon.errors import ConfigError, DeliveryError
+from ebpfmon.events import image_parts
 from ebpfmon.output import clock
 from ebpfmon.rules.vocabulary import PRIORITY_RANK
 
@@ -159,12 +160,23 @@ def falco(alert: dict[str, Any], node: str) -> dict[str, Any]:
     when = dt.datetime.fromtimestamp(alert["time_ns"] // 10**9, dt.timezone.utc)
     nanos = alert["time_ns"] % 10**9
     priority = alert["priority"].capitalize()
-    fields = {"evt.time": alert["time_ns"], **(alert.get("output_fields") or {}),
+    fields = {"evt.time": alert["time_ns"], **container_fields((alert.get("event") or {}).get("container")),
+              **(alert.get("output_fields") or {}),
               "ebpfmon.agent": alert.get("agent"), "ebpfmon.incident": alert.get("incident"),
               "ebpfmon.count": alert.get("count", 1)}
     return {"hostname": node, "output": f"{when:%H:%M:%S}.{nanos:09d}: {priority} {alert['output']}",
             "priority": priority, "rule": alert["rule"], "source": "syscall", "tags": list(alert.get("tags") or []),
             "time": f"{when:%Y-%m-%dT%H:%M:%S}.{nanos:09d}Z", "output_fields": fields}
+
+
+def container_fields(container: dict[str, Any] | None) -> dict[str, Any]:
+    """Falco's container fields of an alert's event (none for an agent in no container)."""
+    if not container:
+        return {}
+    repository, tag = image_parts(container.get("image"))
+    return {"container.id": container["id"], "container.name": container.get("name"),
+            "container.image.repository": repository, "container.image.tag": tag,
+            **{f"container.label[{k}]": v for k, v in (container.get("labels") or {}).items()}}
 
 
 def summary(alert: dict[str, Any]) -> str:

@@ -64,6 +64,10 @@ def _show(record: dict) -> None:
     actions = ", ".join(f"{a['action']}:{a['result']}" for a in record["actions"])
     print(f"{safe(record['agent'])}  {record['status']}  since {_when(record['opened_ns'])}  "
           f"rule: {safe(record['rule'])}")
+    container = record.get("container")
+    if container:
+        print(f"    container: {safe(container.get('name') or '?')}  image: {safe(container.get('image') or '-')}  "
+              f"{container['runtime']} {container['id'][:12]}")
     print(f"    actions: {safe(actions) or '-'}")
     for conn in record["connections"][:10]:
         print(f"    held: {conn['protocol']} {conn['local']} -> {conn['remote']} {conn['state']} "

@@ -62,11 +62,12 @@ def run(
     stop = stop_on_signals()
     signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
     daemon.start()
-    log.info("ready: in %.2fs, watching %s and below (probes: %s; %d rules; containment %s; metrics %s)",
+    log.info("ready: in %.2fs, watching %s and below (probes: %s; %d rules; containment %s; metrics %s); "
+             "%d agent(s) there, what they already run judged next, from /proc",
              (daemon.ready_ns - daemon.started_ns) / 1e9, config.agent_root,
              ", ".join(daemon.stream.probes.probes), len(daemon.engine.ruleset.rules),
              "in dry run" if config.enforce.dry_run else "armed",
-             daemon.metrics_state())
+             daemon.metrics_state(), daemon.agents_at_start)
     try:
         daemon.run(stop, every=sys.stdout.flush)
     finally:

@@ -58,6 +58,7 @@ class Containment:
         self.own_cgroup = cgroup_of(os.getpid()) or "/"
         self.on_release = on_release or (lambda record: None)  # e.g. resolve the pager's incidents
         self.on_action = on_action or (lambda action, result: None)  # e.g. count it
+        self.container_of = lambda agent: None  # the container an agent is, as a dict (the daemon's enricher)
         self.breaker = Breaker(config.enforce, lambda: len(self.agent_paths()))
         self.dirty = False  # records changed since the quarantine file was written (flush)
         self.save_failures = 0  # writes of the quarantine file the disk refused in a row
@@ -136,7 +137,7 @@ class Containment:
             new = record is None
             if new:
                 record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=verdict.rule,
-                                priority=verdict.priority, opened_ns=now)
+                                priority=verdict.priority, opened_ns=now, container=self.container_of(agent))
             # act first: a tunnel is being set up while we write things down
             notices = [self._act(record, action, verdict.event, dry, now) for action in verdict.actions]
             if new:
@@ -302,7 +303,8 @@ class Containment:
             record = self.store.active_for(agent)
             if record is None:
                 record = Record(agent=agent, agent_id=self.hierarchy.cgroup_id(agent), rule=f"manual: {reason}",
-                                priority="CRITICAL", opened_ns=now, connections=self._connections(agent))
+                                priority="CRITICAL", opened_ns=now, connections=self._connections(agent),
+                                container=self.container_of(agent))
                 self.store.add(record)
             if not record.cut:
                 self.enforcer.cut(record.agent_id, now)
@@ -370,11 +372,7 @@ class Containment:
                 path = self.hierarchy.path(record.agent)
                 alive = path.is_dir() and self.hierarchy.cgroup_id(record.agent) == record.agent_id
                 if not alive:
-                    self.enforcer.uncut(record.agent_id)
-                    self.enforcer.clear_gpu(record.agent_id)
-                    record.status, record.released_ns, record.released_by = "closed", now, "ebpfmon"
-                    record.release_reason = "the agent's cgroup was removed"
-                    notices.append(Notice("NOTICE", f"closed the quarantine of {record.agent}: cgroup removed"))
+                    notices.append(self._close_removed(record, now))
                     continue
                 if record.cut and record.agent_id not in kernel_cut:
                     self.enforcer.cut(record.agent_id, now)
@@ -403,6 +401,28 @@ class Containment:
             self.dirty = True
             self.flush()
         return notices
+
+    def removed(self, agent: str, agent_id: int) -> Notice | None:
+        """The agent's cgroup is gone (its processes with it): its GPU entries go, and its
+        quarantine, if any, is closed and its kernel state dropped; the record stays, saying so."""
+        with self.lock:
+            self.enforcer.clear_gpu(agent_id)
+            self.gpus.forget(agent)
+            record = self.store.active_for(agent)
+            if record is None or record.agent_id != agent_id:
+                return None
+            notice = self._close_removed(record, self.clock())
+            self._hold_denied_networks()  # its networks open unless configured or another holds them
+            self.dirty = True
+            return notice
+
+    def _close_removed(self, record: Record, now: int) -> Notice:
+        self.enforcer.uncut(record.agent_id)
+        self.enforcer.clear_gpu(record.agent_id)
+        record.actions.append(ActionResult("close", "applied", now, "the agent's cgroup was removed"))
+        record.status, record.released_ns, record.released_by = "closed", now, "ebpfmon"
+        record.release_reason = "the agent's cgroup was removed"
+        return Notice("NOTICE", f"closed the quarantine of {record.agent}: cgroup removed")
 
     def agent_paths(self) -> list[str]:
         return self.agents.agents(self.hierarchy)

@@ -57,6 +57,10 @@ class GpuGrants:
         self.path = Path(config.state_dir) / GRANTS_FILE
         self.lock = threading.RLock()
         self.scheduled: dict[str, ScheduledGrant] = self._load()
+        # what a container's trusted label says (names; None: every GPU), and the containers whose
+        # labels are not read yet (no GPU meanwhile)
+        self.labelled: dict[str, list[str] | None] = {}
+        self.awaiting_labels: set[str] = set()
         self.holders = GpuHolders(devices, hierarchy)
         self.vendors = DeviceResolver()
         # GPU descriptors held beyond a grant, found by scans: judged by the daemon's rules
@@ -74,6 +78,12 @@ class GpuGrants:
         grant = self.scheduled.get(agent)
         if grant is not None:
             names: list[str | int] | None = list(grant.gpus)
+        elif agent in self.awaiting_labels:
+            return NOTHING
+        elif agent in self.labelled:
+            names = self.labelled[agent]
+            if names == []:
+                return NOTHING
         elif any(fnmatch.fnmatchcase(agent, g) for g in self.config.gpu_entitled):
             names = next((list(n) for glob, n in self.config.gpu_devices if fnmatch.fnmatchcase(agent, glob)), None)
         else:
@@ -108,7 +118,7 @@ class GpuGrants:
         """Kernel entries for the agents among paths: new cgroups, all of them at start and on a
         reload. An entry is written only where the agent differs from the default; where every
         agent may use every GPU and the kernel holds no entry, there is nothing to do per agent."""
-        if self._every_agent_every_gpu() and not self.enforcer.gpu_policies():
+        if self._every_agent_every_gpu() and not self.enforcer.gpu_entries:
             return
         with self.lock:
             for path in paths:
@@ -140,8 +150,27 @@ class GpuGrants:
             self.enforcer.set_gpu(agent_id, allow=True, selection=selection,
                                   mig_nodes=self.devices.mig_nodes(selection))
 
+    def await_labels(self, agent: str) -> None:
+        """A new container whose labels choose its GPUs: none until they are read."""
+        self.awaiting_labels.add(agent)
+
+    def choose(self, agent: str, label: str | None) -> None:
+        """What the container's label says: "all", "none", or GPUs ("0,1", uuids, bus ids);
+        without the label, the configuration's globs decide. In force at once."""
+        self.awaiting_labels.discard(agent)
+        if label is None:
+            self.labelled.pop(agent, None)
+        else:
+            text = label.strip().lower()
+            self.labelled[agent] = (None if text == "all" else [] if text in ("none", "")
+                                    else [n.strip() for n in label.split(",") if n.strip()])
+        self.apply([agent])
+
     def forget(self, path: str) -> None:
-        """The agent's cgroup was removed: its scheduled grant ends with it."""
+        """The agent's cgroup was removed: its scheduled grant and its holders end with it."""
+        self.holders.forget(path)
+        self.labelled.pop(path, None)
+        self.awaiting_labels.discard(path)
         with self.lock:
             if self.scheduled.pop(path, None) is not None:
                 self._save()
@@ -168,7 +197,7 @@ class GpuGrants:
         """Every agent may open every GPU node (the default): no entry is needed, no descriptor
         is held beyond a grant."""
         return ("*" in self.config.gpu_entitled and not self.config.gpu_devices and not self.scheduled
-                and not any(r.gpu_denied for r in self.store.active()))
+                and not self.labelled and not self.awaiting_labels and not any(r.gpu_denied for r in self.store.active()))
 
     # ---- grants from the scheduler ----
 
@@ -289,6 +318,10 @@ class GpuHolders:
             self.held = {k: h for k, h in self.held.items() if h.agent not in names}
             self.held.update({(h.pid, h.fd): h for h in found})
         return found
+
+    def forget(self, agent: str) -> None:
+        with self.lock:
+            self.held = {k: h for k, h in self.held.items() if h.agent != agent}
 
     def opened(self, agent: str, pid: int, fd: int) -> None:
         """An open that succeeded (a gpu_open event): the descriptor it returned."""

@@ -47,6 +47,7 @@ class Record:
     released_ns: int | None = None
     released_by: str | None = None
     release_reason: str | None = None
+    container: dict[str, Any] | None = None  # the container the agent is: id, runtime, name, image, labels
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property

@@ -115,12 +115,21 @@ class Enforcer:
         # from the reader's thread while a reload (control socket, SIGHUP) writes a new one
         self.egress_policy = Policy()
         self.egress_generation = 0
+        # agent -> the profile its container's trusted label chose (by name); with labels_choose,
+        # every agent is classified by the daemon (an agent it has not classified is refused
+        # everything), and a container only once its labels are read
+        self.chosen_profiles: dict[str, str] = {}
+        self.labels_choose = False
         self._egress_lock = threading.Lock()
         # addresses allowed because an agent resolved a name through the DNS proxy:
         # (profile name, address) -> {name: expiry, monotonic ns}
         self.name_grants: dict[tuple[str, IPAddress], dict[str, int]] = {}
         self.dns_proxy_port = 0
         self._config = abi.EnforceConfig()
+        # agent id -> its MIG capability nodes, for every agent with a GPU entry: read from the
+        # pinned maps once, then kept by our own writes. Asking the kernel meant a walk of every
+        # agent's entries (a syscall each) on each agent's creation and removal.
+        self._gpu_entries: dict[int, set[tuple[int, int]]] | None = None
 
     @property
     def bpf(self):
@@ -203,10 +212,7 @@ class Enforcer:
         self.bpf[b"cut_cgroups"][ctypes.c_uint64(agent_id)] = ctypes.c_uint64(since_ns)
 
     def uncut(self, agent_id: int) -> None:
-        try:
-            del self.bpf[b"cut_cgroups"][ctypes.c_uint64(agent_id)]
-        except KeyError:
-            pass
+        self._delete(self.bpf[b"cut_cgroups"], ctypes.c_uint64(agent_id))
 
     def cut_agents(self) -> dict[int, int]:
         """agent cgroup id -> time it was cut (ns)."""
@@ -235,7 +241,7 @@ class Enforcer:
             # active index, so no reader sees a torn mix of both
             part, fallback = state.generation[new], _class_of(policy.default)
             part.fallback.profile, part.fallback.mode = fallback.profile, fallback.mode
-            part.classified_only = int(policy.classified_only)
+            part.classified_only = int(policy.classified_only or self.labels_choose)
             states[ctypes.c_int(0)] = state
             state.active = new
             states[ctypes.c_int(0)] = state
@@ -331,25 +337,39 @@ class Enforcer:
         with self._egress_lock:
             self._assign_egress(self.egress_policy, agent, self.egress_generation)
 
-    def forget_egress(self, agent_id: int) -> None:
+    def choose_profile(self, agent: str, name: str | None) -> str | None:
+        """The profile a container's label names for the agent (None: its globs decide), in force
+        at once; returns why a name was not taken."""
+        with self._egress_lock:
+            problem = None
+            if name and self.egress_policy.by_name(name) is None:
+                problem = f"no egress profile is named {name!r}"
+                name = None
+            if name:
+                self.chosen_profiles[agent] = name
+            else:
+                self.chosen_profiles.pop(agent, None)
+            self._assign_egress(self.egress_policy, agent, self.egress_generation)
+            return problem
+
+    def forget_egress(self, agent_id: int, agent: str | None = None) -> None:
+        self.chosen_profiles.pop(agent, None)
         agents = self.bpf[b"egress_agents"]
         for generation in (0, 1):
-            key = agents.Key(agent=agent_id, generation=generation)
-            try:
-                del agents[key]
-            except KeyError:
-                pass
+            self._delete(agents, agents.Key(agent=agent_id, generation=generation))
 
     def _assign_egress(self, policy: Policy, agent: str, generation: int) -> None:
         """The agent's classification: its profile's id, 0 for none. Without globs every agent
         has the default, which the kernel applies by itself."""
-        if not policy.classified_only or not self.agents.is_agent(agent):
+        if not (policy.classified_only or self.labels_choose) or not self.agents.is_agent(agent):
             return
         agent_id = self.hierarchy.cgroup_id_or_none(agent)
         if agent_id is None:
             return  # gone already
+        chosen = self.chosen_profiles.get(agent)
+        profile = (policy.by_name(chosen) if chosen else None) or policy.profile_for(agent)
         agents = self.bpf[b"egress_agents"]
-        agents[agents.Key(agent=agent_id, generation=generation)] = _class_of(policy.profile_for(agent))
+        agents[agents.Key(agent=agent_id, generation=generation)] = _class_of(profile)
 
     def _drop_egress_generation(self, generation: int) -> None:
         for name, generation_of in ((b"egress_allow4", lambda k: k.scope >> 16),
@@ -407,6 +427,19 @@ class Enforcer:
 
     # ---- GPUs ----
 
+    def _gpu_mirror(self) -> dict[int, set[tuple[int, int]]]:
+        if self._gpu_entries is None:
+            entries: dict[int, set[tuple[int, int]]] = {k.value: set() for k in self.bpf[b"gpu_grants"].keys()}
+            for k in self.bpf[b"gpu_mig_grants"].keys():
+                entries.setdefault(k.agent_id, set()).add((k.major, k.minor))
+            self._gpu_entries = entries
+        return self._gpu_entries
+
+    @property
+    def gpu_entries(self) -> int:
+        """Agents with a GPU entry of their own (the rest have the default)."""
+        return len(self._gpu_mirror())
+
     def set_gpu(self, agent_id: int, allow: bool, selection: Selection | None = None,
                 mig_nodes: set[tuple[int, int]] = frozenset()) -> None:
         """The GPU nodes one agent may open: none (allow False), every one (selection None or
@@ -417,22 +450,32 @@ class Enforcer:
         mig_mask = 0 if every else sum(1 << g for g, _, _ in selection.mig if 0 <= g < abi.GPU_INDEX_MAX)
         grants = self.bpf[b"gpu_mig_grants"]
         wanted = set(mig_nodes) if allow and not every else set()
-        for key in [k for k in grants.keys() if k.agent_id == agent_id and (k.major, k.minor) not in wanted]:
-            del grants[key]
-        for major, minor in wanted:
+        held = self._gpu_mirror().setdefault(agent_id, set())
+        for major, minor in held - wanted:
+            self._delete(grants, abi.GpuMigKey(agent_id=agent_id, major=major, minor=minor))
+        for major, minor in wanted - held:
             grants[abi.GpuMigKey(agent_id=agent_id, major=major, minor=minor)] = ctypes.c_uint8(1)
+        held.clear()
+        held.update(wanted)
         self.bpf[b"gpu_grants"][ctypes.c_uint64(agent_id)] = abi.GpuPolicy(
             allow=int(allow), every_gpu=int(allow and every), gpu_mask=gpu_mask, mig_mask=mig_mask)
 
     def clear_gpu(self, agent_id: int) -> None:
         """Back to the default for agents without an entry (gpu_default_deny)."""
+        held = self._gpu_mirror().pop(agent_id, None)
+        if held is None:
+            return
+        self._delete(self.bpf[b"gpu_grants"], ctypes.c_uint64(agent_id))
+        grants = self.bpf[b"gpu_mig_grants"]
+        for major, minor in held:
+            self._delete(grants, abi.GpuMigKey(agent_id=agent_id, major=major, minor=minor))
+
+    @staticmethod
+    def _delete(table, key) -> None:
         try:
-            del self.bpf[b"gpu_grants"][ctypes.c_uint64(agent_id)]
+            del table[key]
         except KeyError:
             pass
-        grants = self.bpf[b"gpu_mig_grants"]
-        for key in [k for k in grants.keys() if k.agent_id == agent_id]:
-            del grants[key]
 
     def gpu_policies(self) -> dict[int, tuple[bool, frozenset[int] | None]]:
         """agent id -> (allowed any GPU, the GPUs whose node it may open; None: every node)."""
@@ -440,9 +483,6 @@ class Enforcer:
             return frozenset(i for i in range(abi.GPU_INDEX_MAX) if mask >> i & 1)
         return {k.value: (bool(v.allow), None if v.every_gpu else gpus(v.gpu_mask | v.mig_mask))
                 for k, v in self.bpf[b"gpu_grants"].items()}
-
-    def gpu_mig_grants(self, agent_id: int) -> set[tuple[int, int]]:
-        return {(k.major, k.minor) for k in self.bpf[b"gpu_mig_grants"].keys() if k.agent_id == agent_id}
 
     def counters(self) -> dict[str, int]:
         """Refusals by reason, and packets dropped by cuts, since the programs were loaded."""

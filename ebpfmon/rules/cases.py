@@ -127,6 +127,9 @@ def make_event(spec: dict[str, Any], index: int) -> ev.Event:
         values.setdefault("sock_type", "dgram" if kind == "udp_send" else "stream")
     if kind == "gpu_open":
         values.setdefault("access", "rw")
+    if isinstance(values.get("container"), dict):  # {id, name, image, labels}: as the runtime answered
+        values["container"] = ev.Container(**{"id": "c0ffee" * 10 + "c0ff", "runtime": "podman", "known": True,
+                                              **values["container"]})
     known = {f.name for f in fields(cls)} - {"kind"}  # the mapping's key says it
     unknown = set(values) - known
     if unknown:

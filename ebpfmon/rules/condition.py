@@ -34,7 +34,9 @@ LIST_OPS = {"in", "intersects", "pmatch"}
 ALL_OPS = COMPARISONS | STRING_OPS | LIST_OPS | {"exists"}
 LIST_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
 # a %field reference in an output template
-FIELD_REFERENCE = re.compile(r"%([a-z0-9_.]+(?:\[\d+\])?)")
+FIELD_REFERENCE = re.compile(r"%([a-z0-9_.]+(?:\[[A-Za-z0-9_./-]+\])?)")
+# a field's name, and what is in its [ ]: a position, or a key (container.label[ebpfmon.agent])
+FIELD_NAME = re.compile(r"([a-z0-9_.]+)(?:\[([A-Za-z0-9_./-]+)\])?")
 
 TOKEN = re.compile(r"""
     (?P<ws>\s+)
@@ -78,7 +80,7 @@ def tokenize(text: str) -> list[Token]:
 @dataclass
 class Check:
     field: Field
-    index: int | None
+    index: int | str | None
     op: str
     values: list[Token]  # one for comparisons, several for lists, none for exists
     pos: int
@@ -224,8 +226,8 @@ class Parser:
 
 
 def resolve_field(tok: Token) -> tuple[Field, int | None]:
-    m = re.fullmatch(r"([a-z0-9_.]+)(?:\[(\d+)\])?", tok.text)
-    name, index = (m.group(1), int(m.group(2)) if m.group(2) else None) if m else (tok.text, None)
+    m = FIELD_NAME.fullmatch(tok.text)
+    name, index = (m.group(1), m.group(2)) if m else (tok.text, None)
     field = FIELDS.get(name)
     if field is None:
         close = difflib.get_close_matches(name, FIELDS, n=1)
@@ -233,6 +235,11 @@ def resolve_field(tok: Token) -> tuple[Field, int | None]:
         raise ConditionError(f"unknown field {name!r}{hint}", tok.pos, tok.text)
     if index is not None and not field.indexed:
         raise ConditionError(f"field {name} takes no [index]", tok.pos, tok.text)
+    if index is not None and not field.keyed:
+        if not index.isdigit():
+            raise ConditionError(f"field {name} takes a position in [ ] (such as [1]), not {index!r}",
+                                 tok.pos, tok.text)
+        index = int(index)
     return field, index
 
 

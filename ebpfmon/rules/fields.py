@@ -40,6 +40,7 @@ class Context:
     gpu_entitled: tuple[str, ...] = ()  # cgroup path globs of agents allowed to use GPUs
     gpu_granted: Callable[[str], bool] | None = None  # the daemon's grants, which decide when known
     networks: NetworkClassifier = field(default_factory=NetworkClassifier)
+    name_label: str = "ebpfmon.agent"  # a container's label that names its agent (agent.name)
     _users: dict[int, str] = field(default_factory=dict)
     _agents: dict[str, str | None] = field(default_factory=dict)
 
@@ -52,6 +53,10 @@ class Context:
                 self._agents.clear()
             known = self._agents[cgroup] = self.agents.agent_of(cgroup)
         return known
+
+    def forget(self, cgroup: str | None) -> None:
+        """The cgroup was removed."""
+        self._agents.pop(cgroup, None)
 
     def user_name(self, uid: int) -> str:
         name = self._users.get(uid)
@@ -84,6 +89,7 @@ class Field:
     doc: str
     is_list: bool = False  # multi-valued: comparisons hold when any value matches
     indexed: bool = False  # takes [N]
+    keyed: bool = False  # takes [KEY]: a name, not a position
     # a leaner extractor for some kinds (rules are compiled per kind: ebpfmon/rules/codegen.py)
     by_kind: tuple[tuple[str, Extractor], ...] = ()
     attribute: str | None = None  # the field is this attribute of the event ("port", "proc.pid")
@@ -95,9 +101,10 @@ class Field:
 FIELDS: dict[str, Field] = {}
 
 
-def _field(name, kinds, type_, doc, is_list=False, indexed=False, by_kind=(), attribute=None):
+def _field(name, kinds, type_, doc, is_list=False, indexed=False, by_kind=(), attribute=None, keyed=False):
     def register(fn: Extractor) -> Extractor:
-        FIELDS[name] = Field(name, frozenset(kinds), type_, fn, doc, is_list, indexed, tuple(by_kind), attribute)
+        FIELDS[name] = Field(name, frozenset(kinds), type_, fn, doc, is_list, indexed or keyed, keyed,
+                             tuple(by_kind), attribute)
         return fn
     return register
 
@@ -338,8 +345,37 @@ _attribute("cgroup.path", ALL_KINDS, STR, "cgroup path relative to the cgroup2 m
 _attribute("cgroup.id", ALL_KINDS, INT, "cgroup id", "cgroup_id")
 _field("agent.cgroup", ALL_KINDS, STR, "the agent's cgroup: the one at the agent level below the agent root")(
     lambda e, c: c.agent_cgroup(e.cgroup))
-_field("agent.name", ALL_KINDS, STR, "the agent's name: the last part of agent.cgroup")(
-    lambda e, c: _basename(c.agent_cgroup(e.cgroup)))
+@_field("agent.name", ALL_KINDS, STR, "the agent's name: for a container, its label named by "
+        "containers.name_label (ebpfmon.agent) or else its name; otherwise the last part of agent.cgroup")
+def _agent_name(e, c):
+    container = e.container
+    if container is not None and container.known:
+        return container.labels.get(c.name_label) or container.name
+    return _basename(c.agent_cgroup(e.cgroup))
+
+
+_field("container.id", ALL_KINDS, STR, "the container the agent is (its full id, from its cgroup's name); 'host' "
+       "for an agent in no container, as in Falco")(_inline('e.container.id if e.container else "host"'))
+_field("container.name", ALL_KINDS, STR, "the container's name, from its runtime ('host' for none; none until the "
+       "runtime answered, the first milliseconds of a container)")(
+    _inline('(e.container.name if e.container.known else None) if e.container else "host"'))
+_field("container.image", ALL_KINDS, STR, "the container's image as given to the runtime "
+       "(registry/repository:tag)")(_inline("e.container.image if e.container else None"))
+_field("container.image.repository", ALL_KINDS, STR, "the image without its tag or digest")(
+    _inline("e.container.image_repository if e.container else None"))
+_field("container.image.tag", ALL_KINDS, STR, "the image's tag")(
+    _inline("e.container.image_tag if e.container else None"))
+_field("container.runtime", ALL_KINDS, STR, "podman, docker, cri-o or containerd, from the cgroup's name")(
+    _inline("e.container.runtime if e.container else None"))
+
+
+@_field("container.label", ALL_KINDS, STR, "a label of the container: container.label[ebpfmon.agent]; "
+        "without [KEY], every KEY=VALUE", is_list=True, keyed=True)
+def _container_label(e, c, key=None):
+    labels = e.container.labels if e.container else {}
+    if key is None:
+        return [f"{k}={v}" for k, v in labels.items()]
+    return labels.get(key)
 
 
 @_field("agent.gpu_entitled", ALL_KINDS, BOOL, "the agent may use GPUs: a scheduler's grant (ebpfmon gpu grant) "

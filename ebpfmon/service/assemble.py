@@ -48,7 +48,8 @@ def rule_context(config: Config, gpu_entitled: Callable[[str], bool] | None = No
     """What rule fields need from the configuration and the node; gpu_entitled: whether an agent
     may use GPUs now (the grants), else the configuration's globs decide."""
     return Context(agents=config.agents, gpu_entitled=config.gpu_entitled, gpu_granted=gpu_entitled,
-                   networks=NetworkClassifier(config.internal_networks, use_routes=config.internal_from_routes))
+                   networks=NetworkClassifier(config.internal_networks, use_routes=config.internal_from_routes),
+                   name_label=config.containers.name_label)
 
 
 def check_sinks(config: Config, source: str = "configuration") -> None:
@@ -93,6 +94,7 @@ def configure_enforcer(enforcer: Enforcer, config: Config, lists: dict[str, list
     enforcer.configure(dry_run=config.enforce.dry_run, gpu_default_deny="*" not in config.gpu_entitled,
                        keep_open=config.enforce.keep_open, deny_ports=deny_ports(config, lists),
                        deny_networks=deny_networks(config, lists), devices=devices or device_model(config))
+    enforcer.labels_choose = bool(config.containers.enabled and config.containers.profile_label)
     enforcer.set_egress(compiled(config.egress), enforcer.agents.agents(enforcer.hierarchy))
 
 

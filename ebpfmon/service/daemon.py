@@ -23,6 +23,7 @@ from ebpfmon.alerts.audit import AuditLog
 from ebpfmon.alerts.export import EventExport
 from ebpfmon.alerts.incidents import Alerting
 from ebpfmon.config import Config, load_config
+from ebpfmon.containment.actions import Notice
 from ebpfmon.errors import EbpfmonError, RuleLoadError
 from ebpfmon.host.cgroups import Hierarchy
 from ebpfmon.policy.profiles import compiled
@@ -33,7 +34,7 @@ from ebpfmon.service.metrics import Metrics, snapshot
 from ebpfmon.stream.existing import existing_connections, existing_processes
 
 if TYPE_CHECKING:  # built by assemble
-    from ebpfmon.containment.actions import Containment, Notice
+    from ebpfmon.containment.actions import Containment
     from ebpfmon.kernel.enforcer import Enforcer
     from ebpfmon.policy.dnsproxy import DnsProxy
     from ebpfmon.stream.decode import CgroupChange
@@ -49,8 +50,11 @@ GIL_SWITCH_INTERVAL = 0.0005  # seconds
 FLOOD_PAGE_INTERVAL_NS = 60 * 10**9  # one flood's lost events are paged at most this often
 FLOOD_QUIET_NS = 10 * 10**9  # no event lost for this long: the next loss is another flood, paged at once
 CHAIN_HEAD_INTERVAL_NS = 60 * 10**9  # the audit chain's head goes to the journal this often
+# how long an alert about a container may wait for its runtime's answer (name, image, labels):
+# a container's first exec (its entrypoint) comes before the runtime can be asked
+IDENTITY_WAIT_NS = 3 * 10**9
 # what cannot change without a restart (probes and pins depend on them)
-RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics")
+RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics", "containers")
 
 
 class Daemon:
@@ -68,6 +72,8 @@ class Daemon:
         self.engine = Engine(assemble.load_ruleset(config), assemble.rule_context(config))
         self.stream = assemble.event_stream(config, self.hierarchy, on_cgroup=self.cgroup_changed)
         self.stream.enricher.programs.look_for(assemble.identified_programs(self.engine.ruleset.lists))
+        if self.stream.enricher.containers:
+            self.stream.enricher.containers.on_identified = self.container_identified
         self.metrics = Metrics()
         self.metrics.rules_loaded.set(len(self.engine.ruleset.rules))
         self.alerting = Alerting(config.alerts, config.state_dir, on_delivery=self.delivered)
@@ -80,6 +86,7 @@ class Daemon:
         self.found_at_start: collections.deque[ev.ExecEvent] = collections.deque()  # what agents ran before us
         self.containment: Containment | None = None
         self.pending_alerts: list[Verdict] = []  # judged, for deliver_alerts after the batch
+        self.awaiting_identity: list[tuple[Verdict, int]] = []  # (alert, since): its container not known yet
         self.control: ControlServer | None = None
         self.reload_requested = threading.Event()  # SIGHUP
         self.reloads_asked: collections.deque[concurrent.futures.Future] = collections.deque()  # control socket
@@ -93,6 +100,7 @@ class Daemon:
         self.watchdog = sdnotify.watchdog_interval()
         self.started_ns = time.monotonic_ns()
         self.ready_ns = 0
+        self.agents_at_start = 0  # agent cgroups there when the daemon started
         self.locks: list = []  # held while running (service/instance.py)
         self.metrics_problem: str | None = None  # why the exporter is not serving, when it is not
 
@@ -132,6 +140,7 @@ class Daemon:
                                                 on_action=lambda a, r: self.metrics.actions.labels(a, r).inc(),
                                                 devices=devices)
         self.engine.context.gpu_granted = self.containment.gpus.entitled
+        self.containment.container_of = self.container_of
         for notice in self.containment.reconcile():
             self.notify(notice)
         self.metrics.watch(lambda: snapshot(self))
@@ -145,6 +154,11 @@ class Daemon:
                                                             f"metrics {self.metrics_problem}"))
         self.control = ControlServer(self.containment, self.config.state_dir, reload=self.reload_between_batches).start()
         agents = self.containment.agent_paths()  # a walk of the agent root: once
+        self.agents_at_start = len(agents)
+        if self.stream.enricher.containers and (self.config.containers.profile_label
+                                                 or self.config.containers.gpus_label):
+            for agent in agents:  # their labels choose: asked now, not at their next event
+                self.stream.enricher.containers.of_agent(agent)
         for event in existing_connections(agents, self.hierarchy, self.stream.tree, self.config.ancestry_depth):
             self.judge(event)  # connections agents held before we started are judged like new ones
         self.ready_ns = time.monotonic_ns()
@@ -298,7 +312,7 @@ class Daemon:
             self.dns_proxy.close()
         if self.containment:
             self.containment.close()
-        self.deliver_alerts()
+        self.deliver_alerts(waiting=False)
         self.stream.close()
         self.alerting.close()
         self.metrics.close()
@@ -342,13 +356,31 @@ class Daemon:
             self.echo(output.alert_line(verdict))
             self.pending_alerts.append(verdict)
 
-    def deliver_alerts(self) -> None:
+    def deliver_alerts(self, waiting: bool = True) -> None:
         """The batch's verdicts to the alert sinks (spooled first), after every containment the
-        batch asked for: the next agent's cut does not wait behind this one's alert."""
+        batch asked for: the next agent's cut does not wait behind this one's alert. An alert
+        about a container its runtime has not named yet waits for the name a while (waiting)."""
+        now = time.monotonic_ns()
+        held, self.awaiting_identity = self.awaiting_identity, []
         pending, self.pending_alerts = self.pending_alerts, []
-        for verdict in pending:
+        for verdict, since in held + [(v, now) for v in pending]:
+            if not self._identified(verdict) and waiting and now - since < IDENTITY_WAIT_NS:
+                self.awaiting_identity.append((verdict, since))
+                continue
             record = self.containment.store.active_for(verdict.agent or "") if self.containment else None
             self.alerting.verdict(verdict, dataclasses.asdict(record) if record else None)
+
+    def _identified(self, verdict: Verdict) -> bool:
+        """Whether the verdict's container (if any) is named; the runtime's answer is put in the
+        event when it came since."""
+        container = verdict.event.container
+        if container is None or container.known:
+            return True
+        found = self.stream.enricher.containers.of_agent(verdict.agent) if verdict.agent else None
+        if found is None or not found.known or found.id != container.id:
+            return False
+        verdict.event.container = found
+        return True
 
     def contain(self, verdict: Verdict) -> None:
         if self.containment is None or not verdict.actions:
@@ -382,14 +414,47 @@ class Daemon:
         if self.enforcer is None or self.containment is None:
             return  # still starting: start() applies the policy to every agent there is
         if change.created:
+            settings, containers = self.config.containers, self.stream.enricher.containers
+            found = containers.of_agent(change.path) if containers and self.config.agents.is_agent(change.path) \
+                else None
+            waits = found is not None and not found.known  # (the runtime may have answered already)
+            if waits and settings.gpus_label:  # no GPU, and no classification: refused until its labels are read
+                self.containment.gpus.await_labels(change.path)
             self.containment.grant_gpus([change.path])
-            self.enforcer.assign_egress(change.path)
+            if not (waits and settings.profile_label):
+                self.enforcer.assign_egress(change.path)
         else:
-            self.enforcer.forget_egress(change.cgroup_id)
+            self.enforcer.forget_egress(change.cgroup_id, change.path)
+            self.engine.context.forget(change.path)
             if change.path and self.config.agents.is_agent(change.path):
-                self.enforcer.clear_gpu(change.cgroup_id)
-                self.containment.gpus.forget(change.path)
+                notice = self.containment.removed(change.path, change.cgroup_id)
+                if notice:
+                    self.notify(notice)
 
+    def container_of(self, agent: str) -> dict | None:
+        """The container an agent is, as records keep it."""
+        containers = self.stream.enricher.containers
+        found = containers.of_agent(agent) if containers else None
+        return dataclasses.asdict(found) if found else None
+
+    def container_identified(self, agent: str, container) -> None:
+        """The runtime answered about an agent's container (from the lookup's thread): a record
+        made before the answer gets the container's name, image and labels."""
+        if self.containment is None:
+            return
+        with self.containment.lock:
+            record = self.containment.store.active_for(agent)
+            if record is not None and not (record.container or {}).get("known") and container.known:
+                record.container = dataclasses.asdict(container)
+                self.containment.dirty = True
+        settings = self.config.containers
+        if settings.profile_label:
+            problem = self.enforcer.choose_profile(agent, container.labels.get(settings.profile_label))
+            if problem:
+                self.containment.later.append(Notice("WARNING", f"{container.describe()} ({agent}): label "
+                                                     f"{settings.profile_label}: {problem}; its globs decide"))
+        if settings.gpus_label:
+            self.containment.gpus.choose(agent, container.labels.get(settings.gpus_label))
 
     def _start_dns_proxy(self) -> None:
         """The DNS proxy where a profile is in force; its events wait for the reader. A proxy

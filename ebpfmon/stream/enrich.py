@@ -10,6 +10,7 @@ import os
 
 from ebpfmon import events as ev
 from ebpfmon.host.cgroups import CgroupNames
+from ebpfmon.host.containers import ContainerIdentity
 from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.host.devices import DeviceResolver
 from ebpfmon.host.programs import LOADER, ProgramIdentifier, loaded_program
@@ -20,8 +21,9 @@ from ebpfmon.stream.proctree import ProcessTree, read_proc
 
 class Enricher:
     def __init__(self, cgroups: CgroupNames, tree: ProcessTree, devices: DeviceResolver,
-                 ancestry_depth: int = 8):
+                 ancestry_depth: int = 8, containers: ContainerIdentity | None = None):
         self.cgroups = cgroups
+        self.containers = containers
         self.tree = tree
         self.devices = devices
         self.ancestry_depth = ancestry_depth
@@ -40,15 +42,21 @@ class Enricher:
         if isinstance(item, CgroupChange):
             if item.created:
                 self.cgroups.added(item.cgroup_id, item.path)
+                if self.containers:
+                    self.containers.created(item.path)
             else:
                 self.cgroups.removed(item.cgroup_id)
+                if self.containers:
+                    self.containers.forget(item.path)
             return None
         kind = item.kind
         before = self._before.get(kind)
         if before is not None:
             before(item)
         proc = item.proc
-        item.cgroup = self.cgroups.path(item.cgroup_id)
+        item.cgroup = cgroup = self.cgroups.path(item.cgroup_id)
+        if self.containers:
+            item.container = self.containers.of(cgroup)
         node = self.tree.seen(proc.pid, proc.ppid, proc.comm)
         proc.ppid, proc.exe, proc.argv = node.ppid, node.exe, node.argv
         item.ancestry = self.tree.ancestry(proc.pid, self.ancestry_depth)

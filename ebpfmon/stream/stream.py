@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ebpfmon import events as ev
 from ebpfmon.host.cgroups import CgroupNames, Hierarchy
+from ebpfmon.host.containers import ContainerIdentity
 from ebpfmon.config import Config
 from ebpfmon.stream.decode import CgroupChange, Decoder
 from ebpfmon.host.devices import DeviceResolver
@@ -78,8 +79,12 @@ class EventStream:
         self.left_behind = False  # ... or stopped at a record being written, which may not wake us
         self.decoder = Decoder()
         self.tree = ProcessTree()
+        containers = config.containers
         self.enricher = Enricher(CgroupNames(self.hierarchy), self.tree, DeviceResolver(),
-                                 config.ancestry_depth)
+                                 config.ancestry_depth,
+                                 ContainerIdentity(config.agents, {"podman": containers.podman,
+                                                                   "docker": containers.docker})
+                                 if containers.enabled else None)
         self.stats = Stats()
         self._handler: Callable[[ev.Event], None] = lambda e: None
 
@@ -179,3 +184,5 @@ class EventStream:
 
     def close(self) -> None:
         self.probes.close()
+        if self.enricher.containers:
+            self.enricher.containers.close()

@@ -387,10 +387,16 @@ def test_enforce_false_only_records(containment_daemon, contained_agent):
 
 
 def test_reconcile_closes_records_of_removed_agents_and_adopts_unrecorded_cuts(containment_daemon, hierarchy):
+    from ebpfmon.containment.quarantine import ActionResult, Record
+
     c = containment_daemon.containment
+    # cut, then removed while no daemon ran (the running one closes the records of agents removed
+    # under it: test_removed_agents_leave_nothing_behind)
     gone = make_agent_cgroup(hierarchy, containment_daemon.root)
-    c.cut(gone.name, "test", "will vanish")
     remove_cgroup_tree(gone.path)
+    c.enforcer.cut(gone.id, time.time_ns())
+    c.store.add(Record(agent=gone.name, agent_id=gone.id, rule="manual: will vanish", priority="CRITICAL",
+                       opened_ns=time.time_ns(), actions=[ActionResult("cut_network", "applied", time.time_ns())]))
     stray = make_agent_cgroup(hierarchy, containment_daemon.root)
     c.enforcer.cut(stray.id, time.time_ns())  # in the kernel, no record: another ebpfmon, a crash...
     try:
@@ -909,6 +915,32 @@ def test_deny_connect_on_a_pool_name_that_does_not_resolve_says_so(containment_d
         assert containment_daemon.containment.store.active_for(contained_agent.name).denied_networks == []
     finally:
         containment_daemon.containment.release(contained_agent.name, "test", "done")
+
+
+def test_removed_agents_leave_nothing_behind(containment_daemon, hierarchy):
+    # rollouts come and go by the thousand: a removed agent's GPU entries, its cut, its names go
+    # with its cgroup, and its quarantine record is closed saying why
+    daemon = containment_daemon.daemon
+    agents = [make_agent_cgroup(hierarchy, containment_daemon.root, prefix="gpu-limited") for _ in range(40)]
+    cut = agents[0]
+    try:
+        for agent in agents:
+            assert gpu_policy_of(containment_daemon, agent) == (True, frozenset({1}))
+            agent.run(["true"], check=True)
+        containment_daemon.containment.cut(cut.name, "test", "to be removed")
+        assert cut.id in daemon.enforcer.cut_agents()
+    finally:
+        for agent in agents:
+            remove_cgroup_tree(agent.path)
+    ids = {a.id for a in agents}
+    wait_for(lambda: not ids & set(daemon.enforcer.gpu_policies()), "the removed agents' GPU entries gone")
+    containment_daemon.wait_line("closed the quarantine of", cut.name, "cgroup removed")
+    assert cut.id not in daemon.enforcer.cut_agents()
+    record = next(r for r in containment_daemon.containment.store.records if r.agent == cut.name)
+    assert (record.status, record.released_by, record.release_reason) == (
+        "closed", "ebpfmon", "the agent's cgroup was removed")
+    assert [a for a in agents if daemon.stream.enricher.cgroups.path(a.id)] == []
+    assert [a for a in agents if a.name in daemon.engine.context._agents] == []  # its agent-of-path cache
 
 
 def test_deny_gpu_refuses_the_agents_next_open_in_the_kernel(containment_daemon, hierarchy, fake_gpu_dir):

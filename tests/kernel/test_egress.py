@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from helpers import REPO, RunningDaemon, connect_from, free_port, line_of, make_agent_cgroup, sent_from
+from helpers import (REPO, RunningDaemon, connect_from, free_port, line_of, make_agent_cgroup, remove_cgroup_tree,
+                     sent_from, wait_for)
 
 NOWHERE = "198.51.100.3"  # no host there: a connect let through would time out, a refused one fails at once
 
@@ -238,6 +239,19 @@ def test_a_new_agent_is_refused_until_the_daemon_has_classified_it(own_root, tmp
         eventually_connects(stranger, remote.host, 8022)
     finally:
         running.close()
+
+
+def test_a_removed_agents_classification_goes_with_its_cgroup(egress, hierarchy):
+    # agents come and go by the thousand on a node of rollouts: nothing of them may stay
+    agents = [make_agent_cgroup(hierarchy, egress.root, prefix="web") for _ in range(20)]
+    table = egress.daemon.enforcer.bpf[b"egress_agents"]
+    ids = {a.id for a in agents}
+    try:
+        wait_for(lambda: ids <= {k.agent for k in table.keys()}, "every agent classified")
+    finally:
+        for agent in agents:
+            remove_cgroup_tree(agent.path)
+    wait_for(lambda: not ids & {k.agent for k in table.keys()}, "the removed agents' classifications gone")
 
 
 def test_a_reload_with_a_bad_profile_keeps_the_policy_in_force(egress, hierarchy, remote):

@@ -80,6 +80,8 @@ def test_a_connect_line_made_once_is_right_for_every_connect_after_it():
         "cgroup_id": 8, "cgroup": "/agents/b", "ancestry": ev.Ancestry([ev.Ancestor(pid=5)]), "family": "inet6",
         "address": "2001:db8::1", "port": 443, "sock_type": "dgram", "protocol": "udp", "retval": 0, "fd": 9,
         "source": "cgroup_hook",
+        "container": ev.Container("c0ffee" * 10 + "c0ff", "podman", "agent-demo", "localhost/agent:1",
+                                  {"ebpfmon.agent": "demo"}, True),
     }
     other_process = {"pid": 5, "tid": 6, "ppid": 7, "uid": 1000, "gid": 1000, "comm": "other", "exe": None,
                      "argv": ["agent", "--stop"]}

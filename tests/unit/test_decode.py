@@ -137,7 +137,7 @@ def fields_of(event) -> dict:
     return data
 
 
-COMMON = {"time_ns": 5_000_000_000, "cgroup_id": 77, "cgroup": None, "ancestry": [],
+COMMON = {"time_ns": 5_000_000_000, "cgroup_id": 77, "cgroup": None, "ancestry": [], "container": None,
           "proc": {"pid": 100, "tid": 101, "ppid": 99, "uid": 1000, "gid": 1000, "comm": "agent", "exe": None,
                    "argv": None}}
 

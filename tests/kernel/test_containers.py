@@ -1,0 +1,194 @@
+"""Agents in real podman containers (runc, the cgroupfs manager: this VM's hybrid cgroups), under
+a daemon of the test's own: named by their runtime in events, alerts and quarantine records.
+
+The image is the host's userland: a tar of the merged-/usr links, imported with podman, and
+/usr and /etc mounted read-only at run (no registry is reachable)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import subprocess
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import SSH_OPTS, RunningDaemon, wait_for
+
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+IMAGE = f"localhost/ebpfmon-test-agent:{os.getpid()}"
+
+
+def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="module")
+def image(bpf, tmp_path_factory):
+    """A local image whose userland is the host's (/usr and /etc mounted at run)."""
+    tar = tmp_path_factory.mktemp("image") / "rootfs.tar"
+    with tarfile.open(tar, "w") as out:
+        for name in ("usr", "etc", "tmp", "proc", "sys", "dev", "root", "run", "var"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if name == "tmp" else 0o755
+            out.addfile(info)
+        for name in ("bin", "lib", "lib64", "sbin"):
+            if os.path.islink(f"/{name}"):
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(f"/{name}")
+                out.addfile(info, io.BytesIO())
+    podman("import", str(tar), IMAGE)
+    yield IMAGE
+    podman("rmi", "-f", IMAGE, check=False)
+
+
+def run_args(root: str, name: str, image: str, labels: dict[str, str], mounts: tuple[str, ...] = ()) -> list[str]:
+    """`podman run` of an agent under the agent root: its cgroup is the agent's."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # the runtime sets the limits it is given: no higher than this process's own (no CAP_SYS_RESOURCE here)
+    limits = ["--ulimit", f"nofile={min(1024, nofile)}:{nofile}", "--ulimit", "nproc=4096:4096"]
+    volumes = [f"--volume={path}:{path}:ro" for path in ("/usr", "/etc", *mounts)]
+    return [*PODMAN, "run", "--rm", "--name", name, "--cgroup-parent", root, "--network", "host", *limits,
+            *volumes, *(f"--label={k}={v}" for k, v in labels.items()), image]
+
+
+class ContainerDaemon(RunningDaemon):
+    """The daemon, in this process, on the test's own root; every event it judged kept."""
+
+    def start(self, state_dir: str) -> "ContainerDaemon":
+        from ebpfmon.config import AlertSettings, Config, MetricsSettings, SinkSettings
+        from ebpfmon.service.daemon import Daemon
+
+        self.events: list = []
+        self.alerts_file = Path(state_dir) / "alerts.jsonl"
+        config = Config(agent_root=self.root, state_dir=state_dir, metrics=MetricsSettings(enabled=False),
+                        alerts=AlertSettings(sinks=(SinkSettings(type="jsonl", path=str(self.alerts_file)),)))
+        self.daemon = Daemon(config, echo=self.emit)
+        judge = self.daemon.judge
+
+        def kept(event) -> None:
+            self.events.append(event)
+            judge(event)
+
+        self.daemon.judge = kept  # before start: the stream takes it then
+        self.daemon.start()
+        self.thread = threading.Thread(target=self.daemon.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        return self
+
+    def alerts(self) -> list[dict]:
+        if not self.alerts_file.exists():
+            return []
+        return [json.loads(line) for line in self.alerts_file.read_text().splitlines() if line.endswith("}")]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.daemon.enforcer.detach()
+        self.daemon.close()
+
+
+@pytest.fixture(scope="module")
+def container_daemon(hierarchy, tmp_path_factory):
+    from ebpfmon.kernel.enforcer import remove_pins
+    from helpers import remove_cgroup_tree
+
+    root = f"/ebpfmon-test-{os.getpid()}-containers"
+    path = hierarchy.ensure(root)
+    running = ContainerDaemon(None, root, threading.Event()).start(str(tmp_path_factory.mktemp("state")))
+    yield running
+    running.close()
+    remove_pins(hierarchy, root)
+    remove_cgroup_tree(path)
+
+
+def agent_of(container_daemon, name: str) -> str:
+    """The agent cgroup of a running container, from podman."""
+    container_id = podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
+    return f"{container_daemon.root}/libpod-{container_id}"
+
+
+def test_a_labelled_container_that_tunnels_is_named_in_the_alert_and_its_record(container_daemon, image, sshd,
+                                                                                netns_host):
+    name = f"agent-demo-{uuid.uuid4().hex[:6]}"
+    argv = ["ssh", "-i", str(sshd), *SSH_OPTS, "-N", "-R", "2397:127.0.0.1:22", f"root@{netns_host.address}"]
+    args = run_args(container_daemon.root, name, image, {"ebpfmon.agent": "demo", "team": "rl"},
+                    mounts=(str(sshd.parent),))
+    tunnel = subprocess.Popen([*args, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # the alert: sent once the runtime named the container (its entrypoint is the tunnel)
+        alert = wait_for(lambda: next((a for a in container_daemon.alerts() if a["rule"] == "Reverse SSH tunnel"
+                                       and (a["event"]["container"] or {}).get("name") == name), None),
+                         "the tunnel's alert, naming the container", seconds=60)
+        assert alert["event"]["container"]["image"] == image
+        assert alert["event"]["container"]["labels"] == {"ebpfmon.agent": "demo", "team": "rl"}
+        assert "cut_network" in alert["actions"]
+        out = tunnel.communicate(timeout=60)[0]
+        assert tunnel.returncode != 0, out  # cut before ssh reached its server
+        records = [r for r in container_daemon.containment.store.records if r.rule == "Reverse SSH tunnel"
+                   and (r.container or {}).get("name") == name]
+        assert len(records) == 1
+        record = records[0]
+        assert record.container["image"] == image and record.container["labels"]["ebpfmon.agent"] == "demo"
+        assert record.agent.startswith(f"{container_daemon.root}/libpod-")
+        assert record.agent.endswith(record.container["id"])
+        assert alert["quarantine"] is None or alert["quarantine"]["agent"] == record.agent
+        # the container ended (--rm removes its cgroup): the record says so, and the cut is gone
+        wait_for(lambda: record.status == "closed", "the record closed when the container's cgroup went")
+        assert record.release_reason == "the agent's cgroup was removed"
+        assert record.agent_id not in container_daemon.daemon.enforcer.cut_agents()
+        listed = subprocess.run([".venv/bin/ebpfmon", "quarantine", "list", "--all", "--state-dir",
+                                 container_daemon.daemon.config.state_dir], capture_output=True, text=True,
+                                timeout=60)
+        assert f"container: {name}  image: {image}  podman {record.container['id'][:12]}" in listed.stdout
+    finally:
+        tunnel.kill()
+        tunnel.wait()
+        podman("rm", "-f", name, check=False)
+
+
+RUSH = 20
+
+
+def test_twenty_containers_started_at_once_each_entrypoint_seen_and_named(container_daemon, image):
+    names = [f"rush-{uuid.uuid4().hex[:6]}-{i}" for i in range(RUSH)]
+    lost = container_daemon.daemon.stream.stats.lost["exec"]
+    started = [subprocess.Popen([*run_args(container_daemon.root, name, image, {"ebpfmon.agent": name}),
+                                 "sleep", "61"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for name in names]
+    try:
+        agents = {}
+        for name in names:
+            deadline = time.monotonic() + 120
+            while name not in agents:
+                assert time.monotonic() < deadline, f"{name} did not start"
+                found = podman("inspect", "--format", "{{.State.Running}}", name, check=False)
+                if found.stdout.strip() == "true":
+                    agents[name] = agent_of(container_daemon, name)
+                else:
+                    time.sleep(0.2)
+
+        def entrypoints() -> set[str]:
+            """Agents whose entrypoint's exec was an event (carrying the container's id: it came
+            before the runtime could be asked)."""
+            return {e.cgroup for e in list(container_daemon.events) if e.kind == "exec" and e.argv == ["sleep", "61"]
+                    and e.container and e.container.id == e.cgroup.rpartition("-")[2]}
+
+        wait_for(lambda: set(agents.values()) <= entrypoints(), "every entrypoint's exec", seconds=60)
+        identity = container_daemon.daemon.stream.enricher.containers
+        wait_for(lambda: {(identity.of_agent(agent).name, identity.of_agent(agent).labels["ebpfmon.agent"])
+                          for agent in agents.values() if identity.of_agent(agent).known}
+                 == {(name, name) for name in names}, "every container named by podman", seconds=60)
+        container_daemon.daemon.stream.refresh_counters()
+        assert container_daemon.daemon.stream.stats.lost["exec"] == lost
+    finally:
+        podman("rm", "-f", "-t", "0", *names, check=False, timeout=300)
+        for proc in started:
+            proc.kill()
+            proc.wait()
