@@ -72,15 +72,42 @@ static __always_inline int exec_enter(u32 syscall, int dfd, const char *filename
 	return 0;
 }
 
+/* A successful exec in scope with nothing parked: it began outside the agents' cgroups (a
+ * container runtime's child is moved into the container's cgroup while it execs, its first
+ * program) or its entry was evicted. An event all the same, without argv or filename: user
+ * space reads them from /proc while the process lives. */
+static __always_inline int exec_begun_outside(long ret)
+{
+	u32 zero = 0;
+	struct exec_event *e = exec_scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	u64 size = offsetof(struct exec_event, args);
+	fill_header(&e->hdr, EVENT_EXEC, size);
+	e->hdr.flags = EVENT_F_ARGV_UNREADABLE;
+	e->retval = ret;
+	e->argc = 0;
+	e->args_size = 0;
+	e->syscall = 0;
+	e->dfd = 0;
+	e->at_flags = 0;
+	e->filename[0] = 0;
+	submit(&e->hdr, size, sizeof(*e), WAKE_EXEC);
+	return 0;
+}
+
 static __always_inline int exec_exit(long ret)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct exec_event *e = exec_pending.lookup(&tid);
 	if (!e) {
-		/* in scope but no entry: evicted (LRU, a burst of execs in flight) */
-		if (in_scope())
+		if (!in_scope())
+			return 0;
+		if (ret < 0) {  /* evicted (LRU, a burst of execs in flight), or begun outside */
 			count(EVENT_EXEC, COUNTER_LOST);
-		return 0;
+			return 0;
+		}
+		return exec_begun_outside(ret);
 	}
 	u64 size = offsetof(struct exec_event, args) + e->args_size;
 	/* after a successful exec: the new comm, as a user expects to see */

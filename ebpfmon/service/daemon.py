@@ -52,7 +52,7 @@ FLOOD_QUIET_NS = 10 * 10**9  # no event lost for this long: the next loss is ano
 CHAIN_HEAD_INTERVAL_NS = 60 * 10**9  # the audit chain's head goes to the journal this often
 # how long an alert about a container may wait for its runtime's answer (name, image, labels):
 # a container's first exec (its entrypoint) comes before the runtime can be asked
-IDENTITY_WAIT_NS = 3 * 10**9
+IDENTITY_WAIT_NS = 10 * 10**9
 # what cannot change without a restart (probes and pins depend on them)
 RESTART_KEYS = ("agent_root", "agent_level", "state_dir", "ringbuf_pages", "gpu_prefixes", "metrics", "containers")
 

@@ -6,6 +6,7 @@ The image is the host's userland: a tar of the merged-/usr links, imported with 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SSH_OPTS, RunningDaemon, wait_for
+from helpers import SSH_OPTS, RunningDaemon, line_of, wait_for
 
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 IMAGE = f"localhost/ebpfmon-test-agent:{os.getpid()}"
@@ -48,27 +49,30 @@ def image(bpf, tmp_path_factory):
     podman("rmi", "-f", IMAGE, check=False)
 
 
-def run_args(root: str, name: str, image: str, labels: dict[str, str], mounts: tuple[str, ...] = ()) -> list[str]:
+def run_args(root: str, name: str, image: str, labels: dict[str, str], mounts: tuple[str, ...] = (),
+             devices: tuple[str, ...] = ()) -> list[str]:
     """`podman run` of an agent under the agent root: its cgroup is the agent's."""
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     # the runtime sets the limits it is given: no higher than this process's own (no CAP_SYS_RESOURCE here)
     limits = ["--ulimit", f"nofile={min(1024, nofile)}:{nofile}", "--ulimit", "nproc=4096:4096"]
     volumes = [f"--volume={path}:{path}:ro" for path in ("/usr", "/etc", *mounts)]
     return [*PODMAN, "run", "--rm", "--name", name, "--cgroup-parent", root, "--network", "host", *limits,
-            *volumes, *(f"--label={k}={v}" for k, v in labels.items()), image]
+            *volumes, *(f"--device-cgroup-rule={d}" for d in devices),
+            *(f"--label={k}={v}" for k, v in labels.items()), image]
 
 
 class ContainerDaemon(RunningDaemon):
     """The daemon, in this process, on the test's own root; every event it judged kept."""
 
-    def start(self, state_dir: str) -> "ContainerDaemon":
+    def start(self, state_dir: str, **settings) -> "ContainerDaemon":
         from ebpfmon.config import AlertSettings, Config, MetricsSettings, SinkSettings
         from ebpfmon.service.daemon import Daemon
 
         self.events: list = []
         self.alerts_file = Path(state_dir) / "alerts.jsonl"
         config = Config(agent_root=self.root, state_dir=state_dir, metrics=MetricsSettings(enabled=False),
-                        alerts=AlertSettings(sinks=(SinkSettings(type="jsonl", path=str(self.alerts_file)),)))
+                        alerts=AlertSettings(sinks=(SinkSettings(type="jsonl", path=str(self.alerts_file)),)),
+                        **settings)
         self.daemon = Daemon(config, echo=self.emit)
         judge = self.daemon.judge
 
@@ -120,7 +124,9 @@ def test_a_labelled_container_that_tunnels_is_named_in_the_alert_and_its_record(
     argv = ["ssh", "-i", str(sshd), *SSH_OPTS, "-N", "-R", "2397:127.0.0.1:22", f"root@{netns_host.address}"]
     args = run_args(container_daemon.root, name, image, {"ebpfmon.agent": "demo", "team": "rl"},
                     mounts=(str(sshd.parent),))
-    tunnel = subprocess.Popen([*args, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the container outlives its tunnel a while: its runtime is asked about it while it is there
+    tunnel = subprocess.Popen([*args, "sh", "-c", '"$@"; echo "ssh: $?"; exec sleep 120', "sh", *argv],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # the alert: sent once the runtime named the container (its entrypoint is the tunnel)
         alert = wait_for(lambda: next((a for a in container_daemon.alerts() if a["rule"] == "Reverse SSH tunnel"
@@ -129,8 +135,10 @@ def test_a_labelled_container_that_tunnels_is_named_in_the_alert_and_its_record(
         assert alert["event"]["container"]["image"] == image
         assert alert["event"]["container"]["labels"] == {"ebpfmon.agent": "demo", "team": "rl"}
         assert "cut_network" in alert["actions"]
-        out = tunnel.communicate(timeout=60)[0]
-        assert tunnel.returncode != 0, out  # cut before ssh reached its server
+        status = line_of(tunnel.stdout, "ssh's exit status", seconds=60)
+        while not status.startswith("ssh: "):
+            status = line_of(tunnel.stdout, "ssh's exit status", seconds=60)
+        assert status.strip() != "ssh: 0"  # cut before ssh reached its server
         records = [r for r in container_daemon.containment.store.records if r.rule == "Reverse SSH tunnel"
                    and (r.container or {}).get("name") == name]
         assert len(records) == 1
@@ -140,6 +148,7 @@ def test_a_labelled_container_that_tunnels_is_named_in_the_alert_and_its_record(
         assert record.agent.endswith(record.container["id"])
         assert alert["quarantine"] is None or alert["quarantine"]["agent"] == record.agent
         # the container ended (--rm removes its cgroup): the record says so, and the cut is gone
+        podman("stop", "-t", "0", name)
         wait_for(lambda: record.status == "closed", "the record closed when the container's cgroup went")
         assert record.release_reason == "the agent's cgroup was removed"
         assert record.agent_id not in container_daemon.daemon.enforcer.cut_agents()
@@ -180,11 +189,11 @@ def test_twenty_containers_started_at_once_each_entrypoint_seen_and_named(contai
             return {e.cgroup for e in list(container_daemon.events) if e.kind == "exec" and e.argv == ["sleep", "61"]
                     and e.container and e.container.id == e.cgroup.rpartition("-")[2]}
 
-        wait_for(lambda: set(agents.values()) <= entrypoints(), "every entrypoint's exec", seconds=60)
+        wait_for(lambda: set(agents.values()) <= entrypoints(), "every entrypoint's exec", seconds=180)
         identity = container_daemon.daemon.stream.enricher.containers
         wait_for(lambda: {(identity.of_agent(agent).name, identity.of_agent(agent).labels["ebpfmon.agent"])
                           for agent in agents.values() if identity.of_agent(agent).known}
-                 == {(name, name) for name in names}, "every container named by podman", seconds=60)
+                 == {(name, name) for name in names}, "every container named by podman", seconds=180)
         container_daemon.daemon.stream.refresh_counters()
         assert container_daemon.daemon.stream.stats.lost["exec"] == lost
     finally:
@@ -192,3 +201,95 @@ def test_twenty_containers_started_at_once_each_entrypoint_seen_and_named(contai
         for proc in started:
             proc.kill()
             proc.wait()
+
+
+def test_freeze_and_kill_act_on_a_container(container_daemon, image):
+    from ebpfmon.rules.cases import make_event
+    from ebpfmon.rules.engine import Verdict
+
+    name = f"frozen-{uuid.uuid4().hex[:6]}"
+    run = subprocess.Popen([*run_args(container_daemon.root, name, image, {}), "sleep", "300"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: podman("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip()
+                 == "true", f"{name} running", seconds=120)
+        agent = agent_of(container_daemon, name)
+        containment = container_daemon.containment
+
+        cgroup = container_daemon.daemon.hierarchy.path(agent)
+        entrypoint = int((cgroup / "cgroup.procs").read_text().split()[0])
+
+        def contain(actions: list[str]) -> None:
+            event = make_event({"exec": {"argv": ["sleep", "300"], "cgroup": agent, "pid": entrypoint}}, 0)
+            containment.apply(Verdict("test", "CRITICAL", "test", [], actions, True, agent, event))
+
+        contain(["freeze"])
+        wait_for(lambda: "frozen 1" in (cgroup / "cgroup.events").read_text(), "the container frozen")
+        assert containment.store.active_for(agent).container["name"] == name
+        containment.release(agent, "test", "thawed to be killed")
+        contain(["kill"])
+        run.wait(timeout=60)  # its process killed, the container ended
+        record = wait_for(lambda: next((r for r in containment.store.records if r.agent == agent
+                                        and r.status == "closed"), None), "the record closed as the container went")
+        assert [a.action for a in record.actions][:2] == ["kill", "close"]
+    finally:
+        run.kill()
+        run.wait()
+        podman("rm", "-f", "-t", "0", name, check=False)
+
+
+PROFILES = """
+egress:
+  profiles:
+    - name: web-only
+      allow: [{{cidr: 127.0.0.1/32, ports: [{port}]}}]
+    - name: closed
+"""
+
+
+def test_trusted_labels_choose_a_containers_profile_and_gpus(hierarchy, image, tmp_path, fake_gpu_dir):
+    """With profile_label and gpus_label set, a container's labels choose its egress profile and
+    its GPUs (no profile names it by glob)."""
+    import socket
+
+    from ebpfmon.config import ContainerSettings, load_config
+    from ebpfmon.kernel.enforcer import remove_pins
+    from helpers import remove_cgroup_tree
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    (tmp_path / "egress.yaml").write_text(PROFILES.format(port=port))
+    root = f"/ebpfmon-test-{os.getpid()}-labels"
+    path = hierarchy.ensure(root)
+    running = ContainerDaemon(None, root, threading.Event()).start(
+        str(tmp_path / "state"), egress=load_config(tmp_path / "egress.yaml").egress, gpu_entitled=("*",),
+        gpu_prefixes=(f"{fake_gpu_dir}/nvidia",), containers=ContainerSettings(profile_label="ebpfmon.profile",
+                                                                    gpus_label="ebpfmon.gpus"))
+    probe = ("import errno, os, socket, sys\n"
+             "for port in sys.argv[1:]:\n"
+             "    print(socket.socket().connect_ex(('127.0.0.1', int(port))))\n"
+             "try:\n"
+             f"    os.close(os.open('{fake_gpu_dir}/nvidia0', os.O_RDWR))\n"
+             "    print(0)\n"
+             "except OSError as e:\n"
+             "    print(e.errno)\n")
+    results = {}
+    try:
+        for profile, gpus in (("web-only", "all"), ("closed", "none")):
+            name = f"{profile}-{uuid.uuid4().hex[:6]}"
+            # the node through a mount (runc would bind a --device here), let through by the
+            # runtime's own device rules: what is refused is ebpfmon's doing
+            args = run_args(root, name, image, {"ebpfmon.profile": profile, "ebpfmon.gpus": gpus},
+                            mounts=(str(fake_gpu_dir),), devices=("c 195:* rwm",))
+            out = subprocess.run([*args, "sh", "-c", f'sleep 1; exec python3 -c "$0" {port} {port + 1}', probe],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            results[profile] = [int(n) for n in out.stdout.split()]
+    finally:
+        listener.close()
+        running.close()
+        remove_pins(hierarchy, root)
+        remove_cgroup_tree(path)
+    # web-only: its port, not the next; every GPU (ENXIO: through to the absent driver)
+    assert results["web-only"] == [0, errno.EPERM, errno.ENXIO]
+    assert results["closed"] == [errno.EPERM, errno.EPERM, errno.EPERM]

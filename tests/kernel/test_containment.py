@@ -394,6 +394,9 @@ def test_reconcile_closes_records_of_removed_agents_and_adopts_unrecorded_cuts(c
     # under it: test_removed_agents_leave_nothing_behind)
     gone = make_agent_cgroup(hierarchy, containment_daemon.root)
     remove_cgroup_tree(gone.path)
+    names = containment_daemon.daemon.stream.enricher.cgroups
+    wait_for(lambda: names.path(gone.id) is None, "the daemon saw the removal")  # or it would close the record
+    time.sleep(0.2)  # its handling of the removal, which follows, done
     c.enforcer.cut(gone.id, time.time_ns())
     c.store.add(Record(agent=gone.name, agent_id=gone.id, rule="manual: will vanish", priority="CRITICAL",
                        opened_ns=time.time_ns(), actions=[ActionResult("cut_network", "applied", time.time_ns())]))
