@@ -385,8 +385,11 @@ class Containment:
                                                 "nor held by a quarantine"))
             recorded = {r.agent_id for r in self.store.active() if r.cut}
             unrecorded = {agent_id: since for agent_id, since in kernel_cut.items() if agent_id not in recorded}
-            # the agents by cgroup id: a walk and a stat per agent, only when a cut lacks its record
-            names = {self.hierarchy.cgroup_id_or_none(p): p for p in self.agent_paths()} if unrecorded else {}
+            names = {self.hierarchy.cgroup_id_or_none(p): p for p in self.agent_paths()}  # a stat per agent
+            dropped = self.enforcer.drop_entries_of_others(set(names) - {None})
+            if dropped:
+                notices.append(Notice("NOTICE", f"dropped the kernel entries (GPU grants, egress classes) of "
+                                                f"{dropped} agent cgroup(s) removed while no daemon ran"))
             for agent_id, since in unrecorded.items():
                 agent = names.get(agent_id)
                 if agent is None:

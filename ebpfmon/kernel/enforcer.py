@@ -371,6 +371,20 @@ class Enforcer:
         agents = self.bpf[b"egress_agents"]
         agents[agents.Key(agent=agent_id, generation=generation)] = _class_of(profile)
 
+    def drop_entries_of_others(self, agent_ids: set[int]) -> int:
+        """Drops the GPU and egress entries of cgroups not among agent_ids (agents removed while
+        no daemon watched: the maps are pinned); returns how many agents had some. No process
+        can be in a removed cgroup, so no program reads them, in either egress generation."""
+        dead = {a for a in self._gpu_mirror() if a not in agent_ids}
+        for agent_id in dead:
+            self.clear_gpu(agent_id)
+        with self._egress_lock:
+            agents = self.bpf[b"egress_agents"]
+            stale = [k for k in agents.keys() if k.agent not in agent_ids]
+            for key in stale:
+                self._delete(agents, key)
+        return len(dead | {k.agent for k in stale})
+
     def _drop_egress_generation(self, generation: int) -> None:
         for name, generation_of in ((b"egress_allow4", lambda k: k.scope >> 16),
                                     (b"egress_allow6", lambda k: k.scope >> 16),

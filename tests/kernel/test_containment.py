@@ -398,6 +398,11 @@ def test_reconcile_closes_records_of_removed_agents_and_adopts_unrecorded_cuts(c
     wait_for(lambda: names.path(gone.id) is None, "the daemon saw the removal")  # or it would close the record
     time.sleep(0.2)  # its handling of the removal, which follows, done
     c.enforcer.cut(gone.id, time.time_ns())
+    ghost = make_agent_cgroup(hierarchy, containment_daemon.root)  # no record: only a GPU entry left behind
+    remove_cgroup_tree(ghost.path)
+    wait_for(lambda: names.path(ghost.id) is None, "the daemon saw the second removal")
+    time.sleep(0.2)
+    c.enforcer.set_gpu(ghost.id, allow=False)
     c.store.add(Record(agent=gone.name, agent_id=gone.id, rule="manual: will vanish", priority="CRITICAL",
                        opened_ns=time.time_ns(), actions=[ActionResult("cut_network", "applied", time.time_ns())]))
     stray = make_agent_cgroup(hierarchy, containment_daemon.root)
@@ -407,6 +412,8 @@ def test_reconcile_closes_records_of_removed_agents_and_adopts_unrecorded_cuts(c
         assert any("closed the quarantine of " + gone.name in m for m in notices)
         assert any(stray.name in m and "without a record" in m for m in notices)
         assert gone.id not in c.enforcer.cut_agents()
+        assert ghost.id not in c.enforcer.gpu_policies()
+        assert any("kernel entries" in m and "removed while no daemon ran" in m for m in notices)
         assert c.store.active_for(stray.name).rule == "found cut in the kernel without a record"
     finally:
         c.release(stray.name, "test", "done")
