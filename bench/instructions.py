@@ -7,7 +7,8 @@ code unchanged, so CPU seconds (bench/service.py) cannot tell a 5% change
 from the weather. valgrind counts the instructions a process executes,
 the same from run to run within about 1%.
 
-What runs: the daemon's hot loop without the kernel. Connect records, laid out
+What runs: the daemon's hot loop without the kernel. Connect records (or, for
+execs, each process's fork, exec and exit records, in an agent), laid out
 as in the BPF ring buffer (8-byte headers, 8-byte aligned), are read by the
 daemon's ring buffer reader and go through the same calls as in the daemon
 (EventStream._on_record: decode, enrich; Daemon.judge: audit line, rules of the
@@ -20,6 +21,7 @@ writes), which bench/service.py's CPU figure includes.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import os
 import platform
@@ -37,7 +39,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 EVENTS = 20_000
-BATCH = 500  # records per poll: 10k/s drained every 50 ms
+BATCH = 500  # connects (or exec'ing processes) per poll: 10k/s drained every 50 ms
+KINDS = {"connect": "connect (refused, to 127.0.0.1:9)",
+         "exec": "exec in an agent (with its process's fork and exit)"}
 
 
 def connect_record() -> bytes:
@@ -58,8 +62,39 @@ def connect_record() -> bytes:
     return bytes(e)[:e.hdr.size]
 
 
-def hot_loop(events: int) -> None:
-    """Runs the daemon's hot loop over events connect records (in the process valgrind counts)."""
+AGENT_CGROUP_ID = 4242  # the exec storm's agent: named for the cgroup names, no cgroup needed
+AGENT = "/ebpfmon-agents/bench-1"
+FIRST_PID = 10_000_000  # past pid_max: /proc has none of them, as for a storm's short-lived processes
+
+
+def exec_records(n: int) -> list[bytes]:
+    """What one process of an exec storm in an agent makes, n times over: the fork (of this
+    process), the exec of /usr/bin/true, the exit, as the probes write them."""
+    import time
+
+    from ebpfmon.kernel import abi
+
+    def header(h, kind, size, pid, comm):
+        h.kind, h.size, h.time_ns = kind, size, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        h.cgroup_id, h.pid, h.tid, h.ppid, h.comm = AGENT_CGROUP_ID, pid, pid, os.getpid(), comm
+
+    records = []
+    for i in range(n):
+        pid = FIRST_PID + i
+        fork = abi.ForkEvent(child_pid=pid, parent_pid=os.getpid())
+        header(fork.hdr, abi.EventKind.FORK, ctypes.sizeof(fork), os.getpid(), b"storm")
+        execve = abi.ExecEvent(retval=0, argc=1, args_size=5, filename=b"/usr/bin/true", args=b"true\0")
+        size = abi.ExecEvent.args.offset + 5
+        header(execve.hdr, abi.EventKind.EXEC, size, pid, b"true")
+        exit_ = abi.ExitEvent()
+        header(exit_.hdr, abi.EventKind.EXIT, ctypes.sizeof(exit_), pid, b"true")
+        records += [bytes(fork), bytes(execve)[:size], bytes(exit_)]
+    return records
+
+
+def hot_loop(events: int, kind: str = "connect") -> None:
+    """Runs the daemon's hot loop over events connect records, or the records of events execs
+    (in the process valgrind counts)."""
     from ebpfmon.alerts.audit import AuditLog
     from ebpfmon.config import Config
     from ebpfmon.service.assemble import rule_context
@@ -81,11 +116,12 @@ def hot_loop(events: int) -> None:
     daemon.audit = AuditLog(config.audit, tempfile.mkdtemp(prefix="ebpfmon-bench-"))
     stream._handler = daemon.judge
 
-    record = connect_record()
-    page, size = 4096, 64 * 1024
+    stream.enricher.cgroups.added(AGENT_CGROUP_ID, AGENT)
+    records = [connect_record()] * BATCH if kind == "connect" else exec_records(BATCH)
+    page, size = 4096, 1024 * 1024
     ring = bytearray(page + 2 * size)  # producer page, then the data (only the first copy used)
     position = 0
-    for _ in range(BATCH):
+    for record in records:
         struct.pack_into("I", ring, page + position, len(record))
         ring[page + position + HEADER_SIZE:page + position + HEADER_SIZE + len(record)] = record
         position += (len(record) + HEADER_SIZE + 7) & ~7
@@ -96,21 +132,21 @@ def hot_loop(events: int) -> None:
 
     def batch() -> None:
         consumer[:] = bytes(8)
-        if reader.consume() != BATCH:
+        if reader.consume() != len(records):
             raise SystemExit("the reader did not take every record")
         daemon.audit.flush()
 
     batch()  # first use: caches, route lookup, imports
     for _ in range(events // BATCH):
         batch()
-    if stream.stats.events["connect"] != BATCH * (1 + events // BATCH):
+    if stream.stats.events[kind] != BATCH * (1 + events // BATCH):
         raise SystemExit(f"events judged: {stream.stats.events}")
     shutil.rmtree(daemon.audit.directory.parent)
 
 
-def instructions(events: int) -> int:
+def instructions(events: int, kind: str) -> int:
     result = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-                             sys.executable, __file__, "--child", str(events)],
+                             sys.executable, __file__, "--child", str(events), "--kind", kind],
                             capture_output=True, text=True, check=False)
     found = re.search(r"I\s+refs:\s+([\d,]+)", result.stderr)
     if result.returncode != 0 or not found:
@@ -122,33 +158,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=EVENTS, help=f"events counted (default {EVENTS:,})")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=KINDS, help="count one kind only (default: both)")
     args = parser.parse_args()
     if args.child is not None:
-        hot_loop(args.child)
+        hot_loop(args.child, args.kind)
         return
     if args.events <= 0 or args.events % BATCH:
         parser.error(f"--events must be a positive multiple of {BATCH} (records per batch), not {args.events}")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind (make bench installs it)")
-    print(f"counting instructions under valgrind: without events, then with {args.events:,} (about a minute)...",
-          flush=True)
-    base = instructions(0)
-    loaded = instructions(args.events)
-    per_event = (loaded - base) / args.events
+    rows = []
+    for kind in [args.kind] if args.kind else KINDS:
+        print(f"counting instructions under valgrind, {kind}: without events, then with {args.events:,} "
+              "(about a minute)...", flush=True)
+        base = instructions(0, kind)
+        loaded = instructions(args.events, kind)
+        rows.append(f"| {KINDS[kind]} | {base:,} | {loaded:,} | **{(loaded - base) / args.events:,.0f}** |")
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    text = f"""# Instructions per event (bench/instructions.py)
-
-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, {platform.node()}, Python {platform.python_version()}
-
-The daemon's hot loop in user space (ring buffer reader, decode, enrich, audit
-line, rules of the default packs) on connect records, counted by valgrind:
-
-| events | instructions (process) | per event |
-|---|---|---|
-| 0 | {base:,} | |
-| {args.events:,} | {loaded:,} | **{per_event:,.0f}** |
-"""
+    text = "\n".join([
+        "# Instructions per event (bench/instructions.py)",
+        "",
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, {platform.node()}, Python "
+        f"{platform.python_version()}",
+        "",
+        "The daemon's hot loop in user space (ring buffer reader, decode, enrich, process tree and",
+        "ancestry, audit line, rules of the default packs), counted by valgrind, per event:",
+        f"instructions with {args.events:,} events less those with none, over {args.events:,}.",
+        "",
+        "| events | instructions, no events | with them | per event |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ])
     (HERE / "RESULTS-instructions.md").write_text(text)
     print(text)
 

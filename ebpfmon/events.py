@@ -111,10 +111,11 @@ class Ancestry(list):
     lines (container shims, agent runtimes) were most of the audit log's cost per event. Made
     whole, then not changed: its id and JSON are of what it held when made."""
 
-    __slots__ = ("id", "json")
+    __slots__ = ("id", "json", "pids")
 
     def __init__(self, ancestors=()):
         super().__init__(ancestors)
+        self.pids = frozenset(a.pid for a in self)
         try:
             raw = orjson.dumps(list(self))
         except orjson.JSONEncodeError:  # lone surrogates

@@ -3,7 +3,9 @@
 The rules of one event kind become one generated function: each field is read
 at most once per event, into a local variable, only when a check needs it
 (fields that are plain attributes of the event are read in place); a
-check several rules share (evt.res = SUCCESS) is made once; each check calls
+check several rules share (evt.res = SUCCESS) is made once, and a field or a check
+read in one place only is written in place, without the local that remembers it
+(remembering costs more than the test); each check calls
 its value test (condition.check_test, the one place operator
 semantics live); `and`/`or`/`not` are Python's own. The generated text is kept
 (RuleSet.judges) for debugging.
@@ -11,6 +13,7 @@ semantics live); `and`/`or`/`not` are Python's own. The generated text is kept
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +23,34 @@ from ebpfmon.rules.fields import INLINE_NAMES
 MISSING = object()
 
 
+def _check_key(check: Check) -> tuple:
+    return check.field.name, check.index, check.op, tuple(t.value for t in check.values)
+
+
+def _field_key(check: Check) -> str:
+    return check.field.name if check.index is None else f"{check.field.name}[{check.index}]"
+
+
+def _checks_of(node):
+    if isinstance(node, Check):
+        yield node
+    elif isinstance(node, Not):
+        yield from _checks_of(node.child)
+    elif isinstance(node, BoolOp):
+        for child in node.children:
+            yield from _checks_of(child)
+
+
 class _Generator:
-    def __init__(self, kind: str | None) -> None:
+    def __init__(self, kind: str | None, trees: list[Any]) -> None:
         self.kind = kind
+        # how often each check is written, at most, and each field read (once per distinct check)
+        checks = [c for tree in trees for c in _checks_of(tree)]
+        self.check_uses = Counter(_check_key(c) for c in checks)
+        self.field_uses = Counter(_field_key(c) for c in {_check_key(c): c for c in checks}.values())
         self.names: dict[str, Any] = {"_M": MISSING}
         self.fields: dict[str, str] = {}  # field key -> local variable
+        self.readers: dict[str, str] = {}  # field key -> its extractor's name
         self.checks: dict[tuple, str] = {}  # identical checks of several rules -> one local result
         self.check_exprs: dict[str, str] = {}
 
@@ -36,26 +62,32 @@ class _Generator:
     def field(self, check: Check) -> str:
         if check.field.attribute and self.kind in check.field.kinds and check.index is None:
             return f"e.{check.field.attribute}"  # in place: a call per field costs more than the test
-        key = check.field.name if check.index is None else f"{check.field.name}[{check.index}]"
-        var = self.fields.get(key)
+        key = _field_key(check)
+        once = self.field_uses[key] == 1
         extract = check.field.extractor_for(self.kind)
         inline = getattr(extract, "inline", None)  # an expression, evaluated in place (fields._inline)
         if inline is not None and check.index is None and not check.field.indexed:
-            var = self.fields[key] = var or f"_f{len(self.fields)}"
             self.names.update(INLINE_NAMES)
-            return f"({var} if {var} is not _M else ({var} := ({inline})))"
-        if var is None:
-            var = self.fields[key] = f"_f{len(self.fields)}"
+            expression = f"({inline})"
+        else:
             if check.index is not None or check.field.indexed:
                 index = check.index
                 reader = lambda e, c, extract=extract, index=index: extract(e, c, index)  # noqa: E731
             else:
                 reader = extract
-            self.names[f"_x{var}"] = reader
-        return f"({var} if {var} is not _M else ({var} := _x{var}(e, c)))"
+            reader_name = self.readers.get(key) or self.readers.setdefault(key, self.const(reader, "_x"))
+            expression = f"{reader_name}(e, c)"
+        if once:
+            return expression
+        var = self.fields.get(key)
+        if var is None:
+            var = self.fields[key] = f"_f{len(self.fields)}"
+        return f"({var} if {var} is not _M else ({var} := {expression}))"
 
     def check(self, check: Check) -> str:
-        key = (check.field.name, check.index, check.op, tuple(t.value for t in check.values))
+        key = _check_key(check)
+        if self.check_uses[key] == 1:
+            return f"({self.check_expr(check)})"
         var = self.checks.get(key)
         if var is None:
             var = self.checks[key] = f"_c{len(self.checks)}"
@@ -75,9 +107,10 @@ class _Generator:
             if many:
                 return f"((_l := {value}) is not None and {negate}(not {s}.isdisjoint(_l)))"
             return f"((_v := {value}) is not None and {negate}(_v in {s}))"
+        truthy = getattr(test_fn, "truthy", None)  # a C function true where the test holds: no frame per item
         test = self.const(test_fn, "_t")
         if many:
-            found = f"any({test}(_i) for _i in _l)"
+            found = f"any(map({self.const(truthy, '_t')}, _l))" if truthy else f"any({test}(_i) for _i in _l)"
             return f"((_l := {value}) is not None and {'not ' if check.op == '!=' else ''}{found})"
         return f"((_v := {value}) is not None and {'not ' if check.op == '!=' else ''}{test}(_v))"
 
@@ -104,7 +137,7 @@ def compile_judge(trees: list[Any], kind: str | None = None) -> tuple[Callable[[
 
     Conditions that start with the same check (most start with spawned_process)
     are grouped under one `if` on it, so an event that fails it costs one test."""
-    gen = _Generator(kind)
+    gen = _Generator(kind, trees)
     groups: dict[str, list[tuple[int, list[str]]]] = {}
     for i, tree in enumerate(trees):
         parts = [gen.node(c) for c in _conjuncts(tree)]

@@ -364,14 +364,18 @@ def _value_test(check: Check) -> Callable[[Any], bool]:
         return lambda v: v.endswith(target)
     if op == "glob":
         pattern = re.compile(fnmatch.translate(target))
-        return lambda v: pattern.match(v) is not None
+        test = lambda v: pattern.match(v) is not None  # noqa: E731
+        test.truthy = pattern.match  # lets compiled code test a whole list without a call per item
+        return test
     if op == "regex":
         try:
             pattern = re.compile(target)
         except re.error as e:
             tok = check.values[0]
             raise ConditionError(f"regular expression {target!r} does not compile: {e}", tok.pos, tok.text) from None
-        return lambda v: pattern.search(v) is not None
+        test = lambda v: pattern.search(v) is not None  # noqa: E731
+        test.truthy = pattern.search
+        return test
     raise ConditionError(f"unknown operator {op!r}; known: {', '.join(sorted(ALL_OPS))}", check.pos, check.text)
 
 

@@ -45,6 +45,10 @@ BODIES = {
 # where an exec record's arguments start, and a sockaddr record's payload
 EXEC_ARGS = HEADER_SIZE + BODIES[abi.EventKind.EXEC][0].size
 SOCKADDR_PAYLOAD = HEADER_SIZE + BODIES[abi.EventKind.CONNECT][0].size
+# forks and exits only keep the process tree (no stream delivers them) and come with every
+# exec, two records of its three: read whole (header and body) without an event made of them
+TREE_RECORDS = {abi.EventKind.FORK.value: abi.unpacker(abi.ForkEvent)[0],
+                abi.EventKind.EXIT.value: abi.unpacker(abi.ExitEvent)[0]}
 REFUSE_REASONS = {r.value: r.name.lower() for r in abi.RefuseReason}
 REFUSE_OPS = {o.value: o.name.lower() for o in abi.RefuseOp}
 
@@ -179,6 +183,21 @@ class Decoder:
             comm = self._comm_text(raw_comm)
         return build(time_ns + self.decode.clock_offset, cgroup_id, ev.Process(pid, tid, ppid, uid, gid, comm),
                      hdr_flags, record, *unpacker.unpack_from(record, HEADER_SIZE))
+
+    def tree_change(self, record: bytes) -> tuple[int, int, int, int, str]:
+        """A fork or exit record (TREE_RECORDS) as (kind, pid, tid, child pid or 0, comm);
+        DecodeError when malformed."""
+        fields = TREE_RECORDS[record[0]]
+        length = len(record)
+        if length == fields.size:
+            kind, _, size, _, _, pid, tid, _, _, _, _, raw_comm, *child = fields.unpack_from(record)
+        if length != fields.size or size != length:
+            self.decode_other(record)  # says what is wrong with it
+            raise DecodeError(f"{abi.EventKind(record[0]).name.lower()} record of {length} bytes, not {fields.size}")
+        comm = self._comms.get(raw_comm)
+        if comm is None:
+            comm = self._comm_text(raw_comm)
+        return kind, pid, tid, child[0] if child else 0, comm
 
     def _comm_text(self, raw_comm: bytes) -> str:
         return _remember(self._comms, raw_comm, cstr(raw_comm))

@@ -15,8 +15,12 @@ from ebpfmon.stream.decode import CgroupChange
 from ebpfmon.host.devices import DeviceResolver
 from ebpfmon.host.programs import LOADER, ProgramIdentifier, loaded_program
 from ebpfmon.host.sshconfig import SshConfigReader
+from ebpfmon.kernel.abi import EventKind
 from ebpfmon.rules.argv import parse_ssh, ssh_client_name
 from ebpfmon.stream.proctree import ProcessTree, read_proc
+
+
+FORK = EventKind.FORK.value
 
 
 class Enricher:
@@ -32,10 +36,10 @@ class Enricher:
         self.programs = ProgramIdentifier()  # told what to look for by whoever loads the rules
         # what some kinds need besides what every event gets, found by kind: one dict lookup
         # per event, not an isinstance test per kind (every connect an agent makes comes here)
-        self._before = {"fork": self._forked, "exec": self._executed}
         self._after = {"gpu_open": self._gpu_device, "refused": self._agent_and_vendor,
-                       "device": self._agent_and_vendor, "dns": self._agent_and_vendor, "exit": self._exited,
+                       "device": self._agent_and_vendor, "dns": self._agent_and_vendor,
                        "unix_connect": self._unix_path}
+
 
     def apply(self, item: ev.Event | CgroupChange) -> ev.Event | None:
         """Updates state from the item; returns the enriched event (None for cgroup changes)."""
@@ -50,9 +54,8 @@ class Enricher:
                     self.containers.forget(item.path)
             return None
         kind = item.kind
-        before = self._before.get(kind)
-        if before is not None:
-            before(item)
+        if kind == "exec":
+            self._executed(item)
         proc = item.proc
         item.cgroup = cgroup = self.cgroups.path(item.cgroup_id)
         if self.containers:
@@ -65,8 +68,12 @@ class Enricher:
             after(item)
         return item
 
-    def _forked(self, item: ev.ForkEvent) -> None:
-        self.tree.forked(item.proc.pid, item.child_pid, item.proc.comm)
+    def tree_change(self, kind: int, pid: int, tid: int, child: int, comm: str) -> None:
+        """A fork or an exit (Decoder.tree_change): the tree's alone, no event."""
+        if kind == FORK:
+            self.tree.forked(pid, child, comm)
+        else:
+            self.tree.exited(tid)
 
     def _executed(self, item: ev.ExecEvent) -> None:
         if item.retval != 0:
@@ -140,9 +147,6 @@ class Enricher:
     @staticmethod
     def _unix_path(item: ev.UnixConnectEvent) -> None:
         item.resolved = resolve_socket_path(item.path, item.proc.pid)
-
-    def _exited(self, item: ev.ExitEvent) -> None:
-        self.tree.exited(item.proc.tid)
 
     def _argv_from_proc(self, item: ev.ExecEvent) -> str | None:
         """The probe cut argv at its limits, or could not read it: after fork, a child's pages of the program's

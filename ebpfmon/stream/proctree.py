@@ -69,10 +69,11 @@ class ProcessTree:
         self._live: OrderedDict[int, Node] = OrderedDict()
         self._exited: OrderedDict[int, Node] = OrderedDict()
         self.evicted = 0
-        # ancestry is asked for on every event: cached per process until a process its chain
-        # names changes (then all go: rare, as an exec or a fork changes a process no cached
-        # chain names yet). Clearing on every change cost an exec two walks, not one.
-        self._ancestry_cache: dict[int, dict[int, Ancestry]] = {}  # pid -> depth -> chain
+        # ancestry is asked for on every event: a process's chain is its parent's line, which
+        # is cached per parent (all children of a shell or a build tool share one, and an exec
+        # storm walks nothing) until a process the chain names changes (then all go: rare, as
+        # an exec or a fork changes a process no cached chain names yet)
+        self._ancestry_cache: dict[int, dict[int, Ancestry]] = {}  # parent pid -> depth -> chain
         self._named_in_cache: set[int] = set()  # pids in cached chains (a superset)
 
     def bootstrap(self) -> int:
@@ -84,14 +85,12 @@ class ProcessTree:
                     self._put(node)
         return len(self._live)
 
-    def _changed(self, pid: int, parent_changed: bool = True) -> None:
-        """pid's node changed (or is new): the chains naming it are stale, and its own when
-        its parent changed."""
+    def _changed(self, pid: int) -> None:
+        """pid's node changed (or is new): the chains naming it are stale (its own is read from
+        its parent's line each time)."""
         if pid in self._named_in_cache or len(self._ancestry_cache) > MAX_CACHED_ANCESTRIES:
             self._ancestry_cache.clear()
             self._named_in_cache.clear()
-        elif parent_changed:
-            self._ancestry_cache.pop(pid, None)
 
     def _put(self, node: Node) -> None:
         self._changed(node.pid)
@@ -134,40 +133,50 @@ class ProcessTree:
     def executed(self, pid: int, ppid: int, comm: str, exe: str, argv: list[str]) -> None:
         node = self.seen(pid, ppid, comm)
         node.comm, node.exe, node.argv = comm, exe, argv
-        self._changed(pid, parent_changed=False)
+        self._changed(pid)
 
     def exited(self, pid: int) -> None:
         node = self._live.pop(pid, None)
         if node is None:
             return
         self._exited[pid] = node  # chains naming it stay as they are
-        self._ancestry_cache.pop(pid, None)  # its own: it sends no more events
         if len(self._exited) > self.max_exited:
             forgotten, _ = self._exited.popitem(last=False)
             self._changed(forgotten)
 
     def ancestry(self, pid: int, depth: int) -> Ancestry:
-        """Parent first, up to depth generations or pid 1. Shared between events
-        of one process while the tree does not change: do not modify it."""
+        """Parent first, up to depth generations or pid 1. Shared between the events of a
+        process and its siblings while the tree does not change: do not modify it."""
+        node = self.get(pid)
+        if node is None or node.ppid <= 0 or node.ppid == pid or depth <= 0:
+            return NO_ANCESTRY
+        chain = self._line_of(node.ppid, depth)
+        if pid in chain.pids:  # a loop (what /proc said of reused pids): walked for this process alone
+            return self._walk(node.ppid, depth, {pid})
+        return chain
+
+    def _line_of(self, pid: int, depth: int) -> Ancestry:
+        """pid and its ancestors, depth of them in all: the ancestry of pid's children."""
         by_depth = self._ancestry_cache.get(pid)
         if by_depth is None:
             by_depth = self._ancestry_cache[pid] = {}
         cached = by_depth.get(depth)
         if cached is None:
-            cached = by_depth[depth] = self._walk(pid, depth)
-            self._named_in_cache.update(a.pid for a in cached)
+            cached = by_depth[depth] = self._walk(pid, depth, set())
+            self._named_in_cache.update(cached.pids)
         return cached
 
-    def _walk(self, pid: int, depth: int) -> Ancestry:
+    def _walk(self, pid: int, depth: int, seen: set[int]) -> Ancestry:
         chain = []
-        seen = {pid}
-        node = self.get(pid)
-        while node and node.ppid > 0 and len(chain) < depth and node.ppid not in seen:
-            seen.add(node.ppid)
-            parent = self.get(node.ppid)
-            if parent is None:
-                chain.append(Ancestor(pid=node.ppid))
+        while len(chain) < depth and pid > 0 and pid not in seen:
+            seen.add(pid)
+            node = self.get(pid)
+            if node is None:
+                chain.append(Ancestor(pid=pid))
                 break
-            chain.append(Ancestor(pid=parent.pid, comm=parent.comm, exe=parent.exe, argv=parent.argv))
-            node = parent
+            chain.append(Ancestor(pid=node.pid, comm=node.comm, exe=node.exe, argv=node.argv))
+            pid = node.ppid
         return Ancestry(chain)
+
+
+NO_ANCESTRY = Ancestry()

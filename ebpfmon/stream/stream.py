@@ -18,7 +18,7 @@ from ebpfmon import events as ev
 from ebpfmon.host.cgroups import CgroupNames, Hierarchy
 from ebpfmon.host.containers import ContainerIdentity
 from ebpfmon.config import Config
-from ebpfmon.stream.decode import CgroupChange, Decoder
+from ebpfmon.stream.decode import TREE_RECORDS, CgroupChange, Decoder
 from ebpfmon.host.devices import DeviceResolver
 from ebpfmon.stream.enrich import Enricher
 from ebpfmon.errors import CgroupError, DecodeError
@@ -120,6 +120,13 @@ class EventStream:
         # swallow an exception): every error is counted and logged here instead
         if record[0] in WINDOWED_KINDS:
             self.windowed = True
+        elif record[0] in TREE_RECORDS:
+            try:
+                self.enricher.tree_change(*self.decoder.tree_change(record))
+            except DecodeError as e:
+                self.stats.malformed += 1
+                log.warning("malformed record: %s", e)
+            return
         try:
             item = self.decoder.decode(record)
         except DecodeError as e:

@@ -96,18 +96,32 @@ def test_cached_ancestry_follows_changes_to_the_processes_it_names():
     assert [a.pid for a in tree.ancestry(200, depth=8)] == [100, 1]
 
 
-def test_an_exec_storm_walks_each_new_process_once():
-    # fork, exec and exit of a child per iteration: the parent's chain stays cached
+def test_an_exec_storm_walks_the_parents_line_once():
+    # fork, exec and exit of a child per iteration: every child's chain is the parent's line,
+    # walked once and shared (one Ancestry: its JSON and id are made once)
     tree = ProcessTree(proc="/nonexistent")
     tree.executed(100, 1, "storm", "/usr/bin/storm", ["storm"])
     walks = []
     walk = tree._walk
-    tree._walk = lambda pid, depth: walks.append(pid) or walk(pid, depth)
+    tree._walk = lambda pid, depth, seen: walks.append(pid) or walk(pid, depth, seen)
+    chains = set()
     for child in range(1000, 1100):
         tree.forked(100, child, "storm")
         tree.ancestry(100, 8)  # the fork event comes from the parent
         tree.executed(child, 100, "true", "/bin/true", ["/bin/true"])
-        tree.ancestry(child, 8)  # the exec event, from the child
-        tree.ancestry(child, 8)  # its exit event
+        chains.add(id(tree.ancestry(child, 8)))  # the exec event, from the child
         tree.exited(child)
-    assert walks == [100] + list(range(1000, 1100))
+    assert walks == [1, 100]  # the parent's own chain (pid 1's line), then its children's
+    assert len(chains) == 1
+    assert [a.pid for a in tree.ancestry(1099, 8)] == [100, 1]
+
+
+def test_a_loop_of_reused_pids_is_cut_per_process():
+    # what /proc said at two times can make a loop: each process's chain stops before itself
+    tree = ProcessTree(proc="/nonexistent")
+    tree.seen(1, 3, "a")
+    tree.seen(2, 1, "b")
+    tree.seen(3, 2, "c")
+    assert [a.pid for a in tree.ancestry(1, depth=50)] == [3, 2]
+    assert [a.pid for a in tree.ancestry(2, depth=50)] == [1, 3]
+    assert [a.pid for a in tree.ancestry(3, depth=50)] == [2, 1]
