@@ -7,9 +7,11 @@ inside an agent cgroup: no monitoring; ebpfmon (`ebpfmon run`: shipped rules
 evaluated, enforcement armed, audit log on); a bpftrace script tracing the same
 syscalls with tracepoints (execve with argv, connect, openat), output to
 /dev/null; auditd with rules for execve and connect; bcc's execsnoop and
-tcpconnect (kprobes: where the kernel has none, the row says so). Figures are
-wall-time ratios to no monitoring (median of rounds, with min and max) and the
-operations per second each storm reached.
+tcpconnect (kprobes: where the kernel has none, the row says so). Rounds
+alternate the tools: each round starts and stops every tool in turn, no
+monitoring first and last, so a drift of the VM's speed lands on all of them.
+Figures are wall-time ratios to the same round's no-monitor time (median of
+rounds, with min and max) and the operations per second each storm reached.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ tracepoint:syscalls:sys_exit_openat /@path[tid]/ { printf("%d open %s = %d\n", p
 class Tool:
     """A monitor started before the storms and stopped after."""
 
-    def __init__(self, name: str, argv: list[str] | None, ready: str | None = None, ready_check=None, teardown=None):
-        # ready: a line the tool prints once attached; ready_check: polled when it prints nothing useful
+    def __init__(self, name: str, argv: list[str] | None, ready: str | None = None, ready_check=None, teardown=None,
+                 then: list[str] | None = None):
+        # ready: a line the tool prints once attached; ready_check: polled when it prints nothing useful;
+        # then: a command that configures it once started (auditd's rules)
         self.name, self.argv, self.ready, self.ready_check, self.teardown = name, argv, ready, ready_check, teardown
+        self.then = then
         self.proc = None
         self.problem = ""
 
@@ -78,6 +83,8 @@ class Tool:
                 self.problem = f"not ready (exit code {self.proc.poll()})"
                 return False
             time.sleep(0.2)
+        if self.then:
+            subprocess.run(self.then, check=True, capture_output=True)
         time.sleep(1)
         return True
 
@@ -98,6 +105,26 @@ def auditd_ready() -> bool:
     return any(line.split() not in (["pid", "0"], ["pid"]) for line in status.splitlines() if line.startswith("pid"))
 
 
+def monitors(work: Path, root: str) -> list[Tool]:
+    """No monitoring, ebpfmon and the peers, watching the agent root root (work: a directory of
+    the bench's own); no monitoring comes first and again last, bracketing the others."""
+    (work / "config.yaml").write_text("metrics: {enabled: false}\nalerts: {sinks: []}\n")
+    (work / "trace.bt").write_text(BPFTRACE)
+    none = Tool("no monitoring", None)
+    return [
+        none,
+        Tool("ebpfmon", [str(REPO / ".venv/bin/ebpfmon"), "run", "--config", str(work / "config.yaml"),
+                         "--agent-root", root, "--state-dir", str(work / "state")], ready="ready:"),
+        Tool("bpftrace (tracepoints)", ["bpftrace", str(work / "trace.bt")], ready="Attaching"),
+        # auditd writes its log (/var/log/audit/audit.log) as in production; -n: stay in the foreground
+        Tool("auditd (execve, connect)", ["auditd", "-n"], ready_check=auditd_ready,
+             teardown=lambda: subprocess.run(["auditctl", "-D"], capture_output=True),
+             then=["auditctl", "-a", "always,exit", "-F", "arch=b64", "-S", "execve", "-S", "connect",
+                   "-k", "ebpfmonbench"]),
+        none,
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -108,41 +135,31 @@ def main() -> None:
     agent = hierarchy.ensure(f"{root}/storm")
     work = Path(tempfile.mkdtemp())
     exe = build_storm(work)
-    (work / "config.yaml").write_text("metrics: {enabled: false}\nalerts: {sinks: []}\n")
-    (work / "trace.bt").write_text(BPFTRACE)
-    audit_rules = ["auditctl", "-a", "always,exit", "-F", "arch=b64", "-S", "execve", "-S", "connect", "-k", "ebpfmonbench"]
-    tools = [
-        Tool("no monitoring", None),
-        Tool("ebpfmon", [str(REPO / ".venv/bin/ebpfmon"), "run", "--config", str(work / "config.yaml"),
-                         "--agent-root", root, "--state-dir", str(work / "state")], ready="ready:"),
-        Tool("bpftrace (tracepoints)", ["bpftrace", str(work / "trace.bt")], ready="Attaching"),
-        # auditd writes its log (/var/log/audit/audit.log) as in production; -n: stay in the foreground
-        Tool("auditd (execve, connect)", ["auditd", "-n"], ready_check=auditd_ready,
-             teardown=lambda: subprocess.run(["auditctl", "-D"], capture_output=True)),
-        Tool("bcc execsnoop", ["execsnoop-bpfcc"], ready="PCOMM"),
-        Tool("bcc tcpconnect", ["tcpconnect-bpfcc"], ready="PID"),
-    ]
-    # no monitoring runs first and again last: its rounds bracket the others against drift
-    tools.append(tools[0])
+    tools = monitors(work, root)
+    tools[-1:-1] = [Tool("bcc execsnoop", ["execsnoop-bpfcc"], ready="PCOMM"),
+                    Tool("bcc tcpconnect", ["tcpconnect-bpfcc"], ready="PID")]
+    # rounds alternate the tools (each round runs every one in turn), so a drift of the VM's
+    # speed lands on all of them; a ratio is against the no-monitor runs of the same round
     results: dict[str, dict] = {}
     try:
-        for tool in tools:
-            if tool.name.startswith("auditd") and auditd_ready():
-                results[tool.name] = {"problem": "auditd already runs on this host: stop it (systemctl stop auditd) "
-                                                 "so its rules and log are the bench's alone"}
-                continue
-            if not tool.start():
-                results[tool.name] = {"problem": tool.problem}
-                print(tool.name, "unavailable:", tool.problem, flush=True)
+        for r in range(args.rounds):
+            for tool in tools:
+                if "problem" in results.get(tool.name, {}):
+                    continue
+                if tool.name.startswith("auditd") and auditd_ready():
+                    results[tool.name] = {"problem": "auditd already runs on this host: stop it (systemctl stop "
+                                                     "auditd) so its rules and log are the bench's alone"}
+                    continue
+                if not tool.start():
+                    results[tool.name] = {"problem": tool.problem}
+                    print(tool.name, "unavailable:", tool.problem, flush=True)
+                    tool.stop()
+                    continue
+                rounds = results.setdefault(tool.name, {mode: [] for mode in WORKLOADS})
+                for mode, n in WORKLOADS.items():
+                    rounds[mode].append((run_storm(exe, mode, n, cgroup=agent), r))
                 tool.stop()
-                continue
-            if tool.name.startswith("auditd"):
-                subprocess.run(audit_rules, check=True, capture_output=True)
-            rounds = results.setdefault(tool.name, {mode: [] for mode in WORKLOADS})
-            for mode, n in WORKLOADS.items():
-                rounds[mode] += [run_storm(exe, mode, n, cgroup=agent) for _ in range(args.rounds)]
-            tool.stop()
-            print(tool.name, {m: statistics.median(v) for m, v in results[tool.name].items()}, flush=True)
+                print(f"round {r + 1}:", tool.name, {m: f"{v[-1][0]:.3f}s" for m, v in rounds.items()}, flush=True)
     finally:
         for tool in tools:
             tool.stop()
@@ -154,15 +171,17 @@ def main() -> None:
 
 
 def write(results: dict[str, dict], rounds: int) -> None:
-    base = {m: statistics.median(results["no monitoring"][m]) for m in WORKLOADS}
+    none = results["no monitoring"]
+    # each round's no-monitor time: the median of its runs in that round (first and last)
+    base = {m: {r: statistics.median([t for t, rr in none[m] if rr == r]) for r in range(rounds)} for m in WORKLOADS}
     lines = [
         "# Side by side: ebpfmon and the tools people run today",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs (VM)",
-        f"- {rounds} rounds per tool and storm ({2 * rounds} for no monitoring: first and last), inside an agent "
-        "cgroup; ratio = wall time / no monitoring (median, min–max); ops/s = storm operations per second "
-        "reached (median)",
+        f"- {rounds} rounds, each running every tool in turn (no monitoring first and last), inside an agent "
+        "cgroup; ratio = wall time / the same round's no-monitor time (median of rounds, min–max); "
+        "ops/s = storm operations per second reached (median)",
         "- storms: " + ", ".join(f"{m} ×{n}" for m, n in WORKLOADS.items()),
         "",
         "| tool | " + " | ".join(f"{m} ratio | {m} ops/s" for m in WORKLOADS) + " |",
@@ -175,16 +194,21 @@ def write(results: dict[str, dict], rounds: int) -> None:
             continue
         cells = []
         for m, n in WORKLOADS.items():
-            ratios = [t / base[m] for t in data[m]]
+            ratios = ratios_of(data[m], base[m])
             cells += [f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})",
-                      f"{n / statistics.median(data[m]):,.0f}"]
+                      f"{n / statistics.median([t for t, _ in data[m]]):,.0f}"]
         lines.append(f"| {tool} | " + " | ".join(cells) + " |")
     (HERE / "RESULTS-compare.md").write_text("\n".join(lines) + "\n\n![overhead](compare.png)\n")
     plot(results, base)
     print((HERE / "RESULTS-compare.md").read_text())
 
 
-def plot(results: dict[str, dict], base: dict[str, float]) -> None:
+def ratios_of(runs: list[tuple[float, int]], base: dict[int, float]) -> list[float]:
+    """Each run's time over its round's no-monitor time."""
+    return [t / base[r] for t, r in runs]
+
+
+def plot(results: dict[str, dict], base: dict[str, dict[int, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,8 +219,10 @@ def plot(results: dict[str, dict], base: dict[str, float]) -> None:
     width = 0.8 / len(WORKLOADS)
     for i, mode in enumerate(WORKLOADS):
         xs = [j + i * width for j in range(len(tools))]
-        axes[0].bar(xs, [statistics.median(results[t][mode]) / base[mode] for t in tools], width, label=mode)
-        axes[1].bar(xs, [WORKLOADS[mode] / statistics.median(results[t][mode]) for t in tools], width, label=mode)
+        axes[0].bar(xs, [statistics.median(ratios_of(results[t][mode], base[mode])) for t in tools], width,
+                    label=mode)
+        axes[1].bar(xs, [WORKLOADS[mode] / statistics.median([s for s, _ in results[t][mode]]) for t in tools], width,
+                    label=mode)
     for ax, title in zip(axes, ("wall time / no monitoring (lower is better)", "operations per second")):
         ax.set_xticks([j + width * (len(WORKLOADS) - 1) / 2 for j in range(len(tools))])
         ax.set_xticklabels(tools, rotation=20, ha="right", fontsize=8)

@@ -37,25 +37,33 @@ class Node:
 PROC_CMDLINE_MAX = 128 << 10
 
 
+def _read(path: str, limit: int = PROC_CMDLINE_MAX) -> bytes:
+    # os.open/os.read: no file object per read (every exec whose argv the probe could not read
+    # comes here, three files each); a /proc file gives its whole text to one read
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def read_proc(pid: int, proc: str = "/proc") -> Node | None:
     """A process as /proc shows it now, or None when it is gone."""
     base = f"{proc}/{pid}"
     try:
-        with open(f"{base}/stat", "rb") as f:
-            stat = f.read()
+        stat = _read(f"{base}/stat")
     except OSError:
         return None
     # comm is in parentheses and may itself contain ') '
     close = stat.rfind(b")")
     comm = stat[stat.find(b"(") + 1:close]
-    ppid = int(stat[close + 2:].split()[1])
+    ppid = int(stat[close + 2:].split(maxsplit=2)[1])
     try:
         exe = text(os.readlink(f"{base}/exe".encode()))
     except OSError:
         exe = None  # kernel thread, or no permission
     try:
-        with open(f"{base}/cmdline", "rb") as f:
-            argv = [text(a) for a in f.read(PROC_CMDLINE_MAX).split(b"\0")[:-1]]
+        argv = [text(a) for a in _read(f"{base}/cmdline").split(b"\0")[:-1]]
     except OSError:
         argv = None
     return Node(pid=pid, ppid=ppid, comm=text(comm), exe=exe, argv=argv)
