@@ -17,7 +17,7 @@ from ebpfmon.host.programs import LOADER, ProgramIdentifier, loaded_program
 from ebpfmon.host.sshconfig import SshConfigReader
 from ebpfmon.kernel.abi import EventKind
 from ebpfmon.rules.argv import parse_ssh, ssh_client_name
-from ebpfmon.stream.proctree import ProcessTree, read_proc
+from ebpfmon.stream.proctree import Node, ProcessTree, read_proc
 
 
 FORK = EventKind.FORK.value
@@ -81,9 +81,15 @@ class Enricher:
         proc = item.proc
         # unreadable, or cut at the probe's limits (an option hidden after many others): /proc
         # has it whole while the process lives
-        exe = self._argv_from_proc(item) if item.argv_source == "none" or item.argv_truncated else None
-        exe = exe or self._exe(proc.pid, item.filename)
-        item.exe_is = list(self._identify(item))
+        exe, gone = None, False
+        if item.argv_source == "none" or item.argv_truncated:
+            node = read_proc(proc.pid, self.tree.proc)
+            # gone already (a storm's short-lived programs): nothing more is read of its pid,
+            # which may be another process's by the next read
+            gone = node is None
+            exe = self._argv_from_proc(item, node)
+        exe = exe or (item.filename if gone else self._exe(proc.pid, item.filename))
+        item.exe_is = list(self._identify(item, gone))
         if LOADER in item.exe_is:
             exe = self._through_loader(item, exe)
         self.tree.executed(proc.pid, proc.ppid, proc.comm, exe, item.argv)
@@ -96,22 +102,24 @@ class Enricher:
             item.ssh_config = [str(f) for f in self.ssh_config.findings(proc.pid, proc.uid, config[-1] if config
                                                                          else None, ssh.host, options)]
 
-    def _identify(self, item: ev.ExecEvent) -> tuple[str, ...]:
+    def _identify(self, item: ev.ExecEvent, gone: bool) -> tuple[str, ...]:
         """What the exec'd file is: /proc/PID/exe reaches a copy, a link, a memfd, a deleted
         file; but by the time it is read the process may have exec'd again (a shell's `exec
         ssh`), and a name found then is the later program's: the comm says which (each exec
-        sets it). Then the path the kernel was given, when it is one."""
-        pid = item.proc.pid
-        found = self.programs.identify(f"{self.tree.proc}/{pid}/exe")
-        if not found:
-            return found
-        try:
-            with open(f"{self.tree.proc}/{pid}/comm", "rb") as f:
-                same = ev.text(f.read().rstrip(b"\n")) == item.proc.comm
-        except OSError:
-            same = False
-        if same:
-            return found
+        sets it). Then the path the kernel was given, when it is one (and the only way when the
+        process was gone)."""
+        if not gone:
+            pid = item.proc.pid
+            found = self.programs.identify(f"{self.tree.proc}/{pid}/exe")
+            if not found:
+                return found
+            try:
+                with open(f"{self.tree.proc}/{pid}/comm", "rb") as f:
+                    same = ev.text(f.read().rstrip(b"\n")) == item.proc.comm
+            except OSError:
+                same = False
+            if same:
+                return found
         if item.filename.startswith("/") and not item.filename.startswith(("/dev/fd/", "/proc/")):
             return self.programs.identify(item.filename)
         return ()
@@ -148,12 +156,13 @@ class Enricher:
     def _unix_path(item: ev.UnixConnectEvent) -> None:
         item.resolved = resolve_socket_path(item.path, item.proc.pid)
 
-    def _argv_from_proc(self, item: ev.ExecEvent) -> str | None:
+    @staticmethod
+    def _argv_from_proc(item: ev.ExecEvent, node: Node | None) -> str | None:
         """The probe cut argv at its limits, or could not read it: after fork, a child's pages of the program's
         constants (execve("/bin/sh", {"sh", ...}) with literals) are not mapped until touched,
         and a probe cannot fault them in. The exec is done: /proc has the new argv while the
-        process lives, which a tunnel or a miner does. Returns the exe /proc names, if taken."""
-        node = read_proc(item.proc.pid, self.tree.proc)
+        process lives, which a tunnel or a miner does: node is what /proc says of it now. Returns
+        the exe /proc names, if taken."""
         # the same comm: still the program of this exec, not one it has exec'd since
         if node is None or not node.argv or node.comm != item.proc.comm:
             return None
