@@ -5,7 +5,7 @@
 VENV ?= $(CURDIR)/.venv
 EBPFMON := $(VENV)/bin/ebpfmon
 # test servers and tools the tests talk to
-TEST_PACKAGES := procps util-linux socat netcat-openbsd iputils-ping openssh-client openssh-server prometheus-alertmanager rsyslog nats-server openssl systemd shellcheck vagrant gcc liburing-dev bpftool podman runc
+TEST_PACKAGES := procps util-linux socat netcat-openbsd iputils-ping openssh-client openssh-server prometheus-alertmanager rsyslog nats-server openssl systemd shellcheck vagrant gcc liburing-dev bpftool podman runc docker.io
 
 # what bench/compare.py runs side by side with ebpfmon, and the plot
 BENCH_PACKAGES := $(TEST_PACKAGES) gcc bpftrace auditd bpfcc-tools python3-matplotlib valgrind

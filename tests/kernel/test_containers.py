@@ -30,10 +30,9 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=check)
 
 
-@pytest.fixture(scope="module")
-def image(bpf, tmp_path_factory):
-    """A local image whose userland is the host's (/usr and /etc mounted at run)."""
-    tar = tmp_path_factory.mktemp("image") / "rootfs.tar"
+def userland_tar(tar: Path) -> Path:
+    """A root file system of directories and the merged-/usr links: the host's userland once
+    /usr and /etc are mounted in it."""
     with tarfile.open(tar, "w") as out:
         for name in ("usr", "etc", "tmp", "proc", "sys", "dev", "root", "run", "var"):
             info = tarfile.TarInfo(name)
@@ -44,7 +43,13 @@ def image(bpf, tmp_path_factory):
                 info = tarfile.TarInfo(name)
                 info.type, info.linkname = tarfile.SYMTYPE, os.readlink(f"/{name}")
                 out.addfile(info, io.BytesIO())
-    podman("import", str(tar), IMAGE)
+    return tar
+
+
+@pytest.fixture(scope="module")
+def image(bpf, tmp_path_factory):
+    """A local image whose userland is the host's (/usr and /etc mounted at run)."""
+    podman("import", str(userland_tar(tmp_path_factory.mktemp("image") / "rootfs.tar")), IMAGE)
     yield IMAGE
     podman("rmi", "-f", IMAGE, check=False)
 
@@ -293,3 +298,94 @@ def test_trusted_labels_choose_a_containers_profile_and_gpus(hierarchy, image, t
     # web-only: its port, not the next; every GPU (ENXIO: through to the absent driver)
     assert results["web-only"] == [0, errno.EPERM, errno.ENXIO]
     assert results["closed"] == [errno.EPERM, errno.EPERM, errno.EPERM]
+
+
+class Dockerd:
+    """A docker daemon of the test's own: its socket, state and runtime directories under the
+    test's temporary directory; no iptables rules and no bridge (containers get --network none),
+    so the host's network is not touched."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.socket = directory / "docker.sock"
+        self.log = open(directory / "dockerd.log", "w")
+        # the cgroupfs driver: containers under --cgroup-parent, in the v2 hierarchy too on this
+        # hybrid host (runc joins the unified hierarchy at the same path)
+        self.proc = subprocess.Popen(["dockerd", "--host", f"unix://{self.socket}", "--data-root",
+                                      str(directory / "root"), "--exec-root", str(directory / "exec"), "--pidfile",
+                                      str(directory / "dockerd.pid"), "--iptables=false", "--ip6tables=false",
+                                      "--bridge=none", "--exec-opt", "native.cgroupdriver=cgroupfs"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or self.run("version", check=False).returncode == 0,
+                 "dockerd answering on its socket", seconds=60)
+        assert self.proc.poll() is None, (directory / "dockerd.log").read_text()[-2000:]
+
+    @property
+    def cli(self) -> list[str]:
+        return ["docker", "--host", f"unix://{self.socket}"]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.cli, *args], capture_output=True, text=True, timeout=timeout, check=check)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def docker_image(bpf, tmp_path_factory):
+    """dockerd, and the host's userland imported as an image into it."""
+    directory = tmp_path_factory.mktemp("docker")
+    dockerd = Dockerd(directory)
+    try:
+        dockerd.run("import", str(userland_tar(directory / "rootfs.tar")), "ebpfmon-test/agent:1")
+        yield dockerd, "ebpfmon-test/agent:1"
+    finally:
+        dockerd.run("rm", "-f", *dockerd.run("ps", "-aq", check=False).stdout.split(), check=False)
+        dockerd.close()
+
+
+@pytest.fixture
+def docker_daemon(hierarchy, docker_image, tmp_path):
+    """ebpfmon on a root of the test's own, asking the test's dockerd about containers."""
+    from ebpfmon.config import ContainerSettings
+    from ebpfmon.kernel.enforcer import remove_pins
+    from helpers import remove_cgroup_tree
+
+    dockerd, _ = docker_image
+    root = f"/ebpfmon-test-{os.getpid()}-docker"
+    path = hierarchy.ensure(root)
+    running = ContainerDaemon(None, root, threading.Event()).start(
+        str(tmp_path / "state"), containers=ContainerSettings(docker=(*dockerd.cli, "inspect", "--type", "container")))
+    yield running
+    running.close()
+    remove_pins(hierarchy, root)
+    remove_cgroup_tree(path)
+
+
+def test_a_docker_container_that_starts_a_miner_is_named_and_killed(docker_daemon, docker_image):
+    dockerd, image = docker_image
+    name = f"agent-docker-{uuid.uuid4().hex[:6]}"
+    # a miner's name on a harmless program (sleep): the rule judges the name, nothing is mined
+    started = dockerd.run("run", "-d", "--name", name, "--cgroup-parent", docker_daemon.root, "--network", "none",
+                          "--label", "ebpfmon.agent=rollout-7", "--volume", "/usr:/usr:ro", "--volume", "/etc:/etc:ro",
+                          image, "sh", "-c", "cp /usr/bin/sleep /tmp/xmrig && exec /tmp/xmrig 120")
+    container_id = started.stdout.strip()
+    alert = wait_for(lambda: next((a for a in docker_daemon.alerts() if a["rule"] == "Miner program started"
+                                   and (a["event"]["container"] or {}).get("name") == name), None),
+                     "the miner's alert, naming the container", seconds=60)
+    container = alert["event"]["container"]
+    assert (container["id"], container["runtime"], container["image"]) == (container_id, "docker", image)
+    assert container["labels"] == {"ebpfmon.agent": "rollout-7"}
+    assert alert["event"]["cgroup"] == f"{docker_daemon.root}/{container_id}"  # docker's cgroupfs name: the id
+    assert "kill" in alert["actions"]
+    # killed: the container's one process was the miner, so the container is over
+    wait_for(lambda: dockerd.run("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "false",
+             "the container stopped by the kill", seconds=60)
+    records = [r for r in docker_daemon.containment.store.records if (r.container or {}).get("name") == name]
+    assert len(records) == 1 and records[0].container["runtime"] == "docker"
