@@ -37,6 +37,7 @@ BENCHMARKS = {
     "nats_export": "RESULTS-nats-export.md",
     "agents": "RESULTS-agents.md",
     "compare": "RESULTS-compare.md",
+    "workload": "RESULTS-workload.md",
 }
 
 

@@ -39,7 +39,7 @@ from compare import auditd_ready, monitors  # noqa: E402  (bench/compare.py)
 
 UNITS = 300  # C translation units
 TESTS = 300  # pytest tests
-COMMITS = 40  # git: commits, each with a status, a diff and a log
+COMMITS = 100  # git: commits, each with a status, a diff and a log
 PACKAGES = 6  # pip: packages in the wheel directory, installed twice a run
 PYTHON = str(REPO / ".venv/bin/python")
 
@@ -119,7 +119,7 @@ def run_step(argv: list[str], work: Path, cgroup: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     hierarchy = Hierarchy()
     root = f"/ebpfmon-bench-{os.getpid()}"
