@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, then bench/RESULTS.md. `make bench` runs this, as root:
 
-    .venv/bin/python bench/all.py           # about 7 minutes on a 2-core VM
+    .venv/bin/python bench/all.py           # about 15 minutes on a 2-core VM
     .venv/bin/python bench/all.py --only compare,service
 
 Each script writes its own RESULTS-<name>.md (workload, median of several runs
