@@ -17,6 +17,7 @@ rounds, with min and max) and the operations per second each storm reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -125,52 +126,75 @@ def monitors(work: Path, root: str) -> list[Tool]:
     ]
 
 
+@contextlib.contextmanager
+def agent_cgroup(leaf: str):
+    """An agent root of the bench's own holding one agent cgroup: (the root's name, the agent's
+    path); removed afterwards, with what ebpfmon pinned for it."""
+    hierarchy = Hierarchy()
+    root = f"/ebpfmon-bench-{os.getpid()}"
+    hierarchy.ensure(root)
+    agent = hierarchy.ensure(f"{root}/{leaf}")
+    try:
+        yield root, agent
+    finally:
+        remove_pins(hierarchy, root)
+        os.rmdir(agent)
+        os.rmdir(hierarchy.path(root))
+
+
+def alternate(tools: list[Tool], rounds: int, measure) -> dict[str, str]:
+    """measure(tool, round) with every tool started in turn, round after round: a drift of the
+    VM's speed lands on all of them. Returns the tools that could not run, with why."""
+    problems: dict[str, str] = {}
+    try:
+        for r in range(rounds):
+            for tool in tools:
+                if tool.name in problems:
+                    continue
+                if tool.name.startswith("auditd") and auditd_ready():
+                    problems[tool.name] = ("auditd already runs on this host: stop it (systemctl stop auditd) so "
+                                           "its rules and log are the bench's alone")
+                    continue
+                if not tool.start():
+                    problems[tool.name] = tool.problem
+                    print(tool.name, "unavailable:", tool.problem, flush=True)
+                    tool.stop()
+                    continue
+                measure(tool, r)
+                tool.stop()
+    finally:
+        for tool in tools:
+            tool.stop()
+    return problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    hierarchy = Hierarchy()
-    root = f"/ebpfmon-bench-{os.getpid()}"
-    hierarchy.ensure(root)
-    agent = hierarchy.ensure(f"{root}/storm")
     work = Path(tempfile.mkdtemp())
     exe = build_storm(work)
-    tools = monitors(work, root)
-    tools[-1:-1] = [Tool("bcc execsnoop", ["execsnoop-bpfcc"], ready="PCOMM"),
-                    Tool("bcc tcpconnect", ["tcpconnect-bpfcc"], ready="PID")]
-    # rounds alternate the tools (each round runs every one in turn), so a drift of the VM's
-    # speed lands on all of them; a ratio is against the no-monitor runs of the same round
+    # a ratio is against the no-monitor runs of the same round
     results: dict[str, dict] = {}
+
+    def storms(tool: Tool, r: int) -> None:
+        rounds = results.setdefault(tool.name, {mode: [] for mode in WORKLOADS})
+        for mode, n in WORKLOADS.items():
+            rounds[mode].append((run_storm(exe, mode, n, cgroup=agent), r))
+        print(f"round {r + 1}:", tool.name, {m: f"{v[-1][0]:.3f}s" for m, v in rounds.items()}, flush=True)
+
     try:
-        for r in range(args.rounds):
-            for tool in tools:
-                if "problem" in results.get(tool.name, {}):
-                    continue
-                if tool.name.startswith("auditd") and auditd_ready():
-                    results[tool.name] = {"problem": "auditd already runs on this host: stop it (systemctl stop "
-                                                     "auditd) so its rules and log are the bench's alone"}
-                    continue
-                if not tool.start():
-                    results[tool.name] = {"problem": tool.problem}
-                    print(tool.name, "unavailable:", tool.problem, flush=True)
-                    tool.stop()
-                    continue
-                rounds = results.setdefault(tool.name, {mode: [] for mode in WORKLOADS})
-                for mode, n in WORKLOADS.items():
-                    rounds[mode].append((run_storm(exe, mode, n, cgroup=agent), r))
-                tool.stop()
-                print(f"round {r + 1}:", tool.name, {m: f"{v[-1][0]:.3f}s" for m, v in rounds.items()}, flush=True)
+        with agent_cgroup("storm") as (root, agent):
+            tools = monitors(work, root)
+            tools[-1:-1] = [Tool("bcc execsnoop", ["execsnoop-bpfcc"], ready="PCOMM"),
+                            Tool("bcc tcpconnect", ["tcpconnect-bpfcc"], ready="PID")]
+            problems = alternate(tools, args.rounds, storms)
     finally:
-        for tool in tools:
-            tool.stop()
-        remove_pins(hierarchy, root)
-        os.rmdir(agent)
-        os.rmdir(hierarchy.path(root))
         shutil.rmtree(work, ignore_errors=True)
-    write(results, args.rounds)
+    write(results, problems, args.rounds)
 
 
-def write(results: dict[str, dict], rounds: int) -> None:
+def write(results: dict[str, dict], problems: dict[str, str], rounds: int) -> None:
     none = results["no monitoring"]
     # each round's no-monitor time: the median of its runs in that round (first and last)
     base = {m: {r: statistics.median([t for t, rr in none[m] if rr == r]) for r in range(rounds)} for m in WORKLOADS}
@@ -187,11 +211,9 @@ def write(results: dict[str, dict], rounds: int) -> None:
         "| tool | " + " | ".join(f"{m} ratio | {m} ops/s" for m in WORKLOADS) + " |",
         "|---|" + "---|---|" * len(WORKLOADS),
     ]
+    for tool, problem in problems.items():
+        lines.append(f"| {tool} | " + " | ".join(["unavailable", "—"] * len(WORKLOADS)) + f" |\n|  | {problem} |")
     for tool, data in results.items():
-        if "problem" in data:
-            lines.append(f"| {tool} | " + " | ".join(["unavailable", "—"] * len(WORKLOADS))
-                         + f" |\n|  | {data['problem']} |")
-            continue
         cells = []
         for m, n in WORKLOADS.items():
             ratios = ratios_of(data[m], base[m])
@@ -199,7 +221,7 @@ def write(results: dict[str, dict], rounds: int) -> None:
                       f"{n / statistics.median([t for t, _ in data[m]]):,.0f}"]
         lines.append(f"| {tool} | " + " | ".join(cells) + " |")
     (HERE / "RESULTS-compare.md").write_text("\n".join(lines) + "\n\n![overhead](compare.png)\n")
-    plot(results, base)
+    plot(results, problems, base)
     print((HERE / "RESULTS-compare.md").read_text())
 
 
@@ -208,13 +230,13 @@ def ratios_of(runs: list[tuple[float, int]], base: dict[int, float]) -> list[flo
     return [t / base[r] for t, r in runs]
 
 
-def plot(results: dict[str, dict], base: dict[str, dict[int, float]]) -> None:
+def plot(results: dict[str, dict], problems: dict[str, str], base: dict[str, dict[int, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tools = [t for t, d in results.items() if "problem" not in d]
+    tools = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(WORKLOADS)
     for i, mode in enumerate(WORKLOADS):
@@ -230,7 +252,7 @@ def plot(results: dict[str, dict], base: dict[str, dict[int, float]]) -> None:
     axes[0].legend(ncol=len(WORKLOADS), loc="upper left")
     axes[0].axhline(1.0, color="grey", linewidth=0.8)
     axes[1].set_yscale("log")
-    missing = [t for t, d in results.items() if "problem" in d]
+    missing = list(problems)
     if missing:  # said, not dropped: the row is in the table with the reason
         fig.text(0.5, 0.01, "not run: " + ", ".join(missing) + " (see the table for why)", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.04 if missing else 0, 1, 1))

@@ -34,9 +34,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from ebpfmon.host.cgroups import Hierarchy  # noqa: E402
-from ebpfmon.kernel.enforcer import remove_pins  # noqa: E402
-from compare import auditd_ready, monitors  # noqa: E402  (bench/compare.py)
+from compare import agent_cgroup, alternate, monitors  # noqa: E402  (bench/compare.py)
 
 UNITS = 300  # C translation units
 TESTS = 300  # pytest tests
@@ -135,47 +133,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    hierarchy = Hierarchy()
-    root = f"/ebpfmon-bench-{os.getpid()}"
-    hierarchy.ensure(root)
-    agent = hierarchy.ensure(f"{root}/agent")
     work = Path(tempfile.mkdtemp(prefix="ebpfmon-workload-"))
     print(f"making the workload in {work} ...", flush=True)
     make_c_project(work / "c")
     make_tests(work / "tests")
-    wheels = make_wheels(work)
-    todo = steps(work, wheels)
-    tools = monitors(work, root)
-    # per tool: step -> [(seconds, round)], and [the monitor's CPU over the step's]
-    times: dict[str, dict[str, list[tuple[float, int]]]] = {t.name: {s: [] for s in todo} for t in tools}
-    cpu: dict[str, dict[str, list[float]]] = {t.name: {s: [] for s in todo} for t in tools}
-    problems: dict[str, str] = {}
+    todo = steps(work, make_wheels(work))
+    # per tool and step: [(seconds, round)], and [the monitor's CPU over the step's]
+    times: dict[str, dict[str, list[tuple[float, int]]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
+
+    def work_through(tool, r: int) -> None:
+        for name, argv in todo.items():
+            took, share = run_step(argv, work, agent, tool.proc.pid if tool.proc else None)
+            times.setdefault(tool.name, {}).setdefault(name, []).append((took, r))
+            cpu.setdefault(tool.name, {}).setdefault(name, []).append(share)
+        print(f"round {r + 1}: {tool.name}:",
+              ", ".join(f"{s.split(' (')[0]} {v[-1][0]:.2f}s" for s, v in times[tool.name].items()), flush=True)
+
     try:
-        for r in range(args.rounds):
-            for tool in tools:
-                if tool.name in problems:
-                    continue
-                if tool.name.startswith("auditd") and auditd_ready():
-                    problems[tool.name] = "auditd already runs on this host: stop it so the rules are the bench's"
-                    continue
-                if not tool.start():
-                    problems[tool.name] = tool.problem
-                    tool.stop()
-                    continue
-                for name, argv in todo.items():
-                    took, share = run_step(argv, work, agent, tool.proc.pid if tool.proc else None)
-                    times[tool.name][name].append((took, r))
-                    cpu[tool.name][name].append(share)
-                tool.stop()
-                print(f"round {r + 1}: {tool.name}:",
-                      ", ".join(f"{s.split(' (')[0]} {v[-1][0]:.2f}s" for s, v in times[tool.name].items()),
-                      flush=True)
+        with agent_cgroup("agent") as (root, agent):
+            problems = alternate(monitors(work, root), args.rounds, work_through)
     finally:
-        for tool in tools:
-            tool.stop()
-        remove_pins(hierarchy, root)
-        os.rmdir(agent)
-        os.rmdir(hierarchy.path(root))
         shutil.rmtree(work, ignore_errors=True)
     write(times, cpu, problems, args.rounds)
 
@@ -195,10 +173,9 @@ def write(times: dict, cpu: dict, problems: dict[str, str], rounds: int) -> None
         "| monitor | " + " | ".join(base) + " | whole workload |",
         "|---|" + "---|" * (len(base) + 1),
     ]
+    for tool, problem in problems.items():
+        lines.append(f"| {tool} | unavailable: {problem} |")
     for tool, data in times.items():
-        if tool in problems:
-            lines.append(f"| {tool} | unavailable: {problems[tool]} |")
-            continue
         if tool == "no monitoring":
             cells = [f"{statistics.median([t for t, _ in data[s]]):.2f} s" for s in data]
             total = statistics.median([sum(base_of[s][r] for s in data) for r in range(rounds)])
@@ -223,7 +200,7 @@ def write(times: dict, cpu: dict, problems: dict[str, str], rounds: int) -> None
         "|---|" + "---|" * len(base),
     ]
     for tool, shares in cpu.items():
-        if tool in problems or tool == "no monitoring":
+        if tool == "no monitoring":
             continue
         lines.append(f"| {tool} | " + " | ".join(f"{100 * statistics.median(v):.1f}%" for v in shares.values()) + " |")
     (HERE / "RESULTS-workload.md").write_text("\n".join(lines) + "\n")
