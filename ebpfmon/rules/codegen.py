@@ -70,13 +70,13 @@ class _Generator:
             self.names.update(INLINE_NAMES)
             expression = f"({inline})"
         else:
-            if check.index is not None or check.field.indexed:
-                index = check.index
-                reader = lambda e, c, extract=extract, index=index: extract(e, c, index)  # noqa: E731
-            else:
-                reader = extract
-            reader_name = self.readers.get(key) or self.readers.setdefault(key, self.const(reader, "_x"))
-            expression = f"{reader_name}(e, c)"
+            reader = self.readers.get(key)
+            if reader is None:
+                if check.index is not None or check.field.indexed:
+                    index = check.index
+                    extract = lambda e, c, extract=extract, index=index: extract(e, c, index)  # noqa: E731
+                reader = self.readers[key] = self.const(extract, "_x")
+            expression = f"{reader}(e, c)"
         if once:
             return expression
         var = self.fields.get(key)
@@ -108,11 +108,11 @@ class _Generator:
                 return f"((_l := {value}) is not None and {negate}(not {s}.isdisjoint(_l)))"
             return f"((_v := {value}) is not None and {negate}(_v in {s}))"
         truthy = getattr(test_fn, "truthy", None)  # a C function true where the test holds: no frame per item
-        test = self.const(test_fn, "_t")
         if many:
-            found = f"any(map({self.const(truthy, '_t')}, _l))" if truthy else f"any({test}(_i) for _i in _l)"
-            return f"((_l := {value}) is not None and {'not ' if check.op == '!=' else ''}{found})"
-        return f"((_v := {value}) is not None and {'not ' if check.op == '!=' else ''}{test}(_v))"
+            found = (f"any(map({self.const(truthy, '_t')}, _l))" if truthy
+                     else f"any({self.const(test_fn, '_t')}(_i) for _i in _l)")
+            return f"((_l := {value}) is not None and {negate}{found})"
+        return f"((_v := {value}) is not None and {negate}{self.const(test_fn, '_t')}(_v))"
 
     def node(self, node) -> str:
         if isinstance(node, bool):

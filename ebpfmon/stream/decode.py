@@ -47,6 +47,7 @@ EXEC_ARGS = HEADER_SIZE + BODIES[abi.EventKind.EXEC][0].size
 SOCKADDR_PAYLOAD = HEADER_SIZE + BODIES[abi.EventKind.CONNECT][0].size
 # forks and exits only keep the process tree (no stream delivers them) and come with every
 # exec, two records of its three: read whole (header and body) without an event made of them
+SIZE_FIELD, SIZE_OFFSET = struct.Struct("<I"), abi.EventHeader.size.offset
 TREE_RECORDS = {abi.EventKind.FORK.value: abi.unpacker(abi.ForkEvent)[0],
                 abi.EventKind.EXIT.value: abi.unpacker(abi.ExitEvent)[0]}
 REFUSE_REASONS = {r.value: r.name.lower() for r in abi.RefuseReason}
@@ -189,11 +190,11 @@ class Decoder:
         DecodeError when malformed."""
         fields = TREE_RECORDS[record[0]]
         length = len(record)
-        if length == fields.size:
-            kind, _, size, _, _, pid, tid, _, _, _, _, raw_comm, *child = fields.unpack_from(record)
-        if length != fields.size or size != length:
+        # the header's size field must say that length too
+        if length != fields.size or SIZE_FIELD.unpack_from(record, SIZE_OFFSET)[0] != length:
             self.decode_other(record)  # says what is wrong with it
             raise DecodeError(f"{abi.EventKind(record[0]).name.lower()} record of {length} bytes, not {fields.size}")
+        kind, _, _, _, _, pid, tid, _, _, _, _, raw_comm, *child = fields.unpack_from(record)
         comm = self._comms.get(raw_comm)
         if comm is None:
             comm = self._comm_text(raw_comm)

@@ -40,7 +40,6 @@ class Enricher:
                        "device": self._agent_and_vendor, "dns": self._agent_and_vendor,
                        "unix_connect": self._unix_path}
 
-
     def apply(self, item: ev.Event | CgroupChange) -> ev.Event | None:
         """Updates state from the item; returns the enriched event (None for cgroup changes)."""
         if isinstance(item, CgroupChange):

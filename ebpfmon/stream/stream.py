@@ -124,14 +124,12 @@ class EventStream:
             try:
                 self.enricher.tree_change(*self.decoder.tree_change(record))
             except DecodeError as e:
-                self.stats.malformed += 1
-                log.warning("malformed record: %s", e)
+                self._malformed(e)
             return
         try:
             item = self.decoder.decode(record)
         except DecodeError as e:
-            self.stats.malformed += 1
-            log.warning("malformed record: %s", e)
+            self._malformed(e)
             return
         event = self.enricher.apply(item)
         if event is None:  # a cgroup change
@@ -148,6 +146,10 @@ class EventStream:
         except Exception:
             self.stats.handler_errors += 1
             log.exception("handler failed on %r", arg)
+
+    def _malformed(self, error: DecodeError) -> None:
+        self.stats.malformed += 1
+        log.warning("malformed record: %s", error)
 
     def poll(self) -> None:
         """From one thread at a time (the reader's: the daemon's loop, or a test's).
