@@ -7,12 +7,10 @@ module that imports bcc.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import mmap
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -164,7 +162,6 @@ class ProbeSet:
         self.ring_reader = ring_reader
         self._reader: RingBufferReader | None = None
         self._bpf = None
-        self._compiling: concurrent.futures.Future | None = None  # load_ahead's compile
         self._all_cgroups = False
         self._scope_generation = 0
 
@@ -193,27 +190,13 @@ class ProbeSet:
         tracefs_dir()
         return bcc
 
-    def load_ahead(self) -> None:
-        """Starts load()'s compile on a thread of its own: the compile is most of a start, and
-        bcc's calls into clang let go of Python's lock, so the caller's own start work (rules,
-        state, the process tree) runs beside it on another core. load() waits for it and
-        raises what it raised."""
-        if self._compiling is None and self._bpf is None:
-            self._compiling = concurrent.futures.Future()
-            threading.Thread(target=self._compile_into, args=(self._compiling,), name="compile", daemon=True).start()
-
-    def _compile_into(self, result: concurrent.futures.Future) -> None:
-        try:
-            result.set_result(self._compile())
-        except BaseException as e:  # raised by load(), on the caller's thread
-            result.set_exception(e)
-
-    def _compile(self):
+    def load(self) -> "ProbeSet":
+        """Compiles, loads and attaches every tracepoint; scope starts empty."""
         bcc = self.preflight()
         if self.pin_dir is not None:
             bpffs_dir(self.pin_dir)
         try:
-            return bcc.BPF(text=self.source().encode(), cflags=self.cflags())
+            self._bpf = bcc.BPF(text=self.source().encode(), cflags=self.cflags())
         except Exception as e:  # bcc raises bare Exception
             text = str(e)
             if "compile" in text.lower():
@@ -223,12 +206,6 @@ class ProbeSet:
                     "'ebpfmon doctor'.") from e
             raise ProbeLoadError(f"the kernel refused the probes {self.probes}: {text}.",
                                  "Run 'ebpfmon doctor' to see which kernel feature is missing.") from e
-
-    def load(self) -> "ProbeSet":
-        """Compiles, loads and attaches every tracepoint (or waits for load_ahead's compile to
-        do so); scope starts empty."""
-        compiling, self._compiling = self._compiling, None
-        self._bpf = compiling.result() if compiling is not None else self._compile()
         self._write_config(all_cgroups=False)
         release_compiler_memory()
         return self
@@ -319,10 +296,6 @@ class ProbeSet:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self._compiling is not None:  # load_ahead and no load: what it attached goes too
-            compiling, self._compiling = self._compiling, None
-            if compiling.exception() is None:
-                self._bpf = compiling.result()
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

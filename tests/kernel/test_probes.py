@@ -424,46 +424,6 @@ def test_compiling_the_probes_leaves_the_compiler_paged_out(bpf):
     assert left <= paged_in // 4 + 1024, (paged_in, left)
 
 
-def bpf_program_fds() -> int:
-    """This process's BPF program descriptors (one per loaded program)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf-prog"
-        except OSError:
-            pass  # closed since the listing (the listing's own descriptor)
-    return count
-
-
-def test_a_compile_begun_ahead_and_never_used_leaves_nothing_attached(bpf):
-    # the daemon starts the compile in its constructor (ProbeSet.load_ahead); a start that
-    # fails before load() must not leave the probes attached for the life of the process
-    from ebpfmon.kernel.probeset import ProbeSet
-
-    before = bpf_program_fds()
-    probes = ProbeSet({"exec"})
-    probes.load_ahead()
-    wait_for(lambda: bpf_program_fds() > before, "the programs loaded on the compile's thread", 120)
-    probes.close()
-    assert bpf_program_fds() == before
-
-
-def test_a_compile_that_fails_ahead_raises_its_error_from_load(bpf, tmp_path):
-    # the compile's thread cannot report to anyone: load(), on the caller's thread, raises what
-    # it raised, with the message a compile in line gives
-    from ebpfmon.errors import ProbeCompileError
-    from ebpfmon.kernel.probeset import PROBES_DIR, ProbeSet
-
-    for source in PROBES_DIR.iterdir():
-        (tmp_path / source.name).write_text(source.read_text())
-    (tmp_path / "exec.bpf.c").write_text("this is not C;\n")
-    probes = ProbeSet({"exec"}, probes_dir=tmp_path)
-    probes.load_ahead()
-    with pytest.raises(ProbeCompileError, match="could not compile the probes"):
-        probes.load()
-    probes.close()
-
-
 def test_a_new_scope_takes_effect_at_once_despite_cached_verdicts(agent_cgroup, hierarchy, test_root):
     # the probes cache their last scope verdict per CPU: a change of scope must void it
     from ebpfmon.stream.stream import EventStream
