@@ -72,42 +72,15 @@ static __always_inline int exec_enter(u32 syscall, int dfd, const char *filename
 	return 0;
 }
 
-/* A successful exec in scope with nothing parked: it began outside the agents' cgroups (a
- * container runtime's child is moved into the container's cgroup while it execs, its first
- * program) or its entry was evicted. An event all the same, without argv or filename: user
- * space reads them from /proc while the process lives. */
-static __always_inline int exec_begun_outside(long ret)
-{
-	u32 zero = 0;
-	struct exec_event *e = exec_scratch.lookup(&zero);
-	if (!e)
-		return 0;
-	u64 size = offsetof(struct exec_event, args);
-	fill_header(&e->hdr, EVENT_EXEC, size);
-	e->hdr.flags = EVENT_F_ARGV_UNREADABLE;
-	e->retval = ret;
-	e->argc = 0;
-	e->args_size = 0;
-	e->syscall = 0;
-	e->dfd = 0;
-	e->at_flags = 0;
-	e->filename[0] = 0;
-	submit(&e->hdr, size, sizeof(*e), WAKE_EXEC);
-	return 0;
-}
-
 static __always_inline int exec_exit(long ret)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct exec_event *e = exec_pending.lookup(&tid);
 	if (!e) {
-		if (!in_scope())
-			return 0;
-		if (ret < 0) {  /* evicted (LRU, a burst of execs in flight), or begun outside */
+		/* evicted (LRU, a burst of execs in flight) before sched_process_exec parked it again */
+		if (in_scope())
 			count(EVENT_EXEC, COUNTER_LOST);
-			return 0;
-		}
-		return exec_begun_outside(ret);
+		return 0;
 	}
 	u64 size = offsetof(struct exec_event, args) + e->args_size;
 	/* after a successful exec: the new comm, as a user expects to see */
@@ -120,19 +93,53 @@ static __always_inline int exec_exit(long ret)
 	return 0;
 }
 
-/* An exec from a thread other than the leader: the kernel gives the thread the
- * leader's id (de_thread) before the exit probe runs, so the event parked under
- * the old id moves to the new one here, or the exit would find nothing. */
+/* Between a successful exec's entry and exit probes.
+ * - From a thread other than the leader: the kernel gives the thread the leader's id
+ *   (de_thread) before the exit probe runs, so the event parked under the old id moves to
+ *   the new one here, or the exit would find nothing.
+ * - Nothing parked: the exec began outside the agents' cgroups (a container runtime's child
+ *   is moved into the container's cgroup while it execs, its first program) or its entry was
+ *   evicted. Parked here, without argv: user space reads it from /proc while the process lives.
+ * - The path: the entry probe reads the caller's copy, which a fork's child cannot read when
+ *   the page holding it is not mapped in the child yet (a string literal of the parent's
+ *   program); the kernel's own copy is this tracepoint's argument. */
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
 	u32 old = args->old_pid, now = args->pid;
-	if (old == now)
+	struct exec_event *e;
+	if (old != now) {
+		e = exec_pending.lookup(&old);
+		if (e) {
+			exec_pending.update(&now, e);
+			exec_pending.delete(&old);
+		}
+	}
+	e = exec_pending.lookup(&now);
+	if (!e) {
+		if (!in_scope())
+			return 0;
+		u32 zero = 0;
+		struct exec_event *blank = exec_scratch.lookup(&zero);
+		if (!blank || exec_pending.update(&now, blank) < 0)
+			return 0;
+		e = exec_pending.lookup(&now);
+		if (!e)
+			return 0;
+		e->hdr.flags = EVENT_F_ARGV_UNREADABLE;
+		e->argc = 0;
+		e->args_size = 0;
+		e->syscall = 0;
+		e->dfd = 0;
+		e->at_flags = 0;
+		e->filename[0] = 0;
+	}
+	if (e->filename[0])
 		return 0;
-	struct exec_event *e = exec_pending.lookup(&old);
-	if (!e)
-		return 0;
-	exec_pending.update(&now, e);
-	exec_pending.delete(&old);
+	u32 loc = args->data_loc_filename;
+	if (bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + (loc & 0xFFFF)) < 0)
+		e->filename[0] = 0;
+	else if ((loc >> 16) > sizeof(e->filename))  /* the length, its NUL included */
+		e->hdr.flags |= EVENT_F_PATH_TRUNCATED;
 	return 0;
 }
 

@@ -140,6 +140,7 @@ class AuditLog:
         self.prev = last_line_hash(self.directory)  # the chain goes on from the last line written
         self.lines_chained = 0
         self.head_written = float("-inf")
+        self.head_on_disk: dict | None = None  # the head as this writer last wrote it
         self.failing: str | None = None  # why the last write failed; None while writes succeed
         self.write_failures = 0
         self.lines_dropped = 0
@@ -187,12 +188,16 @@ class AuditLog:
         (at most once a second, and at close: a cut within the last second is found by the head
         the journal has)."""
         self.head_written = time.monotonic()
+        head = {"file": self.path.name, "size": self.size, "hash": self.prev}
+        if head == self.head_on_disk:
+            return  # an idle daemon writes nothing: a file and a rename each second otherwise
         try:
             tmp = self.directory / (HEAD_NAME + ".tmp")
-            tmp.write_text(json.dumps({"file": self.path.name, "size": self.size, "hash": self.prev}) + "\n")
+            tmp.write_text(json.dumps(head) + "\n")
             os.replace(tmp, self.directory / HEAD_NAME)
         except OSError:
-            pass  # the disk refuses: the head is written with the next flush that it takes
+            return  # the disk refuses: the head is written with the next flush that it takes
+        self.head_on_disk = head
 
     def _write_pending(self) -> None:
         if self.file.closed:  # a rotation that failed half way

@@ -68,6 +68,7 @@ class Daemon:
         self.config_path = config_path
         self.show_events = show_events
         self.echo = echo or (lambda line: None)
+        self.started_ns = time.monotonic_ns()
         self.hierarchy = Hierarchy()
         self.engine = Engine(assemble.load_ruleset(config), assemble.rule_context(config))
         self.stream = assemble.event_stream(config, self.hierarchy, on_cgroup=self.cgroup_changed)
@@ -98,7 +99,6 @@ class Daemon:
         self.flood_paged_ns = -FLOOD_PAGE_INTERVAL_NS
         self.head_logged_ns = 0  # the first head a minute after the start
         self.watchdog = sdnotify.watchdog_interval()
-        self.started_ns = time.monotonic_ns()
         self.ready_ns = 0
         self.agents_at_start = 0  # agent cgroups there when the daemon started
         self.locks: list = []  # held while running (service/instance.py)

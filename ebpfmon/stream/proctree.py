@@ -48,7 +48,8 @@ def _read(path: str, limit: int = PROC_CMDLINE_MAX) -> bytes:
 
 
 def read_proc(pid: int, proc: str = "/proc") -> Node | None:
-    """A process as /proc shows it now, or None when it is gone."""
+    """A process as /proc shows it now, or None when it is gone, or has exited and waits to be
+    reaped (a zombie: no program, no arguments left to read)."""
     base = f"{proc}/{pid}"
     try:
         stat = _read(f"{base}/stat")
@@ -56,6 +57,8 @@ def read_proc(pid: int, proc: str = "/proc") -> Node | None:
         return None
     # comm is in parentheses and may itself contain ') '
     close = stat.rfind(b")")
+    if stat[close + 2:close + 3] == b"Z":
+        return None
     comm = stat[stat.find(b"(") + 1:close]
     ppid = int(stat[close + 2:].split(maxsplit=2)[1])
     try:

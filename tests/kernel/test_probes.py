@@ -79,7 +79,7 @@ def test_argv_the_probe_cannot_read_comes_from_proc_and_the_rules_see_it(monitor
     try:
         child = int(line_of(proc.stdout))
         e = exec_of(monitor, agent_cgroup, lambda e: e.proc.pid == child)
-        assert e.filename == ""  # what the probe could read: nothing
+        assert e.filename == "/usr/bin/ssh"  # the kernel's own copy: the caller's was unreadable
         assert e.argv_source == "proc" and e.argv_truncated is False
         assert e.argv == ["ssh", "-o", "ProxyCommand=sleep 3", "-o", "BatchMode=yes", "-N", "-R",
                           "2222:127.0.0.1:22", "agent@tunnel.example"]
@@ -88,6 +88,20 @@ def test_argv_the_probe_cannot_read_comes_from_proc_and_the_rules_see_it(monitor
     finally:
         proc.kill()  # ssh and its proxy: killed with the agent cgroup
         proc.wait()
+
+
+def test_a_program_gone_before_proc_is_read_keeps_the_path_the_kernel_was_given(monitor, agent_cgroup, tmp_path):
+    # argv and filename unreadable at the probe, the process gone (or a zombie) when /proc would
+    # be read: the event names the program from the kernel's copy of the path, argv stays
+    # unknown and says so
+    launcher = tmp_path / "literal_exec"
+    subprocess.run(["gcc", "-O2", "-o", str(launcher), str(REPO / "tests/servers/literal_exec.c")], check=True)
+    child = int(agent_cgroup.run([str(launcher), "short"], capture_output=True, text=True).stdout)
+    e = exec_of(monitor, agent_cgroup, lambda e: e.proc.pid == child)
+    assert e.filename == "/bin/true"
+    assert e.proc.exe in ("/bin/true", "/usr/bin/true")  # the path, or /proc's when still there
+    assert (e.argv_source, e.argv) in (("none", []), ("proc", ["true", "literal"]))
+    assert e.retval == 0 and e.syscall == "execve"
 
 
 def test_failed_exec_shows_its_errno(monitor, agent_cgroup):

@@ -154,6 +154,34 @@ def test_a_restarted_writer_goes_on_with_the_chain(tmp_path):
     assert verify(tmp_path / "audit").problem is None
 
 
+def test_the_chain_head_is_written_when_the_chain_moved_and_only_then(tmp_path, monkeypatch):
+    # at most once a second, and not at all while no line is written (an idle daemon)
+    from ebpfmon.alerts import audit
+
+    now = [1000.0]
+    monkeypatch.setattr(audit.time, "monotonic", lambda: now[0])
+    replaced = []
+    real_replace = audit.os.replace
+    monkeypatch.setattr(audit.os, "replace", lambda a, b: (replaced.append(b), real_replace(a, b)))
+    log = AuditLog(AuditSettings(), tmp_path)
+    head = tmp_path / "audit" / audit.HEAD_NAME
+    log.write(agent_events(1)[0])
+    log.flush()
+    first = json.loads(head.read_text())
+    assert first == {"file": "events.jsonl", "size": log.path.stat().st_size, "hash": log.prev}
+    assert replaced == [head]
+    now[0] += 5
+    log.flush()  # nothing new: the head on disk is still right, and is not written again
+    assert replaced == [head] and json.loads(head.read_text()) == first
+    log.write(agent_events(1)[0])
+    log.flush()  # the chain moved, but within the second: written with a later flush
+    assert replaced == [head]
+    now[0] += 1
+    log.flush()
+    assert replaced == [head, head] and json.loads(head.read_text())["hash"] == log.prev != first["hash"]
+    log.close()
+
+
 def test_verify_names_each_kind_of_tampering(tmp_path):
     from ebpfmon.alerts.audit import verify
 
