@@ -16,8 +16,7 @@
  * the others) woke it less than WAKE_WINDOW_NS ago: the reader, after a batch
  * with such an event, polls again within the window (ebpfmon/stream/stream.py), so
  * those that did not wake it wait at most that long, and a storm is read in
- * batches; after an occasional batch it zeroes last_wake instead (the next one
- * wakes it) and takes at once what came before (one wakeup per record slows an exec storm down, and costs the
+ * batches (one wakeup per record slows an exec storm down, and costs the
  * reader more per connect than judging it; bench/README.md). Each class has its own clock so a connect storm never delays an exec's
  * wakeup: an exec can start a tunnel a few milliseconds later. (The ring
  * buffer's adaptive wakeup is no substitute: a record behind an unconsumed

@@ -34,7 +34,6 @@ REQUIRES = {"enforce": {"connect", "gpu"}}
 # an exec, or an event of the other classes that can lead to containment, wakes the reader
 # unless one of its class did less than this ago (probes/common.h, windowed_wake)
 WAKE_WINDOW_MS = 5
-WAKE_CLASSES = 2  # execs; the other kinds that wake the reader (last_wake in probes/common.h)
 
 # how records leave the ring buffer: its shared memory read directly (ebpfmon/kernel/ringbuf.py,
 # with libbpf's acquire loads, in C), or bcc's consumer, one ctypes callback per record
@@ -226,14 +225,6 @@ class ProbeSet:
         table = self.bpf[b"config"]
         table[ctypes.c_int(0)] = abi.ProbeConfig(all_cgroups=int(all_cgroups), ignore_tgid=os.getpid(),
                                                  scope_generation=self._scope_generation)
-
-    def reopen_wakeups(self) -> None:
-        """The next record of each wakeup class wakes the reader, however soon it comes
-        (probes/common.h, windowed_wake: a racing probe's write of its own clock wins at worst,
-        and it has just woken the reader)."""
-        table = self.bpf[b"last_wake"]
-        for wake_class in range(WAKE_CLASSES):
-            table[ctypes.c_int(wake_class)] = ctypes.c_uint64(0)
 
     def set_all_cgroups(self, enabled: bool) -> None:
         """Trace every cgroup (ad-hoc tracing), except this process itself."""

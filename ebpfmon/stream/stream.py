@@ -33,10 +33,6 @@ WINDOWED_KINDS = frozenset(k.value for k in (abi.EventKind.EXEC, abi.EventKind.C
                                              abi.EventKind.GPU_OPEN, abi.EventKind.REFUSED, abi.EventKind.DEVICE,
                                              abi.EventKind.CGROUP_MKDIR, abi.EventKind.UNIX_CONNECT))
 
-# a batch with records of WINDOWED_KINDS this long after the previous one is an occasional one
-# (an agent's tool call), not a storm's: poll() reopens the window rather than wait within it
-OCCASIONAL_AFTER_NS = 2 * WAKE_WINDOW_MS * 1_000_000
-
 # event kinds -> the probe that produces them
 PROBE_OF_KIND = {"exec": "exec", "connect": "connect", "udp_send": "connect", "unix_connect": "connect",
                  "gpu_open": "gpu"}
@@ -80,7 +76,6 @@ class EventStream:
         self.probes = ProbeSet(probes, config.ringbuf_pages, pin_dir=enforce_pins)
         self.on_cgroup = on_cgroup
         self.windowed = False  # the last batch had a record of WINDOWED_KINDS
-        self.windowed_ns = 0  # when the batch before it had one (monotonic)
         self.left_behind = False  # ... or stopped at a record being written, which may not wake us
         self.decoder = Decoder()
         self.tree = ProcessTree()
@@ -161,25 +156,10 @@ class EventStream:
         Delivers what is in the ring buffer, waiting at most one drain interval, or, right
         after a batch with an exec or another event that can lead to containment, or one that
         stopped at a record still being written, at most the kernel's wakeup window (plus a
-        millisecond of margin): such events that came within the window did not wake us.
-        After an occasional such batch (not one of a storm's) the window is reopened instead:
-        the next such event wakes us, and what came before the reopening is taken at once,
-        without a wait (a wakeup costs the daemon more than judging an exec; a storm is still
-        read in batches of a window each)."""
-        occasional = False
-        if self.windowed:
-            now = time.monotonic_ns()
-            occasional = now - self.windowed_ns >= OCCASIONAL_AFTER_NS
-            self.windowed_ns = now
-        if occasional and not self.left_behind:
-            self.probes.reopen_wakeups()
-            timeout = 0
-        elif self.windowed or self.left_behind:
-            timeout = WAKE_WINDOW_MS + 1
-        else:
-            timeout = self.config.drain_interval_ms
+        millisecond of margin): such events that came within the window did not wake us."""
+        short = self.windowed or self.left_behind
         self.windowed = False
-        self.left_behind = self.probes.poll(timeout)
+        self.left_behind = self.probes.poll(WAKE_WINDOW_MS + 1 if short else self.config.drain_interval_ms)
 
     def refresh_counters(self) -> None:
         """Copies the kernel's lost/truncated/throttled counters into stats."""

@@ -390,40 +390,6 @@ def test_events_that_do_not_wake_the_reader_still_arrive_within_the_window(agent
     assert max(delays_ms) < 20_000, delays_ms
 
 
-def test_an_occasional_exec_reopens_the_window_and_a_storm_is_read_in_windows(agent_cgroup):
-    # after an agent's occasional exec the reader does not wait within the window for what may
-    # have come unannounced: it reopens the window (the next record wakes it) and takes the rest
-    # at once; execs that keep coming within the window are read a window at a time
-    from ebpfmon.kernel.probeset import WAKE_WINDOW_MS
-    from ebpfmon.stream.stream import EventStream
-
-    stream = EventStream(Config(drain_interval_ms=60_000), kinds=["exec"], cgroups=[agent_cgroup.name])
-    timeouts = []  # each wait of the reader's, in ms
-    wait = stream.probes.poll
-    stream.probes.poll = lambda timeout_ms: (timeouts.append(timeout_ms), wait(timeout_ms))[1]
-    seen = []
-    stop = threading.Event()
-    stream.start(lambda e: seen.append(e.argv))
-    reader = threading.Thread(target=stream.run, args=(stop,))
-    reader.start()
-    try:
-        time.sleep(0.5)
-        agent_cgroup.run(["/bin/true", "occasional"], check=True)
-        wait_for(lambda: ["/bin/true", "occasional"] in seen, "the occasional exec", 20)
-        wait_for(lambda: timeouts[-1] == 60_000, "the reader back to the drain timer", 20)
-        after_one = timeouts[:]
-        agent_cgroup.run(["/bin/sh", "-c", "for i in $(seq 50); do /bin/true storm; done"], check=True)
-        wait_for(lambda: seen.count(["/bin/true", "storm"]) == 50, "the storm's execs", 20)
-    finally:
-        stop.set()
-        time.sleep(WAKE_WINDOW_MS / 1000)
-        agent_cgroup.run(["/bin/true"])  # wakes the reader to see stop
-        reader.join(timeout=90)
-        stream.close()
-    assert 0 in after_one and WAKE_WINDOW_MS + 1 not in after_one, after_one
-    assert WAKE_WINDOW_MS + 1 in timeouts[len(after_one):], timeouts
-
-
 def test_nothing_was_lost(monitor, agent_cgroup):
     # a burst of its own (500 execs, 2,000 connects), whatever ran before: each one arrives,
     # and the kernel dropped nothing, of this burst or of any test before it
