@@ -120,6 +120,8 @@ StrictModes no
 AllowTcpForwarding yes
 PermitTunnel no
 LogLevel ERROR
+ClientAliveInterval 1
+ClientAliveCountMax 3
 """)
     os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
     server = host.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
