@@ -35,6 +35,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from compare import agent_cgroup, alternate, monitors  # noqa: E402  (bench/compare.py)
+from service import cpu_seconds  # noqa: E402  (bench/service.py)
 
 UNITS = 300  # C translation units
 TESTS = 300  # pytest tests
@@ -102,12 +103,6 @@ def steps(work: Path, wheels: Path) -> dict[str, list[str]]:
         f"git ({COMMITS} commits, status, diff, log)": ["sh", "-c", GIT],
         f"pip install ({PACKAGES} wheels, twice)": ["sh", "-c", pip],
     }
-
-
-def cpu_seconds(pid: int) -> float:
-    """A process's CPU time so far, all its threads (user and system)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_step(argv: list[str], work: Path, cgroup: Path, monitor_pid: int | None = None) -> tuple[float, float]:

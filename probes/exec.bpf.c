@@ -2,9 +2,19 @@
  * The entry probe parks the event in exec_pending (keyed by thread id); the
  * exit probe adds the return value and submits, so failed execs are events too.
  */
-BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);  /* never written: a parked event's zeros */
 /* Each entry is ~8.5 KiB, preallocated; in flight are at most a few per CPU. */
 BPF_TABLE("lru_hash", u32, struct exec_event, exec_pending, 512);
+
+/* A new event parked under tid, every field zero; NULL when it cannot be. */
+static __always_inline struct exec_event *exec_park(u32 tid)
+{
+	u32 zero = 0;
+	struct exec_event *blank = exec_scratch.lookup(&zero);
+	if (!blank || exec_pending.update(&tid, blank) < 0)
+		return NULL;
+	return exec_pending.lookup(&tid);
+}
 
 static __always_inline void read_argv(struct exec_event *e, const char *const *argv)
 {
@@ -48,18 +58,9 @@ static __always_inline int exec_enter(u32 syscall, int dfd, const char *filename
 {
 	if (!in_scope())
 		return 0;
-	u32 zero = 0;
-	struct exec_event *blank = exec_scratch.lookup(&zero);
-	if (!blank)
-		return 0;
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	if (exec_pending.update(&tid, blank) < 0)
-		return 0;
-	struct exec_event *e = exec_pending.lookup(&tid);
+	struct exec_event *e = exec_park((u32)bpf_get_current_pid_tgid());
 	if (!e)
 		return 0;
-	e->hdr.flags = 0;
-	e->argc = 0;
 	e->syscall = syscall;
 	e->dfd = dfd;
 	e->at_flags = at_flags;
@@ -116,22 +117,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 	e = exec_pending.lookup(&now);
 	if (!e) {
-		if (!in_scope())
-			return 0;
-		u32 zero = 0;
-		struct exec_event *blank = exec_scratch.lookup(&zero);
-		if (!blank || exec_pending.update(&now, blank) < 0)
-			return 0;
-		e = exec_pending.lookup(&now);
-		if (!e)
+		if (!in_scope() || !(e = exec_park(now)))
 			return 0;
 		e->hdr.flags = EVENT_F_ARGV_UNREADABLE;
-		e->argc = 0;
-		e->args_size = 0;
-		e->syscall = 0;
-		e->dfd = 0;
-		e->at_flags = 0;
-		e->filename[0] = 0;
 	}
 	if (e->filename[0])
 		return 0;
